@@ -1,0 +1,47 @@
+//! Config errors that point at the place in the file: `PATH:LINE:COL: message`.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file itself could not be read.
+    #[error("{}: cannot read config file: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    /// Something in the file is wrong; `line`/`col` are 1-based.
+    #[error("{}:{line}:{col}: {message}", path.display())]
+    At { path: PathBuf, line: usize, col: usize, message: String },
+}
+
+/// Collects the position of a byte span in the source text.
+pub(crate) struct Locator<'a> {
+    pub path: &'a Path,
+    pub text: &'a str,
+}
+
+impl Locator<'_> {
+    pub fn error(&self, span: Option<Range<usize>>, message: impl Into<String>) -> ConfigError {
+        let (line, col) = span.map(|s| line_col(self.text, s.start)).unwrap_or((1, 1));
+        ConfigError::At { path: self.path.to_path_buf(), line, col, message: message.into() }
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn line_col() {
+        let t = "a = 1\nbb = 2\n";
+        assert_eq!(super::line_col(t, 0), (1, 1));
+        assert_eq!(super::line_col(t, 6), (2, 1));
+        assert_eq!(super::line_col(t, 11), (2, 6));
+    }
+}

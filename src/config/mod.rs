@@ -1,0 +1,598 @@
+//! The configuration: the file's schema (`schema`), secrets, units, and `load`, which turns a
+//! file into a validated [`Config`] or a [`ConfigError`] naming the file, line and column.
+//! Loading binds nothing and starts nothing, so `check` and reload can validate alone.
+
+mod error;
+mod schema;
+pub mod secret;
+pub mod units;
+
+pub use error::ConfigError;
+pub use schema::{Mode, WindowPolicy};
+pub use secret::Secret;
+
+use crate::provider::{AccountVerifier, ProviderKind, VerifierConfig};
+use error::Locator;
+use ipnet::IpNet;
+use schema::S;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A validated configuration with its secrets resolved.
+#[derive(Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    pub server: Server,
+    pub admin: Admin,
+    pub storage_path: PathBuf,
+    pub delivery: Delivery,
+    pub outbound_timeout: Duration,
+    pub motions: Vec<Arc<Motion>>,
+    pub meta_apps: Vec<MetaApp>,
+    /// Things `check` should point out that are not errors (inline secrets, plain http, no verification).
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct Server {
+    /// Scheme and authority providers call, without a trailing slash (e.g. `https://chat.example.com`).
+    pub public_url: Option<String>,
+    pub http: Option<SocketAddr>,
+    pub https: Option<SocketAddr>,
+    pub max_body: u64,
+    pub request_timeout: Duration,
+    pub header_timeout: Duration,
+    pub redirect_http: bool,
+    pub shutdown_grace: Duration,
+    pub trusted_proxies: Vec<IpNet>,
+    pub tls: Option<TlsFiles>,
+    pub acme: Option<Acme>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Acme {
+    pub domains: Vec<String>,
+    pub contact: Vec<String>,
+    pub directory: String,
+    pub cache_dir: PathBuf,
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+pub struct Admin {
+    pub listen: Option<SocketAddr>,
+    pub token: Option<Secret>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub mode: Mode,
+    pub timeout: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub give_up_after: Duration,
+    pub dedup_window: Duration,
+    pub auto_budget: Duration,
+    /// Concurrent requests to one Motion (an extension of the SPEC's schema; default 32).
+    pub concurrency: u32,
+}
+
+#[derive(Debug)]
+pub struct Motion {
+    pub name: String,
+    /// Base URL without a trailing slash.
+    pub url: http::Uri,
+    pub hosts: Vec<String>,
+    pub outbound_token: Option<Secret>,
+    pub signing_secret: Option<Secret>,
+    pub ca_file: Option<PathBuf>,
+    pub max_queued: u64,
+    pub window_policy: WindowPolicy,
+    pub mode: Mode,
+    pub timeout: Duration,
+    pub allow_from: Vec<IpNet>,
+    pub accounts: Vec<Arc<Account>>,
+}
+
+pub struct Account {
+    pub id: String,
+    pub provider: ProviderKind,
+    pub verifier: AccountVerifier,
+    /// Meta's handshake token (any account may carry one).
+    pub verify_token: Option<Secret>,
+    pub outbound: OutboundCreds,
+    pub app: Option<String>,
+    pub phone_number_id: Option<String>,
+    pub waba_id: Option<String>,
+}
+
+impl std::fmt::Debug for Account {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Account").field("id", &self.id).field("provider", &self.provider).finish_non_exhaustive()
+    }
+}
+
+/// Credentials and endpoint settings for sends through the relay (all optional).
+#[derive(Debug, Default)]
+pub struct OutboundCreds {
+    pub account_sid: Option<String>,
+    pub auth_token: Option<Secret>,
+    pub access_token: Option<Secret>,
+    pub api_key: Option<Secret>,
+    pub project_id: Option<String>,
+    pub key_id: Option<String>,
+    pub key_secret: Option<Secret>,
+    pub region: Option<String>,
+    pub auth_url: Option<String>,
+    pub sid: Option<String>,
+    pub api_base: Option<String>,
+    pub outbound_paths: Option<Vec<String>>,
+}
+
+pub struct MetaApp {
+    pub name: String,
+    pub provider: ProviderKind,
+    pub verifier: AccountVerifier,
+    pub verify_token: Option<Secret>,
+}
+
+impl std::fmt::Debug for MetaApp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetaApp").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// Motion names that would collide with the relay's own paths.
+const RESERVED: &[&str] = &["meta", "admin", "healthz", "outbound"];
+
+/// Delivery modes implemented so far. `queue` and `auto` are refused until the durable
+/// queue exists: an operator who asked for durability must never get a silent proxy.
+const AVAILABLE_MODES: &[Mode] = &[Mode::Direct];
+
+/// Reads, parses and validates the file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    parse(path, &text)
+}
+
+/// Parses and validates `text` as if read from `path` (used by tests and `load`).
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let loc = Locator { path, text };
+    let file: schema::File = toml::from_str(text).map_err(|e| loc.error(e.span(), e.message().to_string()))?;
+    Validator { loc, warnings: Vec::new() }.config(file)
+}
+
+struct Validator<'a> {
+    loc: Locator<'a>,
+    warnings: Vec<String>,
+}
+
+type R<T> = Result<T, ConfigError>;
+
+impl Validator<'_> {
+    fn err<T>(&self, span: std::ops::Range<usize>, msg: impl Into<String>) -> R<T> {
+        Err(self.loc.error(Some(span), msg))
+    }
+
+    fn warn(&mut self, span: std::ops::Range<usize>, msg: impl std::fmt::Display) {
+        let (line, col) = error::line_col(self.loc.text, span.start);
+        self.warnings.push(format!("{}:{line}:{col}: {msg}", self.loc.path.display()));
+    }
+
+    fn secret(&mut self, s: &S<String>) -> R<Secret> {
+        match secret::resolve(s.get_ref()) {
+            Ok((secret, source)) => {
+                if source == secret::Source::Inline {
+                    self.warn(s.span(), "secret written inline; prefer env:, file: or cred:");
+                }
+                Ok(secret)
+            }
+            Err(msg) => self.err(s.span(), msg),
+        }
+    }
+
+    fn opt_secret(&mut self, s: &Option<S<String>>) -> R<Option<Secret>> {
+        s.as_ref().map(|s| self.secret(s)).transpose()
+    }
+
+    fn addr(&self, s: &S<String>) -> R<SocketAddr> {
+        s.get_ref().parse().or_else(|_| {
+            self.err(
+                s.span(),
+                format!("invalid listen address {:?}; write IP:PORT such as \"127.0.0.1:8080\"", s.get_ref()),
+            )
+        })
+    }
+
+    fn cidrs(&self, list: &[S<String>]) -> R<Vec<IpNet>> {
+        list.iter()
+            .map(|s| {
+                let v = s.get_ref();
+                v.parse::<IpNet>().or_else(|_| v.parse::<std::net::IpAddr>().map(IpNet::from)).or_else(|_| {
+                    self.err(s.span(), format!("invalid CIDR {v:?}; write e.g. \"10.0.0.0/8\" or \"192.0.2.7\""))
+                })
+            })
+            .collect()
+    }
+
+    fn mode(&self, m: &S<Mode>) -> R<Mode> {
+        let mode = *m.get_ref();
+        if !AVAILABLE_MODES.contains(&mode) {
+            return self.err(
+                m.span(),
+                format!("delivery mode {mode:?} is not available in this version; only mode = \"direct\" is (set it explicitly)").to_lowercase(),
+            );
+        }
+        Ok(mode)
+    }
+
+    fn url(&mut self, s: &S<String>, what: &str) -> R<http::Uri> {
+        let raw = s.get_ref().trim_end_matches('/');
+        let uri: http::Uri = match raw.parse() {
+            Ok(u) => u,
+            Err(e) => return self.err(s.span(), format!("invalid {what} {raw:?}: {e}")),
+        };
+        match (uri.scheme_str(), uri.authority()) {
+            (Some("https"), Some(_)) => {}
+            (Some("http"), Some(_)) => self.warn(s.span(), format!("{what} uses plain http")),
+            _ => return self.err(s.span(), format!("{what} must be an absolute http:// or https:// URL")),
+        }
+        if uri.query().is_some() {
+            return self.err(s.span(), format!("{what} must not have a query string"));
+        }
+        Ok(uri)
+    }
+
+    fn config(mut self, f: schema::File) -> R<Config> {
+        let server = self.server(&f.server)?;
+        let admin = Admin {
+            listen: f.admin.listen.as_ref().map(|a| self.addr(a)).transpose()?,
+            token: self.opt_secret(&f.admin.token)?,
+        };
+        let d = &f.delivery;
+        let delivery = Delivery {
+            mode: match &d.mode {
+                Some(m) => self.mode(m)?,
+                None => {
+                    // The SPEC's default is `queue`; refuse rather than silently proxy.
+                    return self.err(0..0, "[delivery] mode defaults to \"queue\", which is not available in this version; set mode = \"direct\" under [delivery]");
+                }
+            },
+            timeout: d.timeout.map_or(Duration::from_secs(10), |x| x.0),
+            retry_initial: d.retry_initial.map_or(Duration::from_secs(1), |x| x.0),
+            retry_max: d.retry_max.map_or(Duration::from_secs(300), |x| x.0),
+            give_up_after: d.give_up_after.map_or(Duration::from_secs(7 * 86400), |x| x.0),
+            dedup_window: d.dedup_window.map_or(Duration::from_secs(7 * 86400), |x| x.0),
+            auto_budget: d.auto_budget.map_or(Duration::from_secs(2), |x| x.0),
+            concurrency: d.concurrency.unwrap_or(32).max(1),
+        };
+        let meta_apps = f.meta_app.iter().map(|a| self.meta_app(a)).collect::<R<Vec<_>>>()?;
+        let mut names = HashSet::new();
+        let mut hosts = HashMap::new();
+        let mut motions = Vec::with_capacity(f.motion.len());
+        for m in &f.motion {
+            let motion = self.motion(m, &delivery)?;
+            if !names.insert(motion.name.clone()) {
+                return self.err(m.name.span(), format!("duplicate motion name {:?}", motion.name));
+            }
+            for (h, raw) in motion.hosts.iter().zip(&m.hosts) {
+                if let Some(other) = hosts.insert(h.clone(), motion.name.clone()) {
+                    return self.err(raw.span(), format!("host {h:?} is already used by motion {other:?}"));
+                }
+            }
+            motions.push(Arc::new(motion));
+        }
+        Ok(Config {
+            path: self.loc.path.to_path_buf(),
+            server,
+            admin,
+            storage_path: PathBuf::from(f.storage.path.as_deref().unwrap_or("/var/lib/whatsapp-relay")),
+            delivery,
+            outbound_timeout: f.outbound.timeout.map_or(Duration::from_secs(30), |x| x.0),
+            motions,
+            meta_apps,
+            warnings: self.warnings,
+        })
+    }
+
+    fn server(&mut self, s: &schema::Server) -> R<Server> {
+        let public_url = match &s.public_url {
+            Some(u) => Some(self.url(u, "public_url")?.to_string().trim_end_matches('/').to_string()),
+            None => None,
+        };
+        let https = s.https.as_ref().map(|a| self.addr(a)).transpose()?;
+        if let (Some(_), None, None) = (&https, &s.tls, &s.acme) {
+            return self.err(
+                s.https.as_ref().unwrap().span(),
+                "an https listener needs [server.tls] (certificate files) or [server.acme] (automatic certificates)",
+            );
+        }
+        if let (Some(_), Some(acme)) = (&s.tls, &s.acme) {
+            return self.err(acme.domains.span(), "[server.tls] and [server.acme] are exclusive: keep one");
+        }
+        let acme = match &s.acme {
+            Some(a) => {
+                if a.domains.get_ref().is_empty() {
+                    return self.err(a.domains.span(), "[server.acme] domains is empty");
+                }
+                let directory = match a.directory.as_ref().map(|d| d.get_ref().as_str()) {
+                    None | Some("letsencrypt") => "https://acme-v02.api.letsencrypt.org/directory".to_string(),
+                    Some("letsencrypt-staging") => "https://acme-staging-v02.api.letsencrypt.org/directory".to_string(),
+                    Some(url) if url.starts_with("https://") => url.to_string(),
+                    Some(other) => {
+                        return self.err(
+                            a.directory.as_ref().unwrap().span(),
+                            format!("unknown ACME directory {other:?}: use \"letsencrypt\", \"letsencrypt-staging\" or an https:// URL"),
+                        );
+                    }
+                };
+                Some(Acme {
+                    domains: a.domains.get_ref().clone(),
+                    contact: a.contact.clone(),
+                    directory,
+                    cache_dir: PathBuf::from(a.cache_dir.as_deref().unwrap_or("/var/lib/whatsapp-relay/acme")),
+                    ca_file: a.ca_file.as_ref().map(|c| self.readable(c)).transpose()?,
+                })
+            }
+            None => None,
+        };
+        let tls = match &s.tls {
+            Some(t) => {
+                Some(TlsFiles { cert_file: self.readable(&t.cert_file)?, key_file: self.readable(&t.key_file)? })
+            }
+            None => None,
+        };
+        let http = s.http.as_ref().map(|a| self.addr(a)).transpose()?;
+        if http.is_none() && https.is_none() {
+            self.warnings.push(format!("{}: no public listener ([server] http or https)", self.loc.path.display()));
+        }
+        Ok(Server {
+            public_url,
+            http,
+            https,
+            max_body: s.max_body.map_or(4 << 20, |x| x.0),
+            request_timeout: s.request_timeout.map_or(Duration::from_secs(15), |x| x.0),
+            header_timeout: s.header_timeout.map_or(Duration::from_secs(10), |x| x.0),
+            redirect_http: s.redirect_http.unwrap_or(false),
+            shutdown_grace: s.shutdown_grace.map_or(Duration::from_secs(30), |x| x.0),
+            trusted_proxies: self.cidrs(&s.trusted_proxies)?,
+            tls,
+            acme,
+        })
+    }
+
+    fn readable(&self, p: &S<String>) -> R<PathBuf> {
+        match std::fs::metadata(p.get_ref()) {
+            Ok(m) if m.is_file() => Ok(PathBuf::from(p.get_ref())),
+            Ok(_) => self.err(p.span(), format!("{} is not a file", p.get_ref())),
+            Err(e) => self.err(p.span(), format!("cannot read {}: {e}", p.get_ref())),
+        }
+    }
+
+    fn segment(&self, s: &S<String>, what: &str) -> R<String> {
+        let v = s.get_ref();
+        let ok = !v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !ok || v.starts_with('.') {
+            return self.err(
+                s.span(),
+                format!("{what} {v:?} must be letters, digits, '-', '_' or '.', not starting with '.'"),
+            );
+        }
+        Ok(v.clone())
+    }
+
+    fn motion(&mut self, m: &schema::Motion, delivery: &Delivery) -> R<Motion> {
+        let name = self.segment(&m.name, "motion name")?;
+        if RESERVED.contains(&name.as_str()) {
+            return self
+                .err(m.name.span(), format!("motion name {name:?} is reserved (meta, admin, healthz, outbound)"));
+        }
+        let url = self.url(&m.url, "motion url")?;
+        let mut ids = HashSet::new();
+        let mut accounts = Vec::with_capacity(m.account.len());
+        for a in &m.account {
+            let acc = self.account(a)?;
+            if !ids.insert(acc.id.clone()) {
+                return self.err(a.id.span(), format!("duplicate account id {:?} in motion {name:?}", acc.id));
+            }
+            accounts.push(Arc::new(acc));
+        }
+        Ok(Motion {
+            hosts: m.hosts.iter().map(|h| h.get_ref().to_ascii_lowercase()).collect(),
+            outbound_token: self.opt_secret(&m.outbound_token)?,
+            signing_secret: self.opt_secret(&m.signing_secret)?,
+            ca_file: m.ca_file.as_ref().map(|c| self.readable(c)).transpose()?,
+            max_queued: m.max_queued.unwrap_or(100_000),
+            window_policy: m.window_policy.unwrap_or_default(),
+            mode: m.mode.as_ref().map(|x| self.mode(x)).transpose()?.unwrap_or(delivery.mode),
+            timeout: m.timeout.map_or(delivery.timeout, |x| x.0),
+            allow_from: self.cidrs(&m.allow_from)?,
+            name,
+            url,
+            accounts,
+        })
+    }
+
+    fn account(&mut self, a: &schema::Account) -> R<Account> {
+        let id = self.segment(&a.id, "account id")?;
+        let Some(provider) = ProviderKind::parse(a.provider.get_ref()) else {
+            return self.err(
+                a.provider.span(),
+                format!(
+                    "unknown provider {:?}: use twilio, meta, 360dialog, sinch, kaleyra or generic",
+                    a.provider.get_ref()
+                ),
+            );
+        };
+        let s = |v: &mut Self, x: &Option<S<String>>| v.opt_secret(x);
+        let auth_token = s(self, &a.auth_token)?;
+        let verify_token = s(self, &a.verify_token)?;
+        let expose = |x: &Option<Secret>| x.as_ref().map(|s| s.expose().to_string());
+        let vcfg = VerifierConfig {
+            provider: Some(provider),
+            auth_token: expose(&auth_token),
+            app_secret: expose(&s(self, &a.app_secret)?),
+            verify_token: expose(&verify_token),
+            webhook_secret: expose(&s(self, &a.webhook_secret)?),
+            platform_secret: expose(&s(self, &a.platform_secret)?),
+            shared_token: expose(&s(self, &a.shared_token)?),
+            token_header: a.token_header.clone(),
+            token_param: a.token_param.clone(),
+            allow_from: self.cidrs(&a.allow_from)?,
+            hmac_header: a.hmac_header.clone(),
+            hmac_secret: expose(&s(self, &a.hmac_secret)?),
+            hmac_algorithm: a.hmac_algorithm.as_ref().map(|x| x.get_ref().clone()),
+            hmac_encoding: a.hmac_encoding.as_ref().map(|x| x.get_ref().clone()),
+            hmac_prefix: a.hmac_prefix.clone(),
+            insecure_no_verification: a.insecure_no_verification,
+        };
+        let verifier = match AccountVerifier::new(&vcfg) {
+            Ok(v) => v,
+            Err(msg) => return self.err(a.id.span(), format!("account {id:?}: {msg}")),
+        };
+        if verifier.is_insecure() {
+            self.warn(
+                a.id.span(),
+                format!("account {id:?} accepts webhooks without verification (insecure_no_verification)"),
+            );
+        }
+        let region = a.region.as_ref().map(|r| r.get_ref().clone());
+        if let (Some(r), Some(span)) = (&region, a.region.as_ref().map(|r| r.span())) {
+            if r != "us" && r != "eu" {
+                return self.err(span, format!("unknown region {r:?}: use \"us\" or \"eu\""));
+            }
+        }
+        let api_base = match &a.api_base {
+            Some(u) => Some(self.url(u, "api_base")?.to_string().trim_end_matches('/').to_string()),
+            None => None,
+        };
+        let auth_url = match &a.auth_url {
+            Some(u) => Some(self.url(u, "auth_url")?.to_string()),
+            None => None,
+        };
+        Ok(Account {
+            outbound: OutboundCreds {
+                account_sid: a.account_sid.clone(),
+                auth_token,
+                access_token: s(self, &a.access_token)?,
+                api_key: s(self, &a.api_key)?,
+                project_id: a.project_id.clone(),
+                key_id: a.key_id.clone(),
+                key_secret: s(self, &a.key_secret)?,
+                region,
+                auth_url,
+                sid: a.sid.clone(),
+                api_base,
+                outbound_paths: a.outbound_paths.clone(),
+            },
+            id,
+            provider,
+            verifier,
+            verify_token,
+            app: a.app.as_ref().map(|x| x.get_ref().clone()),
+            phone_number_id: a.phone_number_id.as_ref().map(|x| x.get_ref().clone()),
+            waba_id: a.waba_id.clone(),
+        })
+    }
+
+    fn meta_app(&mut self, a: &schema::MetaApp) -> R<MetaApp> {
+        let name = self.segment(&a.name, "meta_app name")?;
+        let provider = match a.provider.as_ref().map(|p| (p.get_ref().as_str(), p.span())) {
+            None | Some(("meta", _)) => ProviderKind::Meta,
+            Some(("360dialog", _)) => ProviderKind::Dialog360,
+            Some((other, span)) => {
+                return self.err(span, format!("meta_app provider {other:?}: use \"meta\" or \"360dialog\""));
+            }
+        };
+        let verify_token = self.opt_secret(&a.verify_token)?;
+        let expose = |x: Option<Secret>| x.map(|s| s.expose().to_string());
+        let vcfg = VerifierConfig {
+            provider: Some(provider),
+            app_secret: expose(self.opt_secret(&a.app_secret)?),
+            platform_secret: expose(self.opt_secret(&a.platform_secret)?),
+            shared_token: expose(self.opt_secret(&a.shared_token)?),
+            verify_token: verify_token.as_ref().map(|s| s.expose().to_string()),
+            token_header: a.token_header.clone(),
+            token_param: a.token_param.clone(),
+            allow_from: self.cidrs(&a.allow_from)?,
+            ..Default::default()
+        };
+        let verifier =
+            AccountVerifier::new(&vcfg).or_else(|msg| self.err(a.name.span(), format!("meta_app {name:?}: {msg}")))?;
+        Ok(MetaApp { name, provider, verifier, verify_token })
+    }
+}
+
+impl Config {
+    /// The one-screen summary `check` prints.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let s = &self.server;
+        let opt = |a: Option<SocketAddr>| a.map_or("-".to_string(), |a| a.to_string());
+        let _ = writeln!(out, "config {}: OK", self.path.display());
+        let _ = writeln!(
+            out,
+            "listeners: http {}  https {}{}  admin {}",
+            opt(s.http),
+            opt(s.https),
+            if s.acme.is_some() {
+                " (acme)"
+            } else if s.tls.is_some() {
+                " (tls files)"
+            } else {
+                ""
+            },
+            opt(self.admin.listen)
+        );
+        let _ = writeln!(out, "public_url: {}", s.public_url.as_deref().unwrap_or("-"));
+        let _ = writeln!(out, "storage: {}", self.storage_path.display());
+        let _ = writeln!(out, "delivery: mode {:?}, timeout {:?}", self.delivery.mode, self.delivery.timeout);
+        let accounts: usize = self.motions.iter().map(|m| m.accounts.len()).sum();
+        let _ = writeln!(
+            out,
+            "motions: {}  accounts: {}  meta apps: {}",
+            self.motions.len(),
+            accounts,
+            self.meta_apps.len()
+        );
+        for m in self.motions.iter().take(20) {
+            let mut by: Vec<(&str, usize)> = Vec::new();
+            for a in &m.accounts {
+                match by.iter_mut().find(|(p, _)| *p == a.provider.as_str()) {
+                    Some(e) => e.1 += 1,
+                    None => by.push((a.provider.as_str(), 1)),
+                }
+            }
+            let providers: Vec<String> = by.iter().map(|(p, n)| format!("{p} {n}")).collect();
+            let _ = writeln!(
+                out,
+                "  {:<16} {:<36} {:?} accounts: {}",
+                m.name,
+                m.url.to_string(),
+                m.mode,
+                providers.join(", ")
+            );
+        }
+        if self.motions.len() > 20 {
+            let _ = writeln!(out, "  ... and {} more", self.motions.len() - 20);
+        }
+        for w in self.warnings.iter().take(20) {
+            let _ = writeln!(out, "warning: {w}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,188 @@
+//! The file's schema, exactly as written: serde structs with `deny_unknown_fields`, so an
+//! unknown key or a wrong type is reported by the TOML layer with its line and column.
+//! Values that need checks beyond their type keep their position (`Spanned`) for `validate`.
+
+use super::units::{Dur, Size};
+use serde::Deserialize;
+use toml::Spanned;
+
+pub type S<T> = Spanned<T>;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    #[serde(default)]
+    pub server: Server,
+    #[serde(default)]
+    pub admin: Admin,
+    #[serde(default)]
+    pub storage: Storage,
+    #[serde(default)]
+    pub delivery: Delivery,
+    #[serde(default)]
+    pub outbound: Outbound,
+    #[serde(default)]
+    pub motion: Vec<Motion>,
+    #[serde(default)]
+    pub meta_app: Vec<MetaApp>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    pub public_url: Option<S<String>>,
+    pub http: Option<S<String>>,
+    pub https: Option<S<String>>,
+    pub max_body: Option<Size>,
+    pub request_timeout: Option<Dur>,
+    pub header_timeout: Option<Dur>,
+    pub redirect_http: Option<bool>,
+    pub shutdown_grace: Option<Dur>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<S<String>>,
+    pub tls: Option<Tls>,
+    pub acme: Option<Acme>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    pub cert_file: S<String>,
+    pub key_file: S<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Acme {
+    pub domains: S<Vec<String>>,
+    #[serde(default)]
+    pub contact: Vec<String>,
+    pub directory: Option<S<String>>,
+    pub cache_dir: Option<String>,
+    pub ca_file: Option<S<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub listen: Option<S<String>>,
+    pub token: Option<S<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Storage {
+    pub path: Option<String>,
+}
+
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Queue,
+    Direct,
+    Auto,
+}
+
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WindowPolicy {
+    Off,
+    #[default]
+    Warn,
+    Enforce,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Delivery {
+    pub mode: Option<S<Mode>>,
+    pub timeout: Option<Dur>,
+    pub retry_initial: Option<Dur>,
+    pub retry_max: Option<Dur>,
+    pub give_up_after: Option<Dur>,
+    pub dedup_window: Option<Dur>,
+    pub auto_budget: Option<Dur>,
+    pub concurrency: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Outbound {
+    pub timeout: Option<Dur>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Motion {
+    pub name: S<String>,
+    pub url: S<String>,
+    #[serde(default)]
+    pub hosts: Vec<S<String>>,
+    pub outbound_token: Option<S<String>>,
+    pub signing_secret: Option<S<String>>,
+    pub ca_file: Option<S<String>>,
+    pub max_queued: Option<u64>,
+    pub window_policy: Option<WindowPolicy>,
+    pub mode: Option<S<Mode>>,
+    pub timeout: Option<Dur>,
+    #[serde(default)]
+    pub allow_from: Vec<S<String>>,
+    #[serde(default)]
+    pub account: Vec<Account>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Account {
+    pub id: S<String>,
+    pub provider: S<String>,
+    // Inbound verification.
+    pub auth_token: Option<S<String>>,
+    pub app_secret: Option<S<String>>,
+    pub verify_token: Option<S<String>>,
+    pub webhook_secret: Option<S<String>>,
+    pub platform_secret: Option<S<String>>,
+    pub shared_token: Option<S<String>>,
+    pub token_header: Option<String>,
+    pub token_param: Option<String>,
+    #[serde(default)]
+    pub allow_from: Vec<S<String>>,
+    pub hmac_header: Option<String>,
+    pub hmac_secret: Option<S<String>>,
+    pub hmac_algorithm: Option<S<String>>,
+    pub hmac_encoding: Option<S<String>>,
+    pub hmac_prefix: Option<String>,
+    #[serde(default)]
+    pub insecure_no_verification: bool,
+    // Outbound credentials and endpoints.
+    pub account_sid: Option<String>,
+    pub access_token: Option<S<String>>,
+    pub api_key: Option<S<String>>,
+    pub project_id: Option<String>,
+    pub key_id: Option<String>,
+    pub key_secret: Option<S<String>>,
+    pub region: Option<S<String>>,
+    pub auth_url: Option<S<String>>,
+    pub sid: Option<String>,
+    pub api_base: Option<S<String>>,
+    pub outbound_paths: Option<Vec<String>>,
+    // Meta app routing.
+    pub app: Option<S<String>>,
+    pub phone_number_id: Option<S<String>>,
+    pub waba_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetaApp {
+    pub name: S<String>,
+    pub provider: Option<S<String>>,
+    pub app_secret: Option<S<String>>,
+    pub verify_token: Option<S<String>>,
+    pub platform_secret: Option<S<String>>,
+    pub shared_token: Option<S<String>>,
+    pub token_header: Option<String>,
+    pub token_param: Option<String>,
+    #[serde(default)]
+    pub allow_from: Vec<S<String>>,
+}

@@ -1,0 +1,83 @@
+//! Secrets as the config file names them: `env:NAME`, `file:/path`, `cred:NAME`
+//! (a systemd credential under `$CREDENTIALS_DIRECTORY`) or, discouraged, inline.
+//! Resolution happens once, at load time; a secret that cannot be read is a config error.
+
+use std::fmt;
+
+/// A resolved secret. Its `Debug` never shows the value, so it cannot leak into logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Where a secret came from, for `check`'s summary and warnings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Env,
+    File,
+    Credential,
+    Inline,
+}
+
+/// Resolves a secret reference. `Err` says what is wrong and what to do.
+pub fn resolve(reference: &str) -> Result<(Secret, Source), String> {
+    let trim = |s: String| s.strip_suffix('\n').map(|s| s.strip_suffix('\r').unwrap_or(s).to_string()).unwrap_or(s);
+    let (value, source) = if let Some(name) = reference.strip_prefix("env:") {
+        match std::env::var(name) {
+            Ok(v) => (v, Source::Env),
+            Err(_) => {
+                return Err(format!("secret environment variable {name} is not set (export it, or use file:/cred:)"));
+            }
+        }
+    } else if let Some(path) = reference.strip_prefix("file:") {
+        match std::fs::read_to_string(path) {
+            Ok(v) => (trim(v), Source::File),
+            Err(e) => return Err(format!("cannot read secret file {path}: {e}")),
+        }
+    } else if let Some(name) = reference.strip_prefix("cred:") {
+        let Ok(dir) = std::env::var("CREDENTIALS_DIRECTORY") else {
+            return Err(format!(
+                "secret cred:{name} needs $CREDENTIALS_DIRECTORY (set by systemd's LoadCredential=); it is not set"
+            ));
+        };
+        let path = std::path::Path::new(&dir).join(name);
+        match std::fs::read_to_string(&path) {
+            Ok(v) => (trim(v), Source::Credential),
+            Err(e) => return Err(format!("cannot read credential {}: {e}", path.display())),
+        }
+    } else {
+        (reference.to_string(), Source::Inline)
+    };
+    if value.is_empty() {
+        return Err("secret is empty".to_string());
+    }
+    Ok((Secret(value), source))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forms() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("s");
+        std::fs::write(&f, "hunter2\n").unwrap();
+        let (s, src) = resolve(&format!("file:{}", f.display())).unwrap();
+        assert_eq!((s.expose(), src), ("hunter2", Source::File));
+        assert!(resolve("file:/nonexistent/x").unwrap_err().contains("cannot read secret file"));
+        assert!(resolve("env:WHATSAPP_RELAY_TEST_UNSET_VAR").unwrap_err().contains("is not set"));
+        assert_eq!(resolve("plain").unwrap().1, Source::Inline);
+        assert_eq!(format!("{:?}", resolve("plain").unwrap().0), "Secret(***)");
+    }
+}

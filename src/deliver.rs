@@ -1,0 +1,160 @@
+//! One attempt to hand an event to a Motion server: the request Motion receives (SPEC "What
+//! Motion receives") and the classification of what came back. Direct mode and the queue both
+//! deliver through here, so the two can never disagree on headers or signatures.
+
+use crate::config::{Motion, Secret};
+use crate::http_util::strip_hop_by_hop;
+use crate::upstream::Client;
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use http::header::{HOST, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use sha2::Sha256;
+use std::net::IpAddr;
+use std::time::Duration;
+
+pub const X_RELAY_DELIVERY: HeaderName = HeaderName::from_static("x-relay-delivery");
+pub const X_RELAY_ATTEMPT: HeaderName = HeaderName::from_static("x-relay-attempt");
+pub const X_RELAY_PROVIDER: HeaderName = HeaderName::from_static("x-relay-provider");
+pub const X_RELAY_SIGNATURE: HeaderName = HeaderName::from_static("x-relay-signature");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Turns the provider's request headers into the headers Motion receives (before the per-attempt
+/// `X-Relay-*` ones): hop-by-hop headers go, and so does anything a caller sent as `X-Relay-*`
+/// (a provider must not be able to forge the relay's own signature or ids), `Host` (the client
+/// sets the Motion's), and the `X-Forwarded-*` set is written by the relay.
+pub fn forwarded_headers(mut headers: HeaderMap, client_ip: IpAddr, proto: &'static str) -> HeaderMap {
+    strip_hop_by_hop(&mut headers);
+    let host = headers.remove(HOST);
+    let relay: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with("x-relay-")).cloned().collect();
+    for k in relay {
+        headers.remove(k);
+    }
+    let ip = client_ip.to_canonical().to_string();
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip,
+    };
+    headers
+        .insert(X_FORWARDED_FOR, HeaderValue::from_str(&xff).unwrap_or_else(|_| HeaderValue::from_static("unknown")));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    match host {
+        Some(h) => headers.insert(X_FORWARDED_HOST, h),
+        None => headers.remove(X_FORWARDED_HOST),
+    };
+    headers
+}
+
+/// `t=UNIX,v1=HEX(HMAC-SHA256(secret, "{t}.{body}"))`.
+pub fn relay_signature(secret: &Secret, unix: u64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes()).expect("HMAC takes any key length");
+    mac.update(unix.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("t={unix},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Why an attempt did not produce an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum AttemptError {
+    #[error("Motion unreachable: {0}")]
+    Unreachable(String),
+    #[error("Motion did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// What one attempt carries.
+pub struct Attempt<'a> {
+    pub motion: &'a Motion,
+    pub client: &'a Client,
+    pub method: Method,
+    /// Path and query below the relay's prefix, starting with `/`.
+    pub path_and_query: &'a str,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub delivery_id: &'a str,
+    pub attempt: u32,
+    pub provider: &'static str,
+    pub timeout: Duration,
+}
+
+/// Sends one attempt; the answer's body is left streaming for the caller.
+pub async fn send(a: Attempt<'_>) -> Result<Response<Incoming>, AttemptError> {
+    let base = &a.motion.url;
+    let uri = format!(
+        "{}://{}{}{}",
+        base.scheme_str().unwrap_or("http"),
+        base.authority().map(|x| x.as_str()).unwrap_or_default(),
+        base.path().trim_end_matches('/'),
+        a.path_and_query
+    );
+    let mut headers = a.headers;
+    headers.insert(
+        X_RELAY_DELIVERY,
+        HeaderValue::from_str(a.delivery_id).unwrap_or_else(|_| HeaderValue::from_static("invalid")),
+    );
+    headers.insert(X_RELAY_ATTEMPT, HeaderValue::from(a.attempt));
+    headers.insert(X_RELAY_PROVIDER, HeaderValue::from_static(a.provider));
+    if let Some(secret) = &a.motion.signing_secret {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        let sig = relay_signature(secret, now, &a.body);
+        headers.insert(X_RELAY_SIGNATURE, HeaderValue::from_str(&sig).expect("ascii"));
+    }
+    let mut req = Request::new(Full::new(a.body));
+    *req.method_mut() = a.method;
+    *req.uri_mut() = uri.parse().map_err(|e| AttemptError::Unreachable(format!("bad Motion URL {uri}: {e}")))?;
+    *req.headers_mut() = headers;
+    match tokio::time::timeout(a.timeout, a.client.request(req)).await {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) => Err(AttemptError::Unreachable(error_chain(&e))),
+        Err(_) => Err(AttemptError::Timeout(a.timeout)),
+    }
+}
+
+/// The error with its causes, which is where hyper keeps the useful part ("connection refused").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_format() {
+        let (secret, _) = crate::config::secret::resolve("s3cret").unwrap();
+        let sig = relay_signature(&secret, 1700000000, b"{}");
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"s3cret").unwrap();
+        mac.update(b"1700000000.{}");
+        assert_eq!(sig, format!("t=1700000000,v1={}", hex::encode(mac.finalize().into_bytes())));
+    }
+
+    #[test]
+    fn forwarded_headers_strip_and_append() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("chat.example.com"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+        h.insert("x-relay-signature", HeaderValue::from_static("forged"));
+        h.insert("x-relay-token", HeaderValue::from_static("secret"));
+        h.insert("connection", HeaderValue::from_static("keep-alive"));
+        let out = forwarded_headers(h, "10.0.0.1".parse().unwrap(), "https");
+        assert_eq!(out["x-forwarded-for"], "203.0.113.9, 10.0.0.1");
+        assert_eq!(out["x-forwarded-proto"], "https");
+        assert_eq!(out["x-forwarded-host"], "chat.example.com");
+        assert!(
+            !out.contains_key("host") && !out.contains_key("x-relay-signature") && !out.contains_key("x-relay-token")
+        );
+        assert!(!out.contains_key("connection"));
+    }
+}

@@ -1,0 +1,20 @@
+//! whatsapp-relay: verifies WhatsApp providers' webhooks, delivers them to the Motion server
+//! that owns the account, and relays Motion's sends back out.
+//!
+//! The path of one webhook, file by file: `server` accepts, `relay` dispatches, `routing` finds
+//! the account, `inbound` checks size and runs `provider` verification, `deliver` hands it to
+//! the Motion through the pooled client of `upstream`.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod deliver;
+pub mod http_util;
+pub mod inbound;
+pub mod metrics;
+pub mod provider;
+pub mod relay;
+pub mod routing;
+pub mod server;
+pub mod upstream;

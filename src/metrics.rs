@@ -1,0 +1,117 @@
+//! Prometheus metrics (prometheus-client). Every series the relay exports is registered here,
+//! so `/metrics` is the one place an operator's dashboards depend on.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub motion: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MotionLabels {
+    pub motion: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerifyLabels {
+    pub provider: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub motion: String,
+    pub outcome: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~13 s: covers a direct proxy hop and a slow Motion.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub latency: Family<MotionLabels, Histogram>,
+    pub verify_failures: Family<VerifyLabels, Counter>,
+    pub deliveries: Family<OutcomeLabels, Counter>,
+    pub retries: Family<MotionLabels, Counter>,
+    pub queue_depth: Family<MotionLabels, Gauge>,
+    pub queue_oldest_seconds: Family<MotionLabels, Gauge>,
+    pub ack_latency: Family<MotionLabels, Histogram>,
+    pub dead_letters: Family<OutcomeLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("whatsapp_relay");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<MotionLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let verify_failures = Family::<VerifyLabels, Counter>::default();
+        let deliveries = Family::<OutcomeLabels, Counter>::default();
+        let retries = Family::<MotionLabels, Counter>::default();
+        let queue_depth = Family::<MotionLabels, Gauge>::default();
+        let queue_oldest_seconds = Family::<MotionLabels, Gauge>::default();
+        let ack_latency =
+            Family::<MotionLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let dead_letters = Family::<OutcomeLabels, Counter>::default();
+        registry.register("requests", "Requests answered, by motion and status", requests.clone());
+        registry.register("request_duration_seconds", "Time to answer a request, by motion", latency.clone());
+        registry.register(
+            "verification_failures",
+            "Webhooks refused by verification, by provider and reason",
+            verify_failures.clone(),
+        );
+        registry.register("deliveries", "Delivery attempts to Motion servers, by outcome", deliveries.clone());
+        registry.register("retries", "Delivery retries scheduled, by motion", retries.clone());
+        registry.register("queue_depth", "Events waiting for a Motion server", queue_depth.clone());
+        registry.register(
+            "queue_oldest_age_seconds",
+            "Age of the oldest waiting event, by motion",
+            queue_oldest_seconds.clone(),
+        );
+        registry.register(
+            "ack_duration_seconds",
+            "Time from request to durable acknowledgement, by motion",
+            ack_latency.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Events moved to the dead letters, by motion and reason",
+            dead_letters.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            latency,
+            verify_failures,
+            deliveries,
+            retries,
+            queue_depth,
+            queue_oldest_seconds,
+            ack_latency,
+            dead_letters,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,174 @@
+//! The relay's shared state and the request dispatcher: one [`Relay`] per process, holding the
+//! routing snapshot (swapped whole on reload), the upstream client and the metrics. `handle`
+//! routes a request to the pipeline that owns it and writes the access line.
+
+use crate::config::{self, Config, ConfigError};
+use crate::http_util::{Body, ErrorCode, error, text};
+use crate::metrics::{Metrics, MotionLabels, RequestLabels};
+use crate::routing::{Route, RouteTable};
+use crate::upstream::{Upstream, UpstreamError};
+use arc_swap::ArcSwap;
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use ipnet::IpNet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A config and the routing table built from it: what one request sees from start to end.
+pub struct Snapshot {
+    pub config: Config,
+    pub table: RouteTable,
+}
+
+/// Where a request came in.
+#[derive(Clone, Copy, Debug)]
+pub struct Conn {
+    pub peer: SocketAddr,
+    /// `http` or `https`: the listener's scheme.
+    pub proto: &'static str,
+}
+
+/// What the access line reports about a request.
+#[derive(Default)]
+pub struct AccessInfo {
+    pub motion: Option<String>,
+    pub account: Option<String>,
+    pub provider: &'static str,
+    pub delivery_id: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+pub struct Relay {
+    snapshot: ArcSwap<Snapshot>,
+    pub metrics: Metrics,
+    pub upstream: Upstream,
+    config_path: PathBuf,
+}
+
+impl Relay {
+    pub fn new(config: Config) -> Result<Arc<Relay>, ReloadError> {
+        let upstream = Upstream::new();
+        let table = RouteTable::build(&config, &upstream)?;
+        Ok(Arc::new(Relay {
+            config_path: config.path.clone(),
+            snapshot: ArcSwap::from_pointee(Snapshot { config, table }),
+            metrics: Metrics::new(),
+            upstream,
+        }))
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// Validates the file again and swaps in a new snapshot; requests in flight keep the old one.
+    pub fn reload(&self) -> Result<(), ReloadError> {
+        let config = config::load(&self.config_path)?;
+        let table = RouteTable::build(&config, &self.upstream)?;
+        self.snapshot.store(Arc::new(Snapshot { config, table }));
+        Ok(())
+    }
+
+    /// Serves one request on a public listener.
+    pub async fn handle(self: &Arc<Self>, req: Request<Incoming>, conn: Conn) -> Response<Body> {
+        let start = Instant::now();
+        let snap = self.snapshot();
+        let mut info = AccessInfo::default();
+        let resp = self.dispatch(&snap, req, conn, &mut info).await;
+        let status = resp.status().as_u16();
+        let motion = info.motion.as_deref().unwrap_or("");
+        let elapsed = start.elapsed();
+        self.metrics.requests.get_or_create(&RequestLabels { motion: motion.to_string(), status }).inc();
+        self.metrics.latency.get_or_create(&MotionLabels { motion: motion.to_string() }).observe(elapsed.as_secs_f64());
+        tracing::info!(
+            target: "access",
+            motion,
+            account = info.account.as_deref().unwrap_or(""),
+            provider = info.provider,
+            status,
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
+            delivery = info.delivery_id.as_deref().unwrap_or(""),
+            peer = %conn.peer,
+        );
+        resp
+    }
+
+    async fn dispatch(
+        &self,
+        snap: &Snapshot,
+        req: Request<Incoming>,
+        conn: Conn,
+        info: &mut AccessInfo,
+    ) -> Response<Body> {
+        // Request smuggling guard: a message framed both ways is refused outright.
+        let h = req.headers();
+        if h.contains_key(http::header::CONTENT_LENGTH) && h.contains_key(http::header::TRANSFER_ENCODING) {
+            return error(ErrorCode::BadRequest, "both Content-Length and Transfer-Encoding are present");
+        }
+        let host = req.uri().host().or_else(|| h.get(http::header::HOST).and_then(|v| v.to_str().ok()));
+        let Some(route) = snap.table.lookup(host, req.uri().path()) else {
+            return error(ErrorCode::NotFound, "no route for this path");
+        };
+        match route {
+            Route::Health => {
+                if req.method() == Method::GET || req.method() == Method::HEAD {
+                    text(StatusCode::OK, "text/plain", "ok\n")
+                } else {
+                    error(ErrorCode::MethodNotAllowed, "use GET /healthz")
+                }
+            }
+            Route::Inbound { motion, account, forward_at, by_host } => {
+                info.motion = Some(motion.motion.name.clone());
+                info.account = Some(account.id.clone());
+                info.provider = account.provider.as_str();
+                let target = crate::inbound::Target { motion, account, forward_at, by_host };
+                crate::inbound::handle(self, snap, target, req, conn, info).await
+            }
+            Route::Outbound { .. } => error(ErrorCode::NotFound, "outbound sends are not available in this version"),
+            Route::MetaApp { .. } => error(ErrorCode::NotFound, "Meta app routing is not available in this version"),
+        }
+    }
+}
+
+/// The client's address: the peer, or, when the peer is a trusted proxy, the right-most
+/// `X-Forwarded-For` hop that is not itself a trusted proxy.
+pub fn client_ip(peer: IpAddr, headers: &http::HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let peer = peer.to_canonical();
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let hops = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','));
+    let hops: Vec<IpAddr> = hops.filter_map(|h| h.trim().parse::<IpAddr>().ok()).map(|ip| ip.to_canonical()).collect();
+    hops.iter().rev().find(|ip| !is_trusted(ip)).copied().unwrap_or(peer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_ip_through_trusted_proxies() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut h = http::HeaderMap::new();
+        h.insert("x-forwarded-for", "198.51.100.7, 203.0.113.5, 10.1.1.1".parse().unwrap());
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(client_ip(ip("10.0.0.2"), &h, &trusted), ip("203.0.113.5"));
+        // An untrusted peer's header is ignored.
+        assert_eq!(client_ip(ip("192.0.2.1"), &h, &trusted), ip("192.0.2.1"));
+        assert_eq!(client_ip(ip("::ffff:192.0.2.1"), &h, &trusted), ip("192.0.2.1"));
+    }
+}

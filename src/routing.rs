@@ -1,0 +1,196 @@
+//! The routing table: an immutable snapshot built from a [`Config`], read on every request
+//! without locks (the server holds it in an `ArcSwap` and a reload swaps in a new one whole).
+//!
+//! It maps `(Host, path)` to what the request is for. Paths are matched segment by segment after
+//! percent-decoding each segment once; a segment that decodes to `.`, `..`, or contains a slash,
+//! backslash or NUL is refused, so no spelling of a path can leave an account's subtree.
+//! Lookups are hash-map probes: the cost does not grow with the number of accounts.
+
+use crate::config::{Account, Config, Motion};
+use crate::upstream::{Client, Upstream, UpstreamError};
+use percent_encoding::percent_decode_str;
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// One Motion server and its accounts, as routes see them.
+pub struct MotionRoute {
+    pub motion: Arc<Motion>,
+    /// The pooled client for this Motion (the shared one unless it has its own `ca_file`).
+    pub client: Client,
+    accounts: HashMap<String, Arc<Account>>,
+}
+
+impl std::fmt::Debug for MotionRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MotionRoute")
+            .field("motion", &self.motion.name)
+            .field("accounts", &self.accounts.len())
+            .finish()
+    }
+}
+
+impl MotionRoute {
+    pub fn account(&self, id: &str) -> Option<&Arc<Account>> {
+        self.accounts.get(id)
+    }
+}
+
+/// What a request is for.
+#[derive(Debug)]
+pub enum Route<'a> {
+    /// `GET /healthz` on a public listener.
+    Health,
+    /// A webhook for an account's subtree: forwarded to `motion.url` + `path[forward_at..]`.
+    Inbound {
+        motion: &'a Arc<MotionRoute>,
+        account: &'a Arc<Account>,
+        /// Byte offset in the request path where the part Motion is asked for starts.
+        forward_at: usize,
+        /// True when matched by the Host header rather than the `/{motion}` prefix.
+        by_host: bool,
+    },
+    /// `/{motion}/outbound/{account}/{rest}`: `path[rest_at..]` goes after the provider API base.
+    Outbound { motion: &'a Arc<MotionRoute>, account: &'a Arc<Account>, rest_at: usize },
+    /// `/meta/{app}`.
+    MetaApp { app: String },
+}
+
+/// The immutable snapshot.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    by_name: HashMap<String, Arc<MotionRoute>>,
+    by_host: HashMap<String, Arc<MotionRoute>>,
+}
+
+impl RouteTable {
+    pub fn build(config: &Config, upstream: &Upstream) -> Result<RouteTable, UpstreamError> {
+        let mut t = RouteTable::default();
+        for m in &config.motions {
+            let route = Arc::new(MotionRoute {
+                motion: m.clone(),
+                client: upstream.client_for(m.ca_file.as_deref())?,
+                accounts: m.accounts.iter().map(|a| (a.id.clone(), a.clone())).collect(),
+            });
+            for h in &m.hosts {
+                t.by_host.insert(h.clone(), route.clone());
+            }
+            t.by_name.insert(m.name.clone(), route);
+        }
+        Ok(t)
+    }
+
+    pub fn motion(&self, name: &str) -> Option<&Arc<MotionRoute>> {
+        self.by_name.get(name)
+    }
+
+    pub fn motions(&self) -> impl Iterator<Item = &Arc<MotionRoute>> {
+        self.by_name.values()
+    }
+
+    /// Finds the route of a request. `host` is the Host header (or HTTP/2 authority), `path` the raw
+    /// request path without the query. `None` means 404.
+    pub fn lookup(&self, host: Option<&str>, path: &str) -> Option<Route<'_>> {
+        let mut segs = Segments::new(path)?;
+        if let Some(motion) = host.and_then(|h| self.by_host.get(strip_port(h).as_ref())) {
+            return Self::under_motion(motion, &mut segs, true);
+        }
+        let first = segs.next()?;
+        match first.as_ref() {
+            "healthz" if segs.at_end() => Some(Route::Health),
+            "meta" => {
+                let app = segs.next()?.into_owned();
+                segs.at_end().then_some(Route::MetaApp { app })
+            }
+            name => {
+                let motion = self.by_name.get(name)?;
+                Self::under_motion(motion, &mut segs, false)
+            }
+        }
+    }
+
+    /// The part of a path after `/{motion}` (or all of it on a Motion's own host).
+    fn under_motion<'a>(motion: &'a Arc<MotionRoute>, segs: &mut Segments<'_>, by_host: bool) -> Option<Route<'a>> {
+        let start = segs.offset();
+        match segs.next()?.as_ref() {
+            "api" => {
+                if segs.next()? != "whatsapp" || segs.next()? != "accounts" {
+                    return None;
+                }
+                let account = motion.accounts.get(segs.next()?.as_ref())?;
+                segs.validate_rest()?;
+                Some(Route::Inbound { motion, account, forward_at: start, by_host })
+            }
+            "outbound" => {
+                let account = motion.accounts.get(segs.next()?.as_ref())?;
+                let rest_at = segs.offset();
+                segs.validate_rest()?;
+                Some(Route::Outbound { motion, account, rest_at })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// `host:port` -> `host`, lowercased only when needed (IPv6 literals keep their brackets).
+fn strip_port(host: &str) -> Cow<'_, str> {
+    let h = match host.rfind(':') {
+        Some(i) if !host[i..].contains(']') => &host[..i],
+        _ => host,
+    };
+    if h.bytes().any(|b| b.is_ascii_uppercase()) { Cow::Owned(h.to_ascii_lowercase()) } else { Cow::Borrowed(h) }
+}
+
+/// Iterates the decoded segments of an absolute path, refusing traversal.
+struct Segments<'a> {
+    path: &'a str,
+    pos: usize,
+}
+
+impl<'a> Segments<'a> {
+    fn new(path: &'a str) -> Option<Self> {
+        path.starts_with('/').then_some(Segments { path, pos: 1 })
+    }
+
+    /// Byte offset of the `/` before the next segment.
+    fn offset(&self) -> usize {
+        self.pos - 1
+    }
+
+    fn at_end(&self) -> bool {
+        self.pos >= self.path.len()
+    }
+
+    fn next_raw(&mut self) -> Option<&'a str> {
+        if self.pos > self.path.len() {
+            return None;
+        }
+        let rest = &self.path[self.pos..];
+        let end = rest.find('/').unwrap_or(rest.len());
+        self.pos += end + 1;
+        let seg = &rest[..end];
+        (!seg.is_empty() && decode(seg).is_some()).then_some(seg)
+    }
+
+    fn next(&mut self) -> Option<Cow<'a, str>> {
+        self.next_raw().and_then(decode)
+    }
+
+    /// Every remaining segment must decode safely (empty segments are allowed: `a//b`, trailing `/`).
+    fn validate_rest(&mut self) -> Option<()> {
+        if self.pos > self.path.len() {
+            return Some(());
+        }
+        self.path[self.pos..].split('/').all(|s| s.is_empty() || decode(s).is_some()).then_some(())
+    }
+}
+
+/// Decodes one segment once; `None` for dot segments and smuggled separators.
+fn decode(seg: &str) -> Option<Cow<'_, str>> {
+    let d = percent_decode_str(seg).decode_utf8().ok()?;
+    let bad = d == "." || d == ".." || d.bytes().any(|b| matches!(b, b'/' | b'\\' | 0));
+    (!bad).then_some(d)
+}
+
+#[cfg(test)]
+mod tests;
