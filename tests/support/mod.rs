@@ -1,0 +1,319 @@
+//! Test support: the real relay binary on loopback, fake Motion servers that record what they
+//! receive, and a small HTTP client. Every test reads as a story built from these pieces.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+
+/// What a fake Motion received.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub method: Method,
+    pub uri: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// How a fake Motion answers.
+#[derive(Clone, Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub body: &'static str,
+    pub delay: Duration,
+}
+
+impl Answer {
+    pub fn ok() -> Answer {
+        Answer { status: 200, body: "{\"ok\":true}", delay: Duration::ZERO }
+    }
+    pub fn status(status: u16) -> Answer {
+        Answer { status, body: "{\"motion\":\"says no\"}", delay: Duration::ZERO }
+    }
+}
+
+#[derive(Default)]
+struct MotionState {
+    received: Vec<Received>,
+    /// Answers to give, in order; when empty, `default` is used.
+    script: std::collections::VecDeque<Answer>,
+    default: Option<Answer>,
+}
+
+/// A fake Motion server on 127.0.0.1 that records every request.
+#[derive(Clone)]
+pub struct FakeMotion {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<MotionState>>,
+    task: Arc<tokio::task::JoinHandle<()>>,
+}
+
+impl FakeMotion {
+    pub async fn start() -> FakeMotion {
+        Self::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Starts on a given address (to bring a Motion "back up" where it was down).
+    pub async fn start_on(addr: SocketAddr) -> FakeMotion {
+        let listener = TcpListener::bind(addr).await.expect("bind fake motion");
+        let addr = listener.local_addr().unwrap();
+        let state: Arc<Mutex<MotionState>> = Default::default();
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let st = st.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                            let answer = {
+                                let mut s = st.lock().unwrap();
+                                s.received.push(Received {
+                                    method: parts.method,
+                                    uri: parts.uri.to_string(),
+                                    headers: parts.headers,
+                                    body,
+                                });
+                                s.script.pop_front().or_else(|| s.default.clone()).unwrap_or_else(Answer::ok)
+                            };
+                            tokio::time::sleep(answer.delay).await;
+                            let mut resp = http::Response::new(Full::new(Bytes::from_static(answer.body.as_bytes())));
+                            *resp.status_mut() = StatusCode::from_u16(answer.status).unwrap();
+                            resp.headers_mut().insert("content-type", "application/json".parse().unwrap());
+                            resp.headers_mut().insert("x-motion", "yes".parse().unwrap());
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        FakeMotion { addr, state, task: Arc::new(task) }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state.lock().unwrap().received.clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.state.lock().unwrap().received.len()
+    }
+
+    /// The next answers, in order (then the default).
+    pub fn script(&self, answers: impl IntoIterator<Item = Answer>) {
+        self.state.lock().unwrap().script.extend(answers);
+    }
+
+    pub fn answer_always(&self, a: Answer) {
+        self.state.lock().unwrap().default = Some(a);
+    }
+
+    /// Stops accepting (existing connections may linger until the relay's pool drops them).
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+
+    /// Waits until `n` requests arrived (or panics after `timeout`).
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        let start = Instant::now();
+        loop {
+            let got = self.received();
+            if got.len() >= n {
+                return got;
+            }
+            assert!(start.elapsed() < timeout, "fake Motion got {} of {n} requests within {timeout:?}", got.len());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// An address nothing listens on (bound then released).
+pub async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+/// The real binary, started on a config written to a temp dir; killed on drop.
+pub struct RelayProcess {
+    pub child: Child,
+    pub http: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub stderr: Arc<Mutex<Vec<String>>>,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_whatsapp-relay")
+}
+
+impl RelayProcess {
+    /// `config` may use `{DATA}` for a storage directory; listeners should use port 0.
+    pub fn start(config: &str) -> RelayProcess {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, config)
+    }
+
+    pub fn start_in(dir: tempfile::TempDir, config: &str) -> RelayProcess {
+        let config_path = dir.path().join("relay.toml");
+        let data = dir.path().join("data");
+        std::fs::write(&config_path, config.replace("{DATA}", &data.display().to_string())).unwrap();
+        Self::spawn(dir, config_path)
+    }
+
+    pub fn spawn(dir: tempfile::TempDir, config_path: PathBuf) -> RelayProcess {
+        let mut child = Command::new(bin())
+            .args(["--log-format", "json", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn relay");
+        let stderr = child.stderr.take().unwrap();
+        let lines: Arc<Mutex<Vec<String>>> = Default::default();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("whatsapp-relay listening") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(line.clone());
+                    }
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("relay did not start; stderr:\n{}", lines.lock().unwrap().join("\n"));
+            }
+        };
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let addr = |k: &str| v["fields"][k].as_str().and_then(|s| s.parse().ok());
+        RelayProcess {
+            child,
+            http: addr("http").expect("http listener"),
+            admin: addr("admin"),
+            dir,
+            config_path,
+            stderr: lines,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    pub fn logs(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// Sends a signal by name (TERM, KILL, HUP).
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            if start.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A response as tests look at it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+    pub fn error_code(&self) -> String {
+        self.json()["error"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+pub type TestClient =
+    hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+pub fn client() -> TestClient {
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+    let mut req = Request::new(Full::new(body.into()));
+    *req.method_mut() = method;
+    *req.uri_mut() = url.parse().unwrap();
+    for (k, v) in headers {
+        req.headers_mut().append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+    }
+    let resp = client().request(req).await.expect("request to relay");
+    let (parts, body) = resp.into_parts();
+    Reply { status: parts.status.as_u16(), headers: parts.headers, body: body.collect().await.unwrap().to_bytes() }
+}
+
+pub async fn post(url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+    send(Method::POST, url, headers, body).await
+}
+
+pub async fn get(url: &str) -> Reply {
+    send(Method::GET, url, &[], Bytes::new()).await
+}
+
+/// Writes raw bytes on a fresh connection and returns what comes back until the server closes or 2 s pass.
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/").to_string() + name).unwrap()
+}
