@@ -23,6 +23,9 @@ pub async fn handle(relay: &Arc<Relay>, ready: &Readiness, req: Request<Incoming
             if !ready.listeners_bound.load(Ordering::Acquire) {
                 problems.push("listeners not bound");
             }
+            if relay.queue().is_some_and(|q| !q.store().writable()) {
+                problems.push("storage not writable");
+            }
             if problems.is_empty() {
                 text(StatusCode::OK, "text/plain", "ready\n")
             } else {

@@ -2,13 +2,14 @@
 //! size (413), provider verification (401/403), then the delivery mode. A request that fails a
 //! check never reaches a Motion.
 
-use crate::config::Account;
+use crate::config::{Account, Mode};
 use crate::deliver::{self, Attempt, AttemptError};
 use crate::http_util::{Body, ErrorCode, error, strip_hop_by_hop, text};
 use crate::metrics::VerifyLabels;
 use crate::provider::{self, Inbound};
 use crate::relay::{AccessInfo, Conn, Relay, Snapshot, client_ip};
 use crate::routing::MotionRoute;
+use crate::store::{Appended, NewEvent, dedup_key};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Either, Limited};
@@ -96,8 +97,61 @@ pub async fn handle(
     let forward = &path_and_query[t.forward_at..];
     let delivery_id = uuid::Uuid::now_v7().to_string();
     info.delivery_id = Some(delivery_id.clone());
+    let content_type = parts.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
     let headers = deliver::forwarded_headers(parts.headers, ip, conn.proto);
-    direct(t.motion, parts.method.clone(), forward, headers, body, &delivery_id, account.provider.as_str()).await
+    match t.motion.motion.mode {
+        Mode::Direct => {
+            direct(t.motion, parts.method.clone(), forward, headers, body, &delivery_id, account.provider.as_str())
+                .await
+        }
+        Mode::Queue | Mode::Auto => {
+            let Some(queue) = relay.queue() else {
+                return error(ErrorCode::Unavailable, "the durable queue is not running");
+            };
+            let motion = &t.motion.motion;
+            if queue.depth(&motion.name) >= motion.max_queued {
+                return error(
+                    ErrorCode::Unavailable,
+                    format!("motion {} has max_queued events waiting; retry later", motion.name),
+                );
+            }
+            let kind = account.provider;
+            let keys = provider::payload_keys(kind, content_type.as_deref(), &body);
+            let now_ms = now_unix as u64 * 1000;
+            let dedup_window = snap.config.delivery.dedup_window;
+            let ev = NewEvent {
+                delivery_id,
+                motion: motion.name.clone(),
+                account: account.id.clone(),
+                dedup_key: Some(dedup_key(&account.id, keys.event_id.as_deref(), &body)),
+                conversation: match keys.conversation {
+                    Some(c) => format!("{}\u{1f}{c}", account.id),
+                    None => account.id.clone(),
+                },
+                provider: kind.as_str().to_string(),
+                method: parts.method.as_str().to_string(),
+                path_and_query: forward.to_string(),
+                headers: headers.iter().map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec())).collect(),
+                body,
+                received_unix_ms: now_ms,
+                dedup_expires_unix_ms: now_ms + dedup_window.as_millis() as u64,
+                note: String::new(),
+            };
+            match queue.accept(vec![ev]).await {
+                Ok(results) => {
+                    if results.iter().any(|r| matches!(r, Appended::Duplicate)) {
+                        tracing::debug!(motion = %motion.name, account = %account.id, "redelivery acknowledged, not stored again");
+                    }
+                    let (content_type, ack) = provider::ack(kind);
+                    text(StatusCode::OK, content_type, ack)
+                }
+                Err(e) => {
+                    tracing::error!(motion = %motion.name, "could not store a webhook: {e}");
+                    error(ErrorCode::Unavailable, "the relay cannot store events right now; retry later")
+                }
+            }
+        }
+    }
 }
 
 /// `direct` mode: Motion's answer goes back as it is.

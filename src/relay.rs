@@ -5,7 +5,9 @@
 use crate::config::{self, Config, ConfigError};
 use crate::http_util::{Body, ErrorCode, error, text};
 use crate::metrics::{Metrics, MotionLabels, RequestLabels};
+use crate::queue::Queue;
 use crate::routing::{Route, RouteTable};
+use crate::store::{Store, StoreError};
 use crate::upstream::{Upstream, UpstreamError};
 use arc_swap::ArcSwap;
 use http::{Method, Request, Response, StatusCode};
@@ -13,7 +15,7 @@ use hyper::body::Incoming;
 use ipnet::IpNet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 /// A config and the routing table built from it: what one request sees from start to end.
@@ -52,6 +54,8 @@ pub struct Relay {
     pub metrics: Metrics,
     pub upstream: Upstream,
     config_path: PathBuf,
+    /// The durable queue; set once at start, after the store is open.
+    queue: OnceLock<Arc<Queue>>,
 }
 
 impl Relay {
@@ -63,7 +67,19 @@ impl Relay {
             snapshot: ArcSwap::from_pointee(Snapshot { config, table }),
             metrics: Metrics::new(),
             upstream,
+            queue: OnceLock::new(),
         }))
+    }
+
+    /// Opens the queue over `store`, resuming what it holds. Called once, at start.
+    pub fn start_queue(self: &Arc<Self>, store: Arc<dyn Store>) -> Result<(), StoreError> {
+        let q = Queue::start(self, store)?;
+        let _ = self.queue.set(q);
+        Ok(())
+    }
+
+    pub fn queue(&self) -> Option<&Arc<Queue>> {
+        self.queue.get()
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -78,7 +94,11 @@ impl Relay {
     pub fn reload(&self) -> Result<(), ReloadError> {
         let config = config::load(&self.config_path)?;
         let table = RouteTable::build(&config, &self.upstream)?;
+        let names: Vec<String> = config.motions.iter().map(|m| m.name.clone()).collect();
         self.snapshot.store(Arc::new(Snapshot { config, table }));
+        if let Some(q) = self.queue() {
+            q.sync_motions(names.into_iter());
+        }
         Ok(())
     }
 

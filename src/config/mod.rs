@@ -154,9 +154,9 @@ impl std::fmt::Debug for MetaApp {
 /// Motion names that would collide with the relay's own paths.
 const RESERVED: &[&str] = &["meta", "admin", "healthz", "outbound"];
 
-/// Delivery modes implemented so far. `queue` and `auto` are refused until the durable
-/// queue exists: an operator who asked for durability must never get a silent proxy.
-const AVAILABLE_MODES: &[Mode] = &[Mode::Direct];
+/// Delivery modes implemented so far. `auto` is refused until it exists: an operator who asked
+/// for a mode must never silently get another.
+const AVAILABLE_MODES: &[Mode] = &[Mode::Direct, Mode::Queue];
 
 /// Reads, parses and validates the file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -230,7 +230,8 @@ impl Validator<'_> {
         if !AVAILABLE_MODES.contains(&mode) {
             return self.err(
                 m.span(),
-                format!("delivery mode {mode:?} is not available in this version; only mode = \"direct\" is (set it explicitly)").to_lowercase(),
+                format!("delivery mode {mode:?} is not available in this version; use \"queue\" or \"direct\"")
+                    .to_lowercase(),
             );
         }
         Ok(mode)
@@ -261,13 +262,7 @@ impl Validator<'_> {
         };
         let d = &f.delivery;
         let delivery = Delivery {
-            mode: match &d.mode {
-                Some(m) => self.mode(m)?,
-                None => {
-                    // The SPEC's default is `queue`; refuse rather than silently proxy.
-                    return self.err(0..0, "[delivery] mode defaults to \"queue\", which is not available in this version; set mode = \"direct\" under [delivery]");
-                }
-            },
+            mode: d.mode.as_ref().map(|m| self.mode(m)).transpose()?.unwrap_or(Mode::Queue),
             timeout: d.timeout.map_or(Duration::from_secs(10), |x| x.0),
             retry_initial: d.retry_initial.map_or(Duration::from_secs(1), |x| x.0),
             retry_max: d.retry_max.map_or(Duration::from_secs(300), |x| x.0),

@@ -80,11 +80,11 @@ fn https_needs_certificates() {
 }
 
 #[test]
-fn queue_mode_is_refused_until_available() {
-    let e = err(&BASE.replace("mode = \"direct\"", "mode = \"queue\""));
-    assert!(e.starts_with("relay.toml:3:8:") && e.contains("only mode = \"direct\""), "{e}");
-    let e = err(&BASE.replace("mode = \"direct\"", ""));
-    assert!(e.contains("set mode = \"direct\""), "{e}");
+fn auto_mode_is_refused_until_available() {
+    let e = err(&BASE.replace("mode = \"direct\"", "mode = \"auto\""));
+    assert!(e.starts_with("relay.toml:3:8:") && e.contains("mode auto is not available"), "{e}");
+    // Without a mode, the default is the durable queue.
+    assert_eq!(parse_str(&BASE.replace("mode = \"direct\"", "")).unwrap().delivery.mode, Mode::Queue);
 }
 
 #[test]

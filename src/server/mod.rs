@@ -5,6 +5,7 @@
 use crate::admin::{self, Readiness};
 use crate::config::Config;
 use crate::relay::{Conn, Relay};
+use crate::store::{EmbeddedStore, Store};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -35,10 +36,14 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops accepting and waits for the listeners' connections to finish (bounded by `shutdown_grace`).
+    /// Stops accepting, waits for the listeners' connections to finish (bounded by
+    /// `shutdown_grace`), then stops delivery and syncs the store.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
+        if let Some(q) = self.relay.queue().cloned() {
+            let _ = tokio::task::spawn_blocking(move || q.shutdown()).await;
+        }
     }
 
     /// A receiver that flips to `true` when shutdown starts.
@@ -47,9 +52,19 @@ impl Running {
     }
 }
 
-/// Binds every listener of `config` and starts serving. Port 0 binds an ephemeral port; the
-/// bound addresses are returned and logged.
+/// Opens the embedded store under `[storage] path`, binds every listener of `config` and starts
+/// serving. Port 0 binds an ephemeral port; the bound addresses are returned and logged.
 pub async fn start(config: Config) -> Result<Running, ServeError> {
+    let path = config.storage_path.clone();
+    let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&path))
+        .await
+        .map_err(|e| ServeError::Setup(e.to_string()))?
+        .map_err(|e| ServeError::Setup(format!("{e} (check [storage] path and its permissions)")))?;
+    start_with_store(config, Arc::new(store)).await
+}
+
+/// Like [`start`], over a store the caller opened (tests inject faults this way).
+pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> Result<Running, ServeError> {
     let grace = config.server.shutdown_grace;
     let header_timeout = config.server.header_timeout;
     let http_addr = config.server.http;
@@ -58,6 +73,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         tracing::warn!("the https listener is not available in this version; serving plain http only");
     }
     let relay = Relay::new(config).map_err(|e| ServeError::Setup(e.to_string()))?;
+    relay.start_queue(store).map_err(|e| ServeError::Setup(format!("cannot read the queue: {e}")))?;
     let ready = Arc::new(Readiness::default());
     let (stop, _) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
@@ -170,18 +186,31 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let mut int = signal(SignalKind::interrupt()).map_err(|e| ServeError::Setup(e.to_string()))?;
     let mut hup = signal(SignalKind::hangup()).map_err(|e| ServeError::Setup(e.to_string()))?;
     let running = start(config).await?;
+    notify(sd_notify::NotifyState::Ready);
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => match running.relay.reload() {
-                Ok(()) => tracing::info!("configuration reloaded (SIGHUP)"),
-                Err(e) => tracing::error!("reload refused, keeping the running configuration: {e}"),
-            },
+            _ = hup.recv() => {
+                notify(sd_notify::NotifyState::Reloading);
+                match running.relay.reload() {
+                    Ok(()) => tracing::info!("configuration reloaded (SIGHUP)"),
+                    Err(e) => tracing::error!("reload refused, keeping the running configuration: {e}"),
+                }
+                notify(sd_notify::NotifyState::Ready);
+            }
         }
     }
+    notify(sd_notify::NotifyState::Stopping);
     tracing::info!("shutting down: no new connections; finishing requests in flight");
     running.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Tells systemd (Type=notify) about state changes; a no-op outside systemd.
+fn notify(state: sd_notify::NotifyState<'_>) {
+    if let Err(e) = sd_notify::notify(false, &[state]) {
+        tracing::debug!("sd_notify failed: {e}");
+    }
 }

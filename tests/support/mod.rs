@@ -158,7 +158,7 @@ pub struct RelayProcess {
     pub child: Child,
     pub http: SocketAddr,
     pub admin: Option<SocketAddr>,
-    pub dir: tempfile::TempDir,
+    pub dir: Option<tempfile::TempDir>,
     pub config_path: PathBuf,
     pub stderr: Arc<Mutex<Vec<String>>>,
 }
@@ -218,10 +218,19 @@ impl RelayProcess {
             child,
             http: addr("http").expect("http listener"),
             admin: addr("admin"),
-            dir,
+            dir: Some(dir),
             config_path,
             stderr: lines,
         }
+    }
+
+    /// Stops this process (SIGKILL if still running) and starts a new one on the same config
+    /// and store.
+    pub fn restart(mut self) -> RelayProcess {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = self.dir.take().unwrap();
+        Self::spawn(dir, self.config_path.clone())
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -316,4 +325,74 @@ pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
 
 pub fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/").to_string() + name).unwrap()
+}
+
+/// A Meta Cloud API inbound text message from `customer` with message id `id`.
+pub fn meta_message(phone_number_id: &str, customer: &str, id: &str, text: &str) -> Vec<u8> {
+    serde_json::json!({
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "102290129340398", "changes": [{"field": "messages", "value": {
+            "messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": "15550783881", "phone_number_id": phone_number_id},
+            "contacts": [{"profile": {"name": "Test"}, "wa_id": customer}],
+            "messages": [{"from": customer, "id": id, "timestamp": "1749416383", "type": "text", "text": {"body": text}}]
+        }}]}]
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// `X-Hub-Signature-256` of a body.
+pub fn meta_signature(app_secret: &str, body: &[u8]) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(app_secret.as_bytes()).unwrap();
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Posts a signed Meta webhook.
+pub async fn post_meta(url: &str, app_secret: &str, body: Vec<u8>) -> Reply {
+    let sig = meta_signature(app_secret, &body);
+    post(url, &[("x-hub-signature-256", &sig), ("content-type", "application/json")], body).await
+}
+
+/// Reads `(customer, text)` back from a Meta message body a fake Motion received.
+pub fn meta_customer_and_text(body: &[u8]) -> (String, String) {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+    let m = &v["entry"][0]["changes"][0]["value"]["messages"][0];
+    (m["from"].as_str().unwrap().to_string(), m["text"]["body"].as_str().unwrap().to_string())
+}
+
+/// `X-Twilio-Signature` of a form body posted to `url`.
+pub fn twilio_signature(auth_token: &str, url: &str, form: &[u8]) -> String {
+    use base64::Engine;
+    use hmac::Mac;
+    let mut params: Vec<(String, String)> = form_urlencoded::parse(form).into_owned().collect();
+    params.sort();
+    let mut mac = hmac::Hmac::<sha1::Sha1>::new_from_slice(auth_token.as_bytes()).unwrap();
+    mac.update(url.as_bytes());
+    for (k, v) in params {
+        mac.update(k.as_bytes());
+        mac.update(v.as_bytes());
+    }
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+/// Hex or base64 HMAC, computed independently of the relay's code.
+pub fn hmac_sha256(key: &str, parts: &[&[u8]]) -> Vec<u8> {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).unwrap();
+    for p in parts {
+        mac.update(p);
+    }
+    mac.finalize().into_bytes().to_vec()
+}
+
+pub fn b64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
 }

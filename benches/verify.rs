@@ -1,0 +1,97 @@
+//! Verification cost per provider on realistic payloads (the fixtures), plus Meta's large
+//! batches, through the public API only — what the relay pays per webhook before queueing.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use criterion::{Criterion, Throughput, black_box, criterion_group, criterion_main};
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use whatsapp_relay::provider::{AccountVerifier, Inbound, ProviderKind, VerifierConfig, payload_keys, sign_request};
+
+const URL: &str = "https://chat.example.com/acme/api/whatsapp/accounts/12/notify";
+const NOW: i64 = 1_750_000_000;
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+/// A Meta batch of at least `size` bytes: the fixture's entry repeated.
+fn meta_batch(size: usize) -> Vec<u8> {
+    let doc: serde_json::Value = serde_json::from_slice(&fixture("meta-inbound-text.json")).unwrap();
+    let entry = doc["entry"][0].to_string();
+    let copies = size / entry.len() + 1;
+    format!(r#"{{"object":"whatsapp_business_account","entry":[{}]}}"#, vec![entry; copies].join(",")).into_bytes()
+}
+
+fn config(kind: ProviderKind) -> VerifierConfig {
+    let s = |k: ProviderKind| (kind == k).then(|| "bench-secret".to_owned());
+    VerifierConfig {
+        provider: Some(kind),
+        auth_token: s(ProviderKind::Twilio),
+        app_secret: s(ProviderKind::Meta),
+        platform_secret: s(ProviderKind::Dialog360),
+        webhook_secret: s(ProviderKind::Sinch),
+        hmac_secret: s(ProviderKind::Generic),
+        hmac_header: (kind == ProviderKind::Generic).then(|| "X-Signature".to_owned()),
+        shared_token: s(ProviderKind::Kaleyra),
+        allow_from: if kind == ProviderKind::Kaleyra { vec!["0.0.0.0/0".parse().unwrap()] } else { Vec::new() },
+        ..Default::default()
+    }
+}
+
+fn bench_verify(c: &mut Criterion) {
+    let cases = [
+        ("twilio/form", ProviderKind::Twilio, "twilio-inbound.form".to_owned(), "application/x-www-form-urlencoded"),
+        ("meta/text", ProviderKind::Meta, "meta-inbound-text.json".to_owned(), "application/json"),
+        ("meta/1MiB", ProviderKind::Meta, String::new(), "application/json"),
+        ("360dialog/text", ProviderKind::Dialog360, "meta-inbound-text.json".to_owned(), "application/json"),
+        ("sinch/text", ProviderKind::Sinch, "sinch-inbound-text.json".to_owned(), "application/json"),
+        ("kaleyra/token+allow_from", ProviderKind::Kaleyra, "kaleyra-inbound-text.json".to_owned(), "application/json"),
+        ("generic/sha256-hex", ProviderKind::Generic, "kaleyra-inbound-text.json".to_owned(), "application/json"),
+    ];
+    let mut group = c.benchmark_group("verify");
+    for (name, kind, file, ct) in cases {
+        let body = if file.is_empty() { meta_batch(1 << 20) } else { fixture(&file) };
+        let cfg = config(kind);
+        let verifier = AccountVerifier::new(&cfg).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(ct));
+        for (k, v) in sign_request(&cfg, URL, Some(ct), &body, NOW).unwrap() {
+            headers.insert(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(&v).unwrap());
+        }
+        let req = Inbound {
+            method: &Method::POST,
+            url: URL,
+            query: None,
+            headers: &headers,
+            body: &body,
+            client_ip: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)),
+            now_unix: NOW,
+        };
+        verifier.verify(&req).expect("the signed request verifies");
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_function(name, |b| b.iter(|| black_box(&verifier).verify(black_box(&req))));
+    }
+    group.finish();
+
+    // The relay also reads the ordering key and dedup id of every accepted body.
+    let mut group = c.benchmark_group("payload_keys");
+    let cases = [
+        ("meta/text", ProviderKind::Meta, fixture("meta-inbound-text.json"), None),
+        ("meta/1MiB", ProviderKind::Meta, meta_batch(1 << 20), None),
+        ("sinch/text", ProviderKind::Sinch, fixture("sinch-inbound-text.json"), None),
+        (
+            "twilio/form",
+            ProviderKind::Twilio,
+            fixture("twilio-inbound.form"),
+            Some("application/x-www-form-urlencoded"),
+        ),
+    ];
+    for (name, kind, body, ct) in cases {
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_function(name, |b| b.iter(|| payload_keys(kind, ct, black_box(&body))));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_verify);
+criterion_main!(benches);

@@ -1,0 +1,276 @@
+//! Twilio: `X-Twilio-Signature` verification, and the conversation / event id of its form posts.
+//!
+//! The signature is base64(HMAC-SHA1(auth_token, URL + sorted form parameters)). Because the URL
+//! is signed, the relay must check against the URL Twilio called (the public one), never the
+//! socket address it listens on. Twilio signs with or without the default port depending on how
+//! the webhook URL was written, so both spellings are tried. JSON posts carry `bodySHA256` in the
+//! query instead: only the URL is signed, and the body must hash to that value.
+
+use std::borrow::Cow;
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::{Algorithm, Encoding, Inbound, PayloadKeys, Rejection, SignatureHeader, Verify, is_form};
+
+const HEADER: SignatureHeader<'static> = SignatureHeader {
+    name: "X-Twilio-Signature",
+    prefix: None,
+    encoding: Encoding::Base64,
+    algorithm: Algorithm::Sha1,
+};
+
+pub(super) struct Twilio {
+    auth_token: Vec<u8>,
+}
+
+impl Twilio {
+    pub(super) fn new(auth_token: Vec<u8>) -> Self {
+        Twilio { auth_token }
+    }
+}
+
+impl Verify for Twilio {
+    fn verify(&self, req: &Inbound<'_>) -> Result<(), Rejection> {
+        let tag = HEADER.read(req)?;
+        let body_sha = body_sha256_param(req.url);
+        let params = signed_params(body_sha.is_some(), req.content_type(), req.body);
+        let signed = |url: &str| Algorithm::Sha1.verify(&self.auth_token, &[url.as_bytes(), params.as_bytes()], &tag);
+        if !signed(req.url) && !alternate_port_url(req.url).is_some_and(|u| signed(&u)) {
+            return Err(HEADER.mismatch("the URL and parameters"));
+        }
+        // Checked after the signature, which is what makes the bodySHA256 in the URL trustworthy.
+        if let Some(expected) = body_sha {
+            let actual = Sha256::digest(req.body);
+            let expected = hex::decode(expected.as_bytes()).unwrap_or_default();
+            if !bool::from(actual.as_slice().ct_eq(&expected)) {
+                return Err(Rejection::unauthorized("body_hash_mismatch", "body does not match bodySHA256"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The headers a Twilio request to `url` with `body` carries, for `sign_request`.
+pub(super) fn sign(auth_token: &[u8], url: &str, content_type: Option<&str>, body: &[u8]) -> Vec<(String, String)> {
+    let params = signed_params(body_sha256_param(url).is_some(), content_type, body);
+    vec![HEADER.sign(auth_token, &[url.as_bytes(), params.as_bytes()])]
+}
+
+/// The `bodySHA256` query parameter of the signed URL, if any.
+fn body_sha256_param(url: &str) -> Option<Cow<'_, str>> {
+    let (_, query) = url.split_once('?')?;
+    let query = query.split('#').next().unwrap_or("");
+    form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "bodySHA256").map(|(_, v)| v)
+}
+
+/// What follows the URL in the signed string: every form parameter as key+value, sorted by key
+/// and then value (Twilio's rule for duplicate keys); nothing for JSON (`bodySHA256`) or non-form posts.
+fn signed_params(json: bool, content_type: Option<&str>, body: &[u8]) -> String {
+    if json || !is_form(content_type) {
+        return String::new();
+    }
+    let mut pairs: Vec<_> = form_urlencoded::parse(body).collect();
+    pairs.sort_unstable();
+    pairs.iter().flat_map(|(k, v)| [k.as_ref(), v.as_ref()]).collect()
+}
+
+/// The same URL with the scheme's default port removed when it is explicit, or inserted when it
+/// is absent; None for any other port or scheme.
+fn alternate_port_url(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let port = match scheme.to_ascii_lowercase().as_str() {
+        "https" => ":443",
+        "http" => ":80",
+        _ => return None,
+    };
+    let (authority, tail) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+    let host = &authority[authority.rfind('@').map_or(0, |i| i + 1)..];
+    // A ':' after any IPv6 literal's ']' introduces a port.
+    let has_port = host.rfind(':').is_some_and(|c| host.rfind(']').is_none_or(|b| c > b));
+    if has_port {
+        authority.strip_suffix(port).map(|a| format!("{scheme}://{a}{tail}"))
+    } else {
+        Some(format!("{scheme}://{authority}{port}{tail}"))
+    }
+}
+
+/// The fields of a Twilio form that name the conversation and the event.
+struct Fields<'a> {
+    from: Option<Cow<'a, str>>,
+    to: Option<Cow<'a, str>>,
+    sid: Option<Cow<'a, str>>,
+    status: Option<Cow<'a, str>>,
+}
+
+fn fields<'a>(content_type: Option<&str>, body: &'a [u8]) -> Option<Fields<'a>> {
+    // Twilio always posts forms; a missing Content-Type is tolerated, JSON is not ours to read.
+    if content_type.is_some() && !is_form(content_type) {
+        return None;
+    }
+    let mut f = Fields { from: None, to: None, sid: None, status: None };
+    let mut sms_status = None;
+    for (k, v) in form_urlencoded::parse(body) {
+        match &*k {
+            "From" => f.from = Some(v),
+            "To" => f.to = Some(v),
+            "MessageSid" => f.sid = Some(v),
+            "MessageStatus" => f.status = Some(v),
+            "SmsStatus" => sms_status = Some(v),
+            _ => {}
+        }
+    }
+    f.status = f.status.or(sms_status);
+    Some(f)
+}
+
+/// The conversation is `From` for an inbound message and `To` for a status callback (its status
+/// is not "received"): either way, the customer. The event id is `MessageSid:status`, since one
+/// message goes through several statuses, each its own event.
+pub(super) fn keys(content_type: Option<&str>, body: &[u8]) -> PayloadKeys {
+    let Some(f) = fields(content_type, body) else {
+        return PayloadKeys::default();
+    };
+    let is_status = f.status.as_deref().is_some_and(|s| s != "received");
+    let conversation = if is_status { f.to } else { f.from }.map(Cow::into_owned);
+    let event_id = f.sid.filter(|s| !s.is_empty()).map(|sid| match &f.status {
+        Some(status) => format!("{sid}:{status}"),
+        None => sid.into_owned(),
+    });
+    PayloadKeys { conversation, event_id }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testkit::*;
+    use super::*;
+
+    const FORM: &str = "application/x-www-form-urlencoded";
+
+    fn conversation(ct: Option<&str>, body: &[u8]) -> Option<String> {
+        keys(ct, body).conversation
+    }
+
+    fn event_id(ct: Option<&str>, body: &[u8]) -> Option<String> {
+        keys(ct, body).event_id
+    }
+    const PUBLIC: &str = "https://chat.example.com/acme/api/whatsapp/accounts/12/notify?x=1";
+
+    fn verifier(token: &str) -> Twilio {
+        Twilio::new(token.as_bytes().to_vec())
+    }
+
+    /// A request built from a [[twilio]] vector, sent to `url`.
+    fn vector_request(v: &toml::Table, url: &str) -> Req {
+        let req = match v.get("body") {
+            Some(b) => Req::post(url, "application/json", b.as_str().unwrap()),
+            None => {
+                let mut form = form_urlencoded::Serializer::new(String::new());
+                for p in v["params"].as_array().unwrap() {
+                    let p = p.as_array().unwrap();
+                    form.append_pair(p[0].as_str().unwrap(), p[1].as_str().unwrap());
+                }
+                Req::post(url, FORM, form.finish())
+            }
+        };
+        req.header("X-Twilio-Signature", s(v, "signature"))
+    }
+
+    #[test]
+    fn known_answer_vectors_with_and_without_default_port() {
+        for v in vectors("twilio") {
+            let t = verifier(s(&v, "auth_token"));
+            let url = s(&v, "url");
+            for u in [url.to_owned(), alternate_port_url(url).unwrap()] {
+                assert_eq!(outcome(t.verify(&vector_request(&v, &u).inbound())), "ok", "{}: {u}", s(&v, "name"));
+            }
+        }
+    }
+
+    #[test]
+    fn tampering_is_refused() {
+        let v = &vectors("twilio")[0];
+        let t = verifier(s(v, "auth_token"));
+        let url = s(v, "url");
+
+        let mut r = vector_request(v, url);
+        r.body.extend_from_slice(b"&Extra=1");
+        assert_eq!(outcome(t.verify(&r.inbound())), "mismatch", "tampered body");
+
+        let r = vector_request(v, &url.replace("foo=1", "foo=2"));
+        assert_eq!(outcome(t.verify(&r.inbound())), "mismatch", "tampered query");
+
+        let r = vector_request(v, url);
+        assert_eq!(outcome(verifier("54321").verify(&r.inbound())), "mismatch", "wrong secret");
+
+        let mut r = vector_request(v, url);
+        r.headers.remove("X-Twilio-Signature");
+        let e = t.verify(&r.inbound()).unwrap_err();
+        assert_eq!((e.status, e.reason), (401, "missing_header"));
+        assert_eq!(e.message, "missing X-Twilio-Signature header");
+
+        let r = vector_request(v, url).header("X-Twilio-Signature", "not*base64");
+        assert_eq!(outcome(t.verify(&r.inbound())), "bad_encoding");
+    }
+
+    #[test]
+    fn json_body_must_hash_to_body_sha256() {
+        let v = vectors("twilio").into_iter().find(|v| v.contains_key("body")).unwrap();
+        let t = verifier(s(&v, "auth_token"));
+        let mut r = vector_request(&v, s(&v, "url"));
+        r.body[2] ^= 1;
+        assert_eq!(outcome(t.verify(&r.inbound())), "body_hash_mismatch");
+        // The hash in the URL is signed: changing it to match a new body breaks the signature.
+        let forged = s(&v, "url").replace("0a1ff7", "0a1ff8");
+        assert_eq!(outcome(t.verify(&vector_request(&v, &forged).inbound())), "mismatch");
+    }
+
+    #[test]
+    fn socket_address_signature_is_refused_on_the_public_url() {
+        let body = fixture("twilio-inbound.form");
+        let internal = "http://127.0.0.1:8080/acme/api/whatsapp/accounts/12/notify?x=1";
+        let t = verifier("secret");
+        let r = Req::post(PUBLIC, FORM, body.clone()).headers(sign(b"secret", internal, Some(FORM), &body));
+        assert_eq!(outcome(t.verify(&r.inbound())), "mismatch");
+        let r = Req::post(PUBLIC, FORM, body.clone()).headers(sign(b"secret", PUBLIC, Some(FORM), &body));
+        assert_eq!(outcome(t.verify(&r.inbound())), "ok");
+    }
+
+    #[test]
+    fn params_are_only_signed_for_forms() {
+        let t = verifier("secret");
+        let url = "https://chat.example.com/a?MessageSid=SM1";
+        // A GET status callback (no body) signs the URL alone.
+        let mut r = Req::post(url, FORM, "").headers(sign(b"secret", url, None, b""));
+        r.method = http::Method::GET;
+        assert_eq!(outcome(t.verify(&r.inbound())), "ok");
+    }
+
+    #[test]
+    fn default_port_alternates() {
+        let alt = |u| alternate_port_url(u);
+        assert_eq!(alt("https://a.com/x?y=1").as_deref(), Some("https://a.com:443/x?y=1"));
+        assert_eq!(alt("https://a.com:443/x").as_deref(), Some("https://a.com/x"));
+        assert_eq!(alt("http://a.com").as_deref(), Some("http://a.com:80"));
+        assert_eq!(alt("http://a.com:80?q").as_deref(), Some("http://a.com?q"));
+        assert_eq!(alt("https://[2001:db8::1]/x").as_deref(), Some("https://[2001:db8::1]:443/x"));
+        assert_eq!(alt("https://[2001:db8::1]:443/x").as_deref(), Some("https://[2001:db8::1]/x"));
+        assert_eq!(alt("https://a.com:8443/x"), None);
+        assert_eq!(alt("http://a.com:8080/x"), None);
+        assert_eq!(alt("https://a.com:80/x"), None);
+        assert_eq!(alt("ftp://a.com/x"), None);
+    }
+
+    #[test]
+    fn conversation_and_event_id() {
+        let inbound = fixture("twilio-inbound.form");
+        let status = fixture("twilio-status-read.form");
+        assert_eq!(conversation(Some(FORM), &inbound).as_deref(), Some("whatsapp:+16505551234"));
+        assert_eq!(conversation(None, &inbound).as_deref(), Some("whatsapp:+16505551234"));
+        assert_eq!(conversation(Some(FORM), &status).as_deref(), Some("whatsapp:+16505551234"));
+        assert_eq!(event_id(Some(FORM), &status).as_deref(), Some("SM1a2b3c4d5e6f708192a3b4c5d6e7f809:read"));
+        assert_eq!(conversation(Some("application/json"), &inbound), None);
+        assert_eq!(event_id(Some(FORM), b"From=x"), None);
+        assert_eq!(event_id(Some(FORM), b"MessageSid=SM1").as_deref(), Some("SM1"));
+    }
+}

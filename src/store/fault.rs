@@ -1,0 +1,152 @@
+//! [`FaultyStore`]: a [`Store`] wrapper for tests that makes every write fail on demand (a
+//! failing disk: tests run as root, so a read-only directory cannot simulate one) and counts
+//! the underlying `append` calls (how many commits a [`super::GroupCommit`] made).
+//!
+//! Must never: alter what passes through while no fault is set, or be used outside tests and
+//! benchmarks' setup.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use super::{Appended, DeadInfo, DeadLetter, Event, EventMeta, NewEvent, Store, StoreError};
+
+pub struct FaultyStore {
+    inner: Arc<dyn Store>,
+    fail_writes: AtomicBool,
+    append_calls: AtomicU64,
+}
+
+impl FaultyStore {
+    pub fn new(inner: Arc<dyn Store>) -> FaultyStore {
+        FaultyStore { inner, fail_writes: AtomicBool::new(false), append_calls: AtomicU64::new(0) }
+    }
+
+    /// While set, every write method fails with `Write("injected fault")` and `writable()` is
+    /// false. Reads keep working, as they would on a disk that refuses writes.
+    pub fn set_fail_writes(&self, fail: bool) {
+        self.fail_writes.store(fail, Ordering::SeqCst);
+    }
+
+    /// How many times `append` was called (failed calls included).
+    pub fn append_calls(&self) -> u64 {
+        self.append_calls.load(Ordering::SeqCst)
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        if self.fail_writes.load(Ordering::SeqCst) {
+            return Err(StoreError::Write("injected fault".into()));
+        }
+        Ok(())
+    }
+}
+
+impl Store for FaultyStore {
+    fn append(&self, batch: &[NewEvent]) -> Result<Vec<Appended>, StoreError> {
+        self.append_calls.fetch_add(1, Ordering::SeqCst);
+        self.check()?;
+        self.inner.append(batch)
+    }
+    fn append_dead(&self, ev: &NewEvent, info: DeadInfo) -> Result<Appended, StoreError> {
+        self.check()?;
+        self.inner.append_dead(ev, info)
+    }
+    fn pending(&self) -> Result<Vec<EventMeta>, StoreError> {
+        self.inner.pending()
+    }
+    fn load(&self, seq: u64) -> Result<Option<Event>, StoreError> {
+        self.inner.load(seq)
+    }
+    fn set_attempts(&self, seq: u64, attempts: u32) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.set_attempts(seq, attempts)
+    }
+    fn delivered(&self, seqs: &[u64]) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.delivered(seqs)
+    }
+    fn kill(&self, seq: u64, info: DeadInfo) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.kill(seq, info)
+    }
+    fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        self.inner.dead_letters()
+    }
+    fn dead_letter(&self, seq: u64) -> Result<Option<DeadLetter>, StoreError> {
+        self.inner.dead_letter(seq)
+    }
+    fn revive(&self, seq: u64) -> Result<Option<EventMeta>, StoreError> {
+        self.check()?;
+        self.inner.revive(seq)
+    }
+    fn purge_dead(&self, seq: Option<u64>) -> Result<usize, StoreError> {
+        self.check()?;
+        self.inner.purge_dead(seq)
+    }
+    fn prune_dedup(&self, now_unix_ms: u64) -> Result<usize, StoreError> {
+        self.check()?;
+        self.inner.prune_dedup(now_unix_ms)
+    }
+    fn window_touch(&self, key: &str, unix_ms: u64) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.window_touch(key, unix_ms)
+    }
+    fn window_last(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        self.inner.window_last(key)
+    }
+    fn prune_window(&self, before_unix_ms: u64) -> Result<usize, StoreError> {
+        self.check()?;
+        self.inner.prune_window(before_unix_ms)
+    }
+    fn writable(&self) -> bool {
+        !self.fail_writes.load(Ordering::SeqCst) && self.inner.writable()
+    }
+    fn sync(&self) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.sync()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::EmbeddedStore;
+    use super::super::tests::ev;
+    use super::*;
+
+    #[test]
+    fn injected_faults_fail_every_write_and_nothing_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FaultyStore::new(Arc::new(EmbeddedStore::open(dir.path()).unwrap()));
+        let seq = match store.append(&[ev("a", "c", b"")]).unwrap()[..] {
+            [Appended::Stored(seq)] => seq,
+            ref other => panic!("{other:?}"),
+        };
+        assert!(store.writable());
+
+        store.set_fail_writes(true);
+        assert!(!store.writable());
+        let info = DeadInfo { reason: "r".into(), status: None, answer: vec![], attempts: 1, died_unix_ms: 0 };
+        let is_fault = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Write(m)) if m == "injected fault");
+        assert!(is_fault(store.append(&[ev("b", "c", b"")]).map(drop)));
+        assert!(is_fault(store.append_dead(&ev("b", "c", b""), info.clone()).map(drop)));
+        assert!(is_fault(store.set_attempts(seq, 2)));
+        assert!(is_fault(store.delivered(&[seq])));
+        assert!(is_fault(store.kill(seq, info)));
+        assert!(is_fault(store.revive(seq).map(drop)));
+        assert!(is_fault(store.purge_dead(None).map(drop)));
+        assert!(is_fault(store.prune_dedup(0).map(drop)));
+        assert!(is_fault(store.prune_window(0).map(drop)));
+        assert!(is_fault(store.window_touch("k", 1)));
+        assert!(is_fault(store.sync()));
+        // Reads still work and show nothing changed.
+        let pending = store.pending().unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].attempts, 0);
+        assert!(store.dead_letters().unwrap().is_empty());
+
+        store.set_fail_writes(false);
+        assert!(store.writable());
+        store.delivered(&[seq]).unwrap();
+        assert!(store.pending().unwrap().is_empty());
+        assert_eq!(store.append_calls(), 2);
+    }
+}

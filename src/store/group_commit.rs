@@ -1,0 +1,213 @@
+//! [`GroupCommit`]: shares one synced commit (one fsync) among every append that arrives while
+//! the previous one is being written, so throughput grows with concurrency instead of being
+//! capped at one request per fsync.
+//!
+//! Owns the writer thread (a plain `std::thread`: the store blocks on disk I/O and must not
+//! hold a tokio worker) and the grouping policy: take everything waiting, up to
+//! [`MAX_GROUP_EVENTS`] events or [`MAX_GROUP_BYTES`], in arrival order.
+//!
+//! Must never: answer a submitter before the group's `append` has returned, answer one with
+//! another's results, reorder submissions (seq order is acceptance order, which per-
+//! conversation FIFO relies on), or block the async runtime.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Appended, NewEvent, Store, StoreError};
+
+/// Bounds on one group, so one commit (and the latency of everyone in it) stays bounded.
+pub const MAX_GROUP_EVENTS: usize = 1024;
+pub const MAX_GROUP_BYTES: usize = 8 << 20;
+/// Submissions that may wait for the writer before `append` itself waits (backpressure).
+const QUEUE: usize = 4096;
+
+type Reply = oneshot::Sender<Result<Vec<Appended>, StoreError>>;
+
+struct Job {
+    batch: Vec<NewEvent>,
+    reply: Reply,
+}
+
+pub struct GroupCommit {
+    /// `None` once closed: new appends get [`StoreError::Closed`].
+    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl GroupCommit {
+    pub fn new(store: Arc<dyn Store>) -> GroupCommit {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let writer = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || write_loop(&*store, rx))
+            .expect("spawn the store writer thread");
+        GroupCommit { tx: Mutex::new(Some(tx)), writer: Some(writer) }
+    }
+
+    /// Stores `batch` atomically and synced (together with whatever else is waiting), returning
+    /// one result per event, in order.
+    pub async fn append(&self, batch: Vec<NewEvent>) -> Result<Vec<Appended>, StoreError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tx = self.sender().ok_or(StoreError::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        tx.send(Job { batch, reply }).await.map_err(|_| StoreError::Closed)?;
+        drop(tx); // holds no reference to the channel while waiting: close() can end the writer
+        // The writer dropping the reply unanswered means it died (a panic in the store).
+        answer.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Stops accepting appends; those already submitted are still written and answered.
+    pub fn close(&self) {
+        self.tx.lock().unwrap_or_else(PoisonError::into_inner).take();
+    }
+
+    fn sender(&self) -> Option<mpsc::Sender<Job>> {
+        self.tx.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+impl Drop for GroupCommit {
+    /// Closes and waits for the writer to finish what was already submitted.
+    fn drop(&mut self) {
+        self.close();
+        if let Some(writer) = self.writer.take() {
+            if writer.join().is_err() {
+                tracing::error!("the store writer thread panicked");
+            }
+        }
+    }
+}
+
+fn write_loop(store: &dyn Store, mut rx: mpsc::Receiver<Job>) {
+    // A job that did not fit in the previous group opens the next one.
+    let mut carried: Option<Job> = None;
+    loop {
+        let Some(first) = carried.take().or_else(|| rx.blocking_recv()) else {
+            return; // closed and drained
+        };
+        let (mut count, mut bytes) = (first.batch.len(), weight(&first.batch));
+        let mut jobs = vec![first];
+        while let Ok(job) = rx.try_recv() {
+            let w = weight(&job.batch);
+            if count + job.batch.len() > MAX_GROUP_EVENTS || bytes + w > MAX_GROUP_BYTES {
+                carried = Some(job);
+                break;
+            }
+            (count, bytes) = (count + job.batch.len(), bytes + w);
+            jobs.push(job);
+        }
+        let mut events = Vec::with_capacity(count);
+        let mut replies = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            replies.push((job.batch.len(), job.reply));
+            events.extend(job.batch); // moves: bodies are refcounted `Bytes`, not copied
+        }
+        let mut results = match store.append(&events) {
+            Ok(r) if r.len() == events.len() => Ok(r.into_iter()),
+            Ok(r) => Err(StoreError::Write(format!("store answered {} results for {} events", r.len(), events.len()))),
+            Err(e) => Err(e),
+        };
+        for (n, reply) in replies {
+            // A submitter that stopped waiting (request cancelled) is no reason to stop.
+            let _ = reply.send(match &mut results {
+                Ok(it) => Ok(it.by_ref().take(n).collect()),
+                Err(e) => Err(e.clone()),
+            });
+        }
+    }
+}
+
+/// Roughly what an event costs to write.
+fn weight(batch: &[NewEvent]) -> usize {
+    batch.iter().map(|e| e.body.len() + e.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::ev;
+    use super::super::{EmbeddedStore, FaultyStore};
+    use super::*;
+
+    fn setup() -> (tempfile::TempDir, Arc<FaultyStore>, Arc<GroupCommit>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FaultyStore::new(Arc::new(EmbeddedStore::open(dir.path()).unwrap())));
+        let gc = Arc::new(GroupCommit::new(store.clone()));
+        (dir, store, gc)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_appends_share_commits() {
+        let (_dir, store, gc) = setup();
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let gc = gc.clone();
+                tokio::spawn(
+                    async move { gc.append(vec![ev(&format!("d{i}"), &format!("c{i}"), b"x")]).await.unwrap() },
+                )
+            })
+            .collect();
+        let mut seqs = Vec::new();
+        for t in tasks {
+            match t.await.unwrap()[..] {
+                [Appended::Stored(seq)] => seqs.push(seq),
+                ref other => panic!("unexpected {other:?}"),
+            }
+        }
+        seqs.sort_unstable();
+        seqs.dedup();
+        assert_eq!(seqs.len(), 200);
+        let calls = store.append_calls();
+        assert!(calls < 50, "{calls} commits for 200 appends");
+        assert_eq!(store.pending().unwrap().len(), 200);
+    }
+
+    #[tokio::test]
+    async fn each_submitter_gets_its_own_results_in_order() {
+        let (_dir, _store, gc) = setup();
+        let mut a = vec![ev("a1", "c", b"1"), ev("a2", "c", b"2")];
+        a[1].dedup_key = Some([1; 32]);
+        a[1].dedup_expires_unix_ms = u64::MAX;
+        let (ra, rb) = tokio::join!(gc.append(a.clone()), gc.append(vec![a[1].clone()]));
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        assert_eq!(ra.len(), 2);
+        assert_eq!(rb.len(), 1);
+        // Exactly one of the two copies of the deduplicated event was stored.
+        let stored = [ra[1], rb[0]].iter().filter(|r| matches!(r, Appended::Stored(_))).count();
+        assert_eq!(stored, 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_group_fails_every_submitter_then_recovers() {
+        let (_dir, store, gc) = setup();
+        store.set_fail_writes(true);
+        let (a, b) = tokio::join!(gc.append(vec![ev("a", "c", b"")]), gc.append(vec![ev("b", "c", b"")]));
+        assert!(matches!(a, Err(StoreError::Write(_))));
+        assert!(matches!(b, Err(StoreError::Write(_))));
+        store.set_fail_writes(false);
+        let r = gc.append(vec![ev("c", "c", b"")]).await.unwrap();
+        assert!(matches!(r[..], [Appended::Stored(_)]));
+        assert_eq!(store.pending().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn groups_are_bounded() {
+        let (_dir, store, gc) = setup();
+        let batch: Vec<_> = (0..MAX_GROUP_EVENTS + 10).map(|i| ev(&i.to_string(), "c", b"")).collect();
+        let (a, b) = tokio::join!(gc.append(batch.clone()), gc.append(batch));
+        assert_eq!(a.unwrap().len() + b.unwrap().len(), 2 * (MAX_GROUP_EVENTS + 10));
+        // One submission larger than the bound is still committed whole, never split.
+        assert_eq!(store.append_calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn closed_refuses_new_appends() {
+        let (_dir, _store, gc) = setup();
+        gc.append(vec![ev("a", "c", b"")]).await.unwrap();
+        gc.close();
+        assert!(matches!(gc.append(vec![ev("b", "c", b"")]).await, Err(StoreError::Closed)));
+    }
+}

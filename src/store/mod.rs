@@ -1,0 +1,276 @@
+//! The durable event store: the one interface ([`Store`]) through which the relay keeps every
+//! accepted webhook until Motion has it, plus the types that cross it.
+//!
+//! Owns: what "stored" means (synced to disk before an acknowledgement), sequence numbers,
+//! dead letters, dedup keys and the 24-hour window table. Backends: [`EmbeddedStore`] (redb,
+//! the default); a shared backend on a distributed engine will implement the same trait, so
+//! nothing outside this module may depend on redb. [`GroupCommit`] shares one fsync among
+//! concurrent appends; [`FaultyStore`] is the fault-injection seam for tests.
+//!
+//! Must never: acknowledge (return `Ok` from a synced method) before the data is durable, lose
+//! an acknowledged event, or log message bodies or phone numbers.
+//!
+//! Every method blocks (disk I/O); async code calls them through `spawn_blocking` or, for
+//! appends, through [`GroupCommit`].
+
+pub mod embedded;
+pub mod fault;
+pub mod group_commit;
+
+pub use embedded::EmbeddedStore;
+pub use fault::FaultyStore;
+pub use group_commit::GroupCommit;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Motion's answer kept with a dead letter is cut to this many bytes.
+pub const MAX_ANSWER: usize = 64 * 1024;
+
+/// Cloneable so that [`GroupCommit`] can hand one failed commit's error to every submitter.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage at {}: {source}", path.display())]
+    Open { path: PathBuf, source: Arc<dyn std::error::Error + Send + Sync> },
+    #[error("storage write failed: {0}")]
+    Write(String),
+    #[error("storage read failed: {0}")]
+    Read(String),
+    #[error("storage is shutting down")]
+    Closed,
+}
+
+/// An event to store, as accepted from a provider.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewEvent {
+    /// Stable id (X-Relay-Delivery), assigned by the caller.
+    pub delivery_id: String,
+    pub motion: String,
+    /// May be "" (no account: unknown Meta number).
+    pub account: String,
+    /// Ordering key (already includes the account).
+    pub conversation: String,
+    pub provider: String,
+    pub method: String,
+    /// What to request on the Motion (below the relay's prefix).
+    pub path_and_query: String,
+    /// Headers to forward.
+    pub headers: Vec<(String, Vec<u8>)>,
+    #[serde(with = "body_bytes")]
+    pub body: Bytes,
+    pub received_unix_ms: u64,
+    /// If Some and present and unexpired (at `received_unix_ms`) in the dedup table, the event
+    /// is not stored: see [`dedup_key`].
+    pub dedup_key: Option<[u8; 32]>,
+    pub dedup_expires_unix_ms: u64,
+    /// Free text for dead letters with no account (e.g. "phone_number_id=123").
+    pub note: String,
+}
+
+/// What the scheduler keeps in memory for each waiting event (no body, no headers).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventMeta {
+    pub seq: u64,
+    pub delivery_id: String,
+    pub motion: String,
+    pub account: String,
+    pub conversation: String,
+    pub received_unix_ms: u64,
+    pub attempts: u32,
+}
+
+impl EventMeta {
+    pub fn of(seq: u64, attempts: u32, ev: &NewEvent) -> EventMeta {
+        EventMeta {
+            seq,
+            delivery_id: ev.delivery_id.clone(),
+            motion: ev.motion.clone(),
+            account: ev.account.clone(),
+            conversation: ev.conversation.clone(),
+            received_unix_ms: ev.received_unix_ms,
+            attempts,
+        }
+    }
+}
+
+/// A stored event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub seq: u64,
+    pub attempts: u32,
+    pub ev: NewEvent,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Appended {
+    Stored(u64),
+    /// Seen within the dedup window: acknowledge, but it was not stored again.
+    Duplicate,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadInfo {
+    pub reason: String,
+    pub status: Option<u16>,
+    /// Motion's last answer body, cut to [`MAX_ANSWER`] by the store.
+    pub answer: Vec<u8>,
+    pub attempts: u32,
+    pub died_unix_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub seq: u64,
+    pub ev: NewEvent,
+    pub info: DeadInfo,
+}
+
+/// The one storage interface. Methods marked "synced" return only once the change is durable.
+pub trait Store: Send + Sync + 'static {
+    /// Appends all events in ONE atomic transaction, synced to disk before returning.
+    /// Dedup keys are checked and inserted in the same transaction (also among events of the
+    /// same call). Sequence numbers are strictly increasing across calls and restarts.
+    fn append(&self, batch: &[NewEvent]) -> Result<Vec<Appended>, StoreError>;
+    /// Stores an event directly as a dead letter, atomically and synced, with the same dedup
+    /// rule as `append` (e.g. a Meta change for a number no account claims: it must be on disk
+    /// before the 2xx, and must never be waiting for delivery, not even between two commits).
+    fn append_dead(&self, ev: &NewEvent, info: DeadInfo) -> Result<Appended, StoreError>;
+    /// Every waiting (not delivered, not dead) event, in seq order, without bodies.
+    fn pending(&self) -> Result<Vec<EventMeta>, StoreError>;
+    fn load(&self, seq: u64) -> Result<Option<Event>, StoreError>;
+    /// Records an attempt count (not synced). No-op for an event that is no longer waiting.
+    fn set_attempts(&self, seq: u64, attempts: u32) -> Result<(), StoreError>;
+    /// Removes delivered events. Not synced (a crash may redeliver: at-least-once), but durable
+    /// at the next synced commit or `sync()`.
+    fn delivered(&self, seqs: &[u64]) -> Result<(), StoreError>;
+    /// Moves a waiting event to the dead letters (synced). No-op if it is no longer waiting.
+    fn kill(&self, seq: u64, info: DeadInfo) -> Result<(), StoreError>;
+    /// All dead letters, in seq order.
+    fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError>;
+    fn dead_letter(&self, seq: u64) -> Result<Option<DeadLetter>, StoreError>;
+    /// Moves a dead letter back to the waiting events under a NEW seq (so it orders after what
+    /// is waiting now), keeping its delivery_id, with attempts reset to 0; returns its new meta.
+    /// None if there is no such dead letter. Synced.
+    fn revive(&self, seq: u64) -> Result<Option<EventMeta>, StoreError>;
+    /// Deletes one dead letter (Some) or all (None); returns how many were deleted. Synced.
+    fn purge_dead(&self, seq: Option<u64>) -> Result<usize, StoreError>;
+    /// Deletes dedup entries that expired before `now_unix_ms`. Returns how many.
+    fn prune_dedup(&self, now_unix_ms: u64) -> Result<usize, StoreError>;
+    /// The 24-hour customer-service window: last inbound time per key (account+customer).
+    /// Keeps the latest time seen. Not synced.
+    fn window_touch(&self, key: &str, unix_ms: u64) -> Result<(), StoreError>;
+    fn window_last(&self, key: &str) -> Result<Option<u64>, StoreError>;
+    /// Deletes window entries last touched before `before_unix_ms` (one entry per customer
+    /// ever seen would otherwise grow forever). Returns how many.
+    fn prune_window(&self, before_unix_ms: u64) -> Result<usize, StoreError>;
+    /// Cheap check that the store can still be written (for /readyz).
+    fn writable(&self) -> bool;
+    /// Makes everything durable (shutdown).
+    fn sync(&self) -> Result<(), StoreError>;
+}
+
+/// The dedup key of an event: the account plus the provider's event id where the payload has
+/// one, else the SHA-256 of the body. Domain-separated so an id can never equal a body hash.
+pub fn dedup_key(account: &str, provider_event_id: Option<&str>, body: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update((account.len() as u64).to_le_bytes());
+    h.update(account.as_bytes());
+    match provider_event_id {
+        Some(id) => {
+            h.update(b"id\0");
+            h.update(id.as_bytes());
+        }
+        None => {
+            h.update(b"body\0");
+            h.update(Sha256::digest(body));
+        }
+    }
+    h.finalize().into()
+}
+
+/// Serializes the body as one byte string (not a sequence of u8s) and deserializes it with a
+/// single copy out of the storage page; `bytes` is used without its `serde` feature.
+mod body_bytes {
+    use bytes::Bytes;
+    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
+    use serde::ser::Serializer;
+    use std::fmt;
+
+    pub fn serialize<S: Serializer>(body: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(body)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Bytes;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Bytes, E> {
+                Ok(Bytes::copy_from_slice(v))
+            }
+            fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
+                Ok(Bytes::from(v))
+            }
+            // Self-describing formats (JSON) may hand bytes over as a sequence.
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Bytes, A::Error> {
+                let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+                while let Some(b) = seq.next_element()? {
+                    v.push(b);
+                }
+                Ok(Bytes::from(v))
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A small event for tests in this module's files.
+    pub(crate) fn ev(id: &str, conversation: &str, body: &[u8]) -> NewEvent {
+        NewEvent {
+            delivery_id: id.into(),
+            motion: "acme".into(),
+            account: "12".into(),
+            conversation: conversation.into(),
+            provider: "twilio".into(),
+            method: "POST".into(),
+            path_and_query: "/api/whatsapp/accounts/12/notify?x=1".into(),
+            headers: vec![("x-twilio-signature".into(), b"sig".to_vec())],
+            body: Bytes::copy_from_slice(body),
+            received_unix_ms: 1_000,
+            dedup_key: None,
+            dedup_expires_unix_ms: 0,
+            note: String::new(),
+        }
+    }
+
+    #[test]
+    fn postcard_round_trip_keeps_every_field() {
+        let mut e = ev("d1", "12:+39", b"\x00\xffbody");
+        e.dedup_key = Some([7; 32]);
+        e.note = "phone_number_id=123".into();
+        let bytes = postcard::to_allocvec(&e).unwrap();
+        // The body is one length-prefixed byte string, not one element per byte.
+        assert!(bytes.windows(6).any(|w| w == b"\x00\xffbody"));
+        assert_eq!(postcard::from_bytes::<NewEvent>(&bytes).unwrap(), e);
+    }
+
+    #[test]
+    fn dedup_key_separates_accounts_ids_and_bodies() {
+        let k = dedup_key("12", Some("SM1"), b"x");
+        assert_eq!(k, dedup_key("12", Some("SM1"), b"other body"));
+        assert_ne!(k, dedup_key("13", Some("SM1"), b"x"));
+        assert_ne!(k, dedup_key("1", Some("2SM1"), b"x"));
+        assert_eq!(dedup_key("12", None, b"x"), dedup_key("12", None, b"x"));
+        assert_ne!(dedup_key("12", None, b"x"), dedup_key("12", None, b"y"));
+    }
+}
