@@ -2,6 +2,7 @@
 //! loopback), and `/admin/*` behind `Authorization: Bearer {admin.token}`.
 
 use crate::http_util::{Body, ErrorCode, error, json, text};
+use crate::queue::ops::Count;
 use crate::relay::Relay;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -39,6 +40,9 @@ pub async fn handle(relay: &Arc<Relay>, ready: &Readiness, req: Request<Incoming
             if let Err(why) = authorize(relay, &req) {
                 return error(ErrorCode::Unauthorized, why);
             }
+            if let Some(rest) = p.strip_prefix("/admin/queue/") {
+                return queue_api(relay, req.method(), rest, req.uri().query()).await;
+            }
             match (req.method(), p) {
                 (&Method::POST, "/admin/reload") => match relay.reload() {
                     Ok(()) => {
@@ -72,5 +76,45 @@ fn authorize(relay: &Relay, req: &Request<Incoming>) -> Result<(), &'static str>
     match given {
         Some(g) if bool::from(g.as_bytes().ct_eq(token.expose().as_bytes())) => Ok(()),
         _ => Err("missing or wrong Authorization: Bearer token"),
+    }
+}
+
+/// `/admin/queue/...`: see the README's "Admin API".
+async fn queue_api(relay: &Relay, method: &Method, rest: &str, query: Option<&str>) -> Response<Body> {
+    let Some(q) = relay.queue() else {
+        return error(ErrorCode::Unavailable, "the queue is not running");
+    };
+    let param = |name: &str| {
+        query.and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned()))
+    };
+    let decoded: Vec<String> =
+        rest.split('/').map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()).collect();
+    let segs: Vec<&str> = decoded.iter().map(String::as_str).collect();
+    let result = match (method, segs.as_slice()) {
+        (&Method::GET, ["stats"]) => q.stats().await.map(serde_json::to_value),
+        (&Method::GET, ["list"]) => {
+            let limit = param("limit").and_then(|l| l.parse().ok()).unwrap_or(1000);
+            q.list(limit).await.map(serde_json::to_value)
+        }
+        (&Method::GET, ["dead"]) => q.dead().await.map(serde_json::to_value),
+        (&Method::POST, ["dead", "replay"]) => q.replay(None).await.map(|count| serde_json::to_value(Count { count })),
+        (&Method::POST, ["dead", id, "replay"]) => {
+            q.replay(Some(id.to_string())).await.map(|count| serde_json::to_value(Count { count }))
+        }
+        (&Method::DELETE, ["dead"]) => q.purge(None).await.map(|count| serde_json::to_value(Count { count })),
+        (&Method::DELETE, ["dead", id]) => {
+            q.purge(Some(id.to_string())).await.map(|count| serde_json::to_value(Count { count }))
+        }
+        _ => return error(ErrorCode::NotFound, "no such queue endpoint (see the README's Admin API)"),
+    };
+    match result {
+        Ok(Ok(v)) => {
+            if v.get("count").and_then(|c| c.as_u64()) == Some(0) && segs.len() == 3 {
+                return error(ErrorCode::NotFound, "no dead letter with that id");
+            }
+            json(StatusCode::OK, &v)
+        }
+        Ok(Err(e)) => error(ErrorCode::Unavailable, format!("cannot encode the answer: {e}")),
+        Err(e) => error(ErrorCode::Unavailable, format!("storage: {e}")),
     }
 }

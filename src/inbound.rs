@@ -4,9 +4,9 @@
 
 use crate::config::{Account, Mode};
 use crate::deliver::{self, Attempt, AttemptError};
-use crate::http_util::{Body, ErrorCode, error, strip_hop_by_hop, text};
-use crate::metrics::VerifyLabels;
-use crate::provider::{self, Inbound};
+use crate::http_util::{Body, ErrorCode, error, full, strip_hop_by_hop, text};
+use crate::metrics::{MotionLabels, VerifyLabels};
+use crate::provider::{self, Inbound, ProviderKind};
 use crate::relay::{AccessInfo, Conn, Relay, Snapshot, client_ip};
 use crate::routing::MotionRoute;
 use crate::store::{Appended, NewEvent, dedup_key};
@@ -104,24 +104,13 @@ pub async fn handle(
             direct(t.motion, parts.method.clone(), forward, headers, body, &delivery_id, account.provider.as_str())
                 .await
         }
-        Mode::Queue | Mode::Auto => {
-            let Some(queue) = relay.queue() else {
-                return error(ErrorCode::Unavailable, "the durable queue is not running");
-            };
-            let motion = &t.motion.motion;
-            if queue.depth(&motion.name) >= motion.max_queued {
-                return error(
-                    ErrorCode::Unavailable,
-                    format!("motion {} has max_queued events waiting; retry later", motion.name),
-                );
-            }
+        mode @ (Mode::Queue | Mode::Auto) => {
             let kind = account.provider;
             let keys = provider::payload_keys(kind, content_type.as_deref(), &body);
             let now_ms = now_unix as u64 * 1000;
-            let dedup_window = snap.config.delivery.dedup_window;
             let ev = NewEvent {
                 delivery_id,
-                motion: motion.name.clone(),
+                motion: t.motion.motion.name.clone(),
                 account: account.id.clone(),
                 dedup_key: Some(dedup_key(&account.id, keys.event_id.as_deref(), &body)),
                 conversation: match keys.conversation {
@@ -134,24 +123,63 @@ pub async fn handle(
                 headers: headers.iter().map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec())).collect(),
                 body,
                 received_unix_ms: now_ms,
-                dedup_expires_unix_ms: now_ms + dedup_window.as_millis() as u64,
+                dedup_expires_unix_ms: now_ms + snap.config.delivery.dedup_window.as_millis() as u64,
                 note: String::new(),
             };
-            match queue.accept(vec![ev]).await {
-                Ok(results) => {
-                    if results.iter().any(|r| matches!(r, Appended::Duplicate)) {
-                        tracing::debug!(motion = %motion.name, account = %account.id, "redelivery acknowledged, not stored again");
-                    }
-                    let (content_type, ack) = provider::ack(kind);
-                    text(StatusCode::OK, content_type, ack)
-                }
-                Err(e) => {
-                    tracing::error!(motion = %motion.name, "could not store a webhook: {e}");
-                    error(ErrorCode::Unavailable, "the relay cannot store events right now; retry later")
-                }
-            }
+            queued(relay, snap, t.motion, kind, ev, mode == Mode::Auto).await
         }
     }
+}
+
+/// `queue` and `auto` modes: stored durably, then acknowledged with the provider's expected
+/// answer, or, in `auto` mode, with Motion's own answer when its first attempt comes back
+/// within `auto_budget`.
+async fn queued(
+    relay: &Relay,
+    snap: &Snapshot,
+    route: &MotionRoute,
+    kind: ProviderKind,
+    ev: NewEvent,
+    auto: bool,
+) -> Response<Body> {
+    let started = std::time::Instant::now();
+    let motion = &route.motion;
+    let Some(queue) = relay.queue() else {
+        return error(ErrorCode::Unavailable, "the durable queue is not running");
+    };
+    if queue.depth(&motion.name) >= motion.max_queued {
+        return error(
+            ErrorCode::Unavailable,
+            format!("motion {} has max_queued events waiting; retry later", motion.name),
+        );
+    }
+    let labels = MotionLabels { motion: motion.name.clone() };
+    let accepted = if auto {
+        queue.accept_waiting(ev).await
+    } else {
+        queue.accept(vec![ev]).await.map(|mut r| (r.remove(0), None))
+    };
+    let (appended, waiter) = match accepted {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!(motion = %motion.name, "could not store a webhook: {e}");
+            return error(ErrorCode::Unavailable, "the relay cannot store events right now; retry later");
+        }
+    };
+    if appended == Appended::Duplicate {
+        relay.metrics.dedup_hits.get_or_create(&labels).inc();
+    }
+    if let Some(waiter) = waiter {
+        if let Ok(Ok(answer)) = tokio::time::timeout(snap.config.delivery.auto_budget, waiter).await {
+            let mut resp = Response::new(full(answer.body));
+            *resp.status_mut() = answer.status;
+            *resp.headers_mut() = answer.headers;
+            return resp;
+        }
+    }
+    relay.metrics.ack_latency.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    let (content_type, ack) = provider::ack(kind);
+    text(StatusCode::OK, content_type, ack)
 }
 
 /// `direct` mode: Motion's answer goes back as it is.

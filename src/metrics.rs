@@ -47,6 +47,8 @@ pub struct Metrics {
     pub queue_oldest_seconds: Family<MotionLabels, Gauge>,
     pub ack_latency: Family<MotionLabels, Histogram>,
     pub dead_letters: Family<OutcomeLabels, Counter>,
+    pub dedup_hits: Family<MotionLabels, Counter>,
+    pub replays: Family<MotionLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -68,6 +70,8 @@ impl Metrics {
         let ack_latency =
             Family::<MotionLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
         let dead_letters = Family::<OutcomeLabels, Counter>::default();
+        let dedup_hits = Family::<MotionLabels, Counter>::default();
+        let replays = Family::<MotionLabels, Counter>::default();
         registry.register("requests", "Requests answered, by motion and status", requests.clone());
         registry.register("request_duration_seconds", "Time to answer a request, by motion", latency.clone());
         registry.register(
@@ -93,8 +97,12 @@ impl Metrics {
             "Events moved to the dead letters, by motion and reason",
             dead_letters.clone(),
         );
+        registry.register("dedup_hits", "Provider redeliveries acknowledged and not stored again", dedup_hits.clone());
+        registry.register("replays", "Dead letters sent again by an operator", replays.clone());
         Metrics {
             registry,
+            dedup_hits,
+            replays,
             requests,
             latency,
             verify_failures,

@@ -154,10 +154,6 @@ impl std::fmt::Debug for MetaApp {
 /// Motion names that would collide with the relay's own paths.
 const RESERVED: &[&str] = &["meta", "admin", "healthz", "outbound"];
 
-/// Delivery modes implemented so far. `auto` is refused until it exists: an operator who asked
-/// for a mode must never silently get another.
-const AVAILABLE_MODES: &[Mode] = &[Mode::Direct, Mode::Queue];
-
 /// Reads, parses and validates the file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text =
@@ -225,18 +221,6 @@ impl Validator<'_> {
             .collect()
     }
 
-    fn mode(&self, m: &S<Mode>) -> R<Mode> {
-        let mode = *m.get_ref();
-        if !AVAILABLE_MODES.contains(&mode) {
-            return self.err(
-                m.span(),
-                format!("delivery mode {mode:?} is not available in this version; use \"queue\" or \"direct\"")
-                    .to_lowercase(),
-            );
-        }
-        Ok(mode)
-    }
-
     fn url(&mut self, s: &S<String>, what: &str) -> R<http::Uri> {
         let raw = s.get_ref().trim_end_matches('/');
         let uri: http::Uri = match raw.parse() {
@@ -262,7 +246,7 @@ impl Validator<'_> {
         };
         let d = &f.delivery;
         let delivery = Delivery {
-            mode: d.mode.as_ref().map(|m| self.mode(m)).transpose()?.unwrap_or(Mode::Queue),
+            mode: d.mode.as_ref().map_or(Mode::Queue, |m| *m.get_ref()),
             timeout: d.timeout.map_or(Duration::from_secs(10), |x| x.0),
             retry_initial: d.retry_initial.map_or(Duration::from_secs(1), |x| x.0),
             retry_max: d.retry_max.map_or(Duration::from_secs(300), |x| x.0),
@@ -409,7 +393,7 @@ impl Validator<'_> {
             ca_file: m.ca_file.as_ref().map(|c| self.readable(c)).transpose()?,
             max_queued: m.max_queued.unwrap_or(100_000),
             window_policy: m.window_policy.unwrap_or_default(),
-            mode: m.mode.as_ref().map(|x| self.mode(x)).transpose()?.unwrap_or(delivery.mode),
+            mode: m.mode.as_ref().map_or(delivery.mode, |x| *x.get_ref()),
             timeout: m.timeout.map_or(delivery.timeout, |x| x.0),
             allow_from: self.cidrs(&m.allow_from)?,
             name,

@@ -80,11 +80,12 @@ fn https_needs_certificates() {
 }
 
 #[test]
-fn auto_mode_is_refused_until_available() {
-    let e = err(&BASE.replace("mode = \"direct\"", "mode = \"auto\""));
-    assert!(e.starts_with("relay.toml:3:8:") && e.contains("mode auto is not available"), "{e}");
+fn modes() {
+    assert_eq!(parse_str(&BASE.replace("mode = \"direct\"", "mode = \"auto\"")).unwrap().delivery.mode, Mode::Auto);
     // Without a mode, the default is the durable queue.
     assert_eq!(parse_str(&BASE.replace("mode = \"direct\"", "")).unwrap().delivery.mode, Mode::Queue);
+    let e = err(&BASE.replace("mode = \"direct\"", "mode = \"fast\""));
+    assert!(e.starts_with("relay.toml:3:8: unknown variant `fast`"), "{e}");
 }
 
 #[test]

@@ -5,15 +5,18 @@
 //! Owns: one scheduler per Motion, created at start (from what the store still holds) and on
 //! reload; the per-Motion depth read on the request path for `max_queued` (an atomic, no lock).
 
+pub mod ops;
 pub mod retry;
 mod scheduler;
 
 use crate::relay::Relay;
 use crate::store::{Appended, EventMeta, GroupCommit, NewEvent, Store, StoreError};
 use arc_swap::ArcSwap;
+pub use scheduler::DirectAnswer;
 use scheduler::MotionQueue;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
+use tokio::sync::oneshot;
 
 pub struct Queue {
     store: Arc<dyn Store>,
@@ -37,7 +40,7 @@ impl Queue {
         let pending = queue.store.pending()?;
         let resumed = pending.len();
         for meta in pending {
-            queue.motion(&meta.motion).enqueue(meta, None);
+            queue.motion(&meta.motion).enqueue(meta, None, None);
         }
         for m in relay.snapshot().table.motions() {
             queue.motion(&m.motion.name);
@@ -45,6 +48,7 @@ impl Queue {
         if resumed > 0 {
             tracing::info!(events = resumed, "resuming undelivered events from the store");
         }
+        tokio::spawn(prune_dedup(Arc::downgrade(&queue)));
         Ok(queue)
     }
 
@@ -81,15 +85,32 @@ impl Queue {
         for (ev, r) in copies.into_iter().zip(&results) {
             if let Appended::Stored(seq) = r {
                 let meta = EventMeta::of(*seq, 0, &ev);
-                self.motion(&ev.motion).enqueue(meta, Some(Arc::new(ev)));
+                self.motion(&ev.motion).enqueue(meta, Some(Arc::new(ev)), None);
             }
         }
         Ok(results)
     }
 
+    /// `auto` mode: stores the event like [`accept`](Self::accept), then lets the caller wait for
+    /// the answer of its first attempt. The receiver yields nothing (is closed) when the event
+    /// must wait its turn (its conversation has events waiting) or the attempt failed; the
+    /// event then stays queued. Storing first keeps "a 2xx means it is on disk" true on both paths.
+    pub async fn accept_waiting(
+        &self,
+        ev: NewEvent,
+    ) -> Result<(Appended, Option<oneshot::Receiver<DirectAnswer>>), StoreError> {
+        let copy = ev.clone();
+        let result = self.commit.append(vec![ev]).await?.pop().ok_or(StoreError::Closed)?;
+        let Appended::Stored(seq) = result else { return Ok((result, None)) };
+        let (tx, rx) = oneshot::channel();
+        let meta = EventMeta::of(seq, 0, &copy);
+        self.motion(&copy.motion).enqueue(meta, Some(Arc::new(copy)), Some(tx));
+        Ok((result, Some(rx)))
+    }
+
     /// Schedules an event that is already stored (a replayed dead letter).
     pub fn schedule(&self, meta: EventMeta) {
-        self.motion(&meta.motion).enqueue(meta, None);
+        self.motion(&meta.motion).enqueue(meta, None, None);
     }
 
     /// Creates schedulers for Motions added by a reload.
@@ -107,6 +128,24 @@ impl Queue {
         self.commit.close();
         if let Err(e) = self.store.sync() {
             tracing::error!("final store sync failed: {e}");
+        }
+    }
+}
+
+/// Deletes expired dedup keys every few minutes, for as long as the queue lives, so the dedup
+/// table holds one `dedup_window` of keys and no more.
+async fn prune_dedup(queue: Weak<Queue>) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(300));
+    loop {
+        every.tick().await;
+        let Some(q) = queue.upgrade() else { return };
+        let store = q.store.clone();
+        drop(q);
+        let now = scheduler::now_ms();
+        match tokio::task::spawn_blocking(move || store.prune_dedup(now)).await {
+            Ok(Ok(n)) if n > 0 => tracing::debug!(pruned = n, "expired dedup keys deleted"),
+            Ok(Err(e)) => tracing::warn!("could not prune dedup keys: {e}"),
+            _ => {}
         }
     }
 }

@@ -23,7 +23,18 @@ use tokio::sync::mpsc;
 struct Entry {
     meta: EventMeta,
     cached: Option<Arc<NewEvent>>,
+    /// `auto` mode: the webhook's request handler waiting for the first attempt's answer.
+    waiter: Option<Waiter>,
 }
+
+/// Motion's answer to a first attempt, handed to a request waiting in `auto` mode.
+pub struct DirectAnswer {
+    pub status: http::StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+pub type Waiter = tokio::sync::oneshot::Sender<DirectAnswer>;
 
 enum Msg {
     Enqueue(Entry),
@@ -33,6 +44,9 @@ enum Msg {
 
 enum Outcome {
     Delivered,
+    /// `auto` mode: Motion refused the event, and its answer went straight back to the provider
+    /// (as in `direct` mode), so it is not a dead letter.
+    AnsweredDirectly,
     Retry {
         at_least: Option<Duration>,
         loaded: Option<Arc<NewEvent>>,
@@ -80,9 +94,9 @@ impl MotionQueue {
         self.depth.load(Ordering::Relaxed)
     }
 
-    pub fn enqueue(&self, meta: EventMeta, cached: Option<Arc<NewEvent>>) {
+    pub fn enqueue(&self, meta: EventMeta, cached: Option<Arc<NewEvent>>, waiter: Option<Waiter>) {
         self.depth.fetch_add(1, Ordering::Relaxed);
-        let _ = self.tx.send(Msg::Enqueue(Entry { meta, cached }));
+        let _ = self.tx.send(Msg::Enqueue(Entry { meta, cached, waiter }));
     }
 
     pub fn stop(&self) {
@@ -126,9 +140,14 @@ impl Scheduler {
         self.flush_delivered().await;
     }
 
-    fn enqueue(&mut self, e: Entry) {
+    fn enqueue(&mut self, mut e: Entry) {
         let key: Arc<str> = e.meta.conversation.as_str().into();
         let conv = self.convs.entry(key.clone()).or_default();
+        if !conv.queue.is_empty() {
+            // Events of this conversation are waiting: an `auto` request must not overtake them,
+            // so it is acknowledged now (dropping the waiter tells it) and delivered in turn.
+            e.waiter = None;
+        }
         conv.queue.push_back(e);
         if conv.queue.len() == 1 && !conv.busy && !conv.waiting {
             self.ready.push_back(key);
@@ -157,7 +176,7 @@ impl Scheduler {
         while self.in_flight < limit {
             let Some(key) = self.ready.pop_front() else { break };
             let Some(conv) = self.convs.get_mut(&key) else { continue };
-            let Some(head) = conv.queue.front() else { continue };
+            let Some(head) = conv.queue.front_mut() else { continue };
             conv.busy = true;
             self.in_flight += 1;
             let job = Job {
@@ -166,6 +185,7 @@ impl Scheduler {
                 motion: self.name.clone(),
                 meta: head.meta.clone(),
                 cached: head.cached.clone(),
+                waiter: head.waiter.take(),
             };
             let tx = self.tx.clone();
             tokio::spawn(async move {
@@ -187,8 +207,8 @@ impl Scheduler {
         let Some(conv) = self.convs.get_mut(&key) else { return };
         conv.busy = false;
         match outcome {
-            Outcome::Delivered | Outcome::Gone => {
-                metric("delivered");
+            Outcome::Delivered | Outcome::Gone | Outcome::AnsweredDirectly => {
+                metric(if matches!(outcome, Outcome::AnsweredDirectly) { "answered_directly" } else { "delivered" });
                 if let Some(e) = conv.queue.pop_front() {
                     self.delivered.push(e.meta.seq);
                     self.depth.fetch_sub(1, Ordering::Relaxed);
@@ -299,6 +319,7 @@ struct Job {
     motion: Arc<str>,
     meta: EventMeta,
     cached: Option<Arc<NewEvent>>,
+    waiter: Option<Waiter>,
 }
 
 impl Job {
@@ -341,22 +362,35 @@ impl Job {
             timeout: route.motion.timeout,
         })
         .await;
-        let (status, retry_after, answer, error) = match result {
+        let (status, retry_after, answer, error, mut answer_headers) = match result {
             Ok(resp) => {
                 let status = resp.status().as_u16();
                 let retry_after =
                     resp.headers().get(http::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(String::from);
+                let (mut parts, body) = resp.into_parts();
                 // Reading the answer to its end lets the connection go back to the pool.
-                let body = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER).collect().await;
+                let body = http_body_util::Limited::new(body, MAX_ANSWER).collect().await;
                 let answer =
                     body.map(|c| c.to_bytes()).unwrap_or_else(|_| Bytes::from_static(b"(answer larger than 64 KiB)"));
-                (Some(status), retry_after, answer, None)
+                crate::http_util::strip_hop_by_hop(&mut parts.headers);
+                (Some(status), retry_after, answer, None, Some(parts.headers))
             }
             Err(e @ (AttemptError::Unreachable(_) | AttemptError::Timeout(_))) => {
-                (None, None, Bytes::new(), Some(e.to_string()))
+                (None, None, Bytes::new(), Some(e.to_string()), None)
             }
         };
         let verdict = classify(status, retry_after.as_deref());
+        // `auto` mode: a definite answer (delivered or refused) goes back to the waiting request.
+        if let (Some(waiter), Some(code), Verdict::Delivered | Verdict::Dead) = (self.waiter, status, &verdict) {
+            let direct = DirectAnswer {
+                status: http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::BAD_GATEWAY),
+                headers: answer_headers.take().unwrap_or_default(),
+                body: answer.clone(),
+            };
+            if waiter.send(direct).is_ok() && verdict == Verdict::Dead {
+                return Outcome::AnsweredDirectly;
+            }
+        }
         let dead = |reason: String| {
             Outcome::Dead(DeadInfo {
                 reason,

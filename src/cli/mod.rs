@@ -1,5 +1,7 @@
-//! The command line: `run` (the default) and `check`. Exit codes: 0 ok, 1 runtime failure,
+//! The command line: `run` (the default), `check` and `queue`. Exit codes: 0 ok, 1 runtime failure,
 //! 2 bad usage or bad config.
+
+mod queue;
 
 use crate::config;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -35,6 +37,11 @@ pub enum Command {
     Run,
     /// Validate the config file and print a summary.
     Check,
+    /// Inspect and manage the running daemon's queue (through its admin API).
+    Queue {
+        #[command(subcommand)]
+        command: queue::QueueCommand,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -46,6 +53,13 @@ pub fn main() -> ExitCode {
                 print!("{}", c.summary());
                 ExitCode::SUCCESS
             }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Queue { command } => match config::load(&cli.config) {
+            Ok(c) => queue::run(&c, command),
             Err(e) => {
                 eprintln!("{e}");
                 ExitCode::from(2)

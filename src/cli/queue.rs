@@ -1,0 +1,189 @@
+//! `whatsapp-relay queue ...`: the operator's queue tools, talking to the running daemon's admin
+//! API (`[admin] listen`, `Authorization: Bearer {admin.token}`). Tables for people, `--json`
+//! for scripts.
+
+use crate::config::Config;
+use crate::queue::ops::{Count, Dead, Stats, Waiting};
+use bytes::Bytes;
+use clap::Subcommand;
+use http::Method;
+use http_body_util::{BodyExt, Full};
+use std::process::ExitCode;
+
+#[derive(Subcommand, Debug)]
+pub enum QueueCommand {
+    /// Depth and oldest age per Motion and account.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The waiting events.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// The dead letters, one per line.
+    Dead {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead letters again: one by its delivery id, or --all.
+    Replay {
+        id: Option<String>,
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete dead letters: one by its delivery id, or all of them. Needs --dead and --yes.
+    Purge {
+        #[arg(long, required = true)]
+        dead: bool,
+        id: Option<String>,
+        #[arg(long)]
+        yes: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(config: &Config, cmd: QueueCommand) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
+    };
+    rt.block_on(run_async(config, cmd))
+}
+
+fn fail(code: u8, msg: String) -> ExitCode {
+    eprintln!("whatsapp-relay queue: {msg}");
+    ExitCode::from(code)
+}
+
+async fn run_async(config: &Config, cmd: QueueCommand) -> ExitCode {
+    let Some(mut addr) = config.admin.listen else {
+        return fail(2, "the config has no [admin] listen address to reach the daemon".into());
+    };
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+    }
+    let Some(token) = config.admin.token.as_ref().map(|t| t.expose().to_string()) else {
+        return fail(2, "the config has no [admin] token; the admin API needs one".into());
+    };
+    let base = format!("http://{addr}/admin/queue");
+    let call = |method: Method, path: String| {
+        let token = token.clone();
+        async move { request(method, &path, &token).await }
+    };
+    match cmd {
+        QueueCommand::Stats { json } => match call(Method::GET, format!("{base}/stats")).await {
+            Ok(v) => show::<Stats>(v, json, print_stats),
+            Err(e) => fail(1, e),
+        },
+        QueueCommand::List { json, limit } => match call(Method::GET, format!("{base}/list?limit={limit}")).await {
+            Ok(v) => show::<Vec<Waiting>>(v, json, print_list),
+            Err(e) => fail(1, e),
+        },
+        QueueCommand::Dead { json } => match call(Method::GET, format!("{base}/dead")).await {
+            Ok(v) => show::<Vec<Dead>>(v, json, print_dead),
+            Err(e) => fail(1, e),
+        },
+        QueueCommand::Replay { id, all, json } => {
+            let path = match (id, all) {
+                (Some(id), false) => format!("{base}/dead/{}/replay", encode(&id)),
+                (None, true) => format!("{base}/dead/replay"),
+                _ => return fail(2, "say which: queue replay ID, or queue replay --all".into()),
+            };
+            match call(Method::POST, path).await {
+                Ok(v) => show::<Count>(v, json, |c| println!("replayed {} dead letter(s)", c.count)),
+                Err(e) => fail(1, e),
+            }
+        }
+        QueueCommand::Purge { dead: _, id, yes, json } => {
+            if !yes {
+                return fail(2, "purging deletes dead letters for good; add --yes to confirm".into());
+            }
+            let path = match id {
+                Some(id) => format!("{base}/dead/{}", encode(&id)),
+                None => format!("{base}/dead"),
+            };
+            match call(Method::DELETE, path).await {
+                Ok(v) => show::<Count>(v, json, |c| println!("deleted {} dead letter(s)", c.count)),
+                Err(e) => fail(1, e),
+            }
+        }
+    }
+}
+
+fn encode(id: &str) -> String {
+    percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+/// Prints the JSON as it came (`--json`) or as a table.
+fn show<T: serde::de::DeserializeOwned>(v: serde_json::Value, json: bool, table: impl Fn(T)) -> ExitCode {
+    if json {
+        println!("{v}");
+        return ExitCode::SUCCESS;
+    }
+    match serde_json::from_value::<T>(v) {
+        Ok(t) => {
+            table(t);
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, format!("unexpected answer from the daemon: {e}")),
+    }
+}
+
+async fn request(method: Method, url: &str, token: &str) -> Result<serde_json::Value, String> {
+    let client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = client.request(req).await.map_err(|e| {
+        format!("cannot reach the daemon's admin API at {url}: {} (is it running?)", crate::deliver::error_chain(&e))
+    })?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| format!("bad answer ({status}): {e}"))?;
+    if !status.is_success() {
+        return Err(format!("{status}: {}", v["message"].as_str().unwrap_or("")));
+    }
+    Ok(v)
+}
+
+fn print_stats(s: Stats) {
+    println!("{:<20} {:<20} {:>10} {:>12}", "MOTION", "ACCOUNT", "DEPTH", "OLDEST");
+    for m in &s.motions {
+        println!("{:<20} {:<20} {:>10} {:>12}", m.motion, "*", m.depth, secs(m.oldest_age_seconds));
+        for a in &m.accounts {
+            println!("{:<20} {:<20} {:>10} {:>12}", "", a.account, a.depth, secs(a.oldest_age_seconds));
+        }
+    }
+    println!("dead letters: {}", s.dead_letters);
+}
+
+fn print_list(list: Vec<Waiting>) {
+    println!("{:<38} {:<16} {:<16} {:>8} {:>10}", "ID", "MOTION", "ACCOUNT", "ATTEMPTS", "AGE");
+    for w in list {
+        println!("{:<38} {:<16} {:<16} {:>8} {:>10}", w.id, w.motion, w.account, w.attempts, secs(w.age_seconds));
+    }
+}
+
+fn print_dead(list: Vec<Dead>) {
+    println!("{:<38} {:<16} {:<24} {:>10}  REASON", "ID", "MOTION", "ACCOUNT", "AGE");
+    for d in list {
+        let account = if d.account.is_empty() { d.note.as_str() } else { d.account.as_str() };
+        println!("{:<38} {:<16} {:<24} {:>10}  {}", d.id, d.motion, account, secs(d.age_seconds), d.reason);
+    }
+}
+
+/// `93` -> `1m33s`.
+fn secs(s: u64) -> String {
+    humantime::format_duration(std::time::Duration::from_secs(s)).to_string().replace(' ', "")
+}

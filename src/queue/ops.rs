@@ -1,0 +1,183 @@
+//! The operator's queue tools, as the admin API exposes them: stats, the waiting list, dead
+//! letters, replay and purge. Types here are the admin API's JSON (the CLI reads them back).
+//! Store calls block, so every operation runs on the blocking pool.
+
+use super::Queue;
+use crate::metrics::MotionLabels;
+use crate::store::StoreError;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Stats {
+    pub motions: Vec<MotionStats>,
+    pub dead_letters: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MotionStats {
+    pub motion: String,
+    pub depth: u64,
+    pub oldest_age_seconds: u64,
+    pub accounts: Vec<AccountStats>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AccountStats {
+    pub account: String,
+    pub depth: u64,
+    pub oldest_age_seconds: u64,
+}
+
+/// A waiting event (no body, no customer number: the list is for counting and finding, not reading).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Waiting {
+    pub id: String,
+    pub motion: String,
+    pub account: String,
+    pub attempts: u32,
+    pub age_seconds: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Dead {
+    /// The event's `X-Relay-Delivery` id.
+    pub id: String,
+    pub motion: String,
+    /// Empty when no account owns the event (see `note`).
+    pub account: String,
+    /// For events without an account, e.g. `phone_number_id=123`.
+    pub note: String,
+    pub reason: String,
+    pub status: Option<u16>,
+    /// Motion's last answer (lossy UTF-8, at most 64 KiB).
+    pub answer: String,
+    pub attempts: u32,
+    pub age_seconds: u64,
+}
+
+/// How many dead letters an operation touched.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Count {
+    pub count: usize,
+}
+
+fn age(now_ms: u64, then_ms: u64) -> u64 {
+    now_ms.saturating_sub(then_ms) / 1000
+}
+
+impl Queue {
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn crate::store::Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(store.as_ref())).await.map_err(|e| StoreError::Read(e.to_string()))?
+    }
+
+    pub async fn stats(&self) -> Result<Stats, StoreError> {
+        let (pending, dead) = self.blocking(|s| Ok((s.pending()?, s.dead_letters()?.len()))).await?;
+        let now = super::scheduler::now_ms();
+        let mut by: BTreeMap<String, BTreeMap<String, (u64, u64)>> = BTreeMap::new();
+        for m in &pending {
+            let e = by.entry(m.motion.clone()).or_default().entry(m.account.clone()).or_insert((0, u64::MAX));
+            e.0 += 1;
+            e.1 = e.1.min(m.received_unix_ms);
+        }
+        let motions = by
+            .into_iter()
+            .map(|(motion, accounts)| {
+                let accounts: Vec<AccountStats> = accounts
+                    .into_iter()
+                    .map(|(account, (depth, oldest))| AccountStats {
+                        account,
+                        depth,
+                        oldest_age_seconds: age(now, oldest),
+                    })
+                    .collect();
+                MotionStats {
+                    motion,
+                    depth: accounts.iter().map(|a| a.depth).sum(),
+                    oldest_age_seconds: accounts.iter().map(|a| a.oldest_age_seconds).max().unwrap_or(0),
+                    accounts,
+                }
+            })
+            .collect();
+        Ok(Stats { motions, dead_letters: dead })
+    }
+
+    pub async fn list(&self, limit: usize) -> Result<Vec<Waiting>, StoreError> {
+        let pending = self.blocking(|s| s.pending()).await?;
+        let now = super::scheduler::now_ms();
+        Ok(pending
+            .into_iter()
+            .take(limit)
+            .map(|m| Waiting {
+                id: m.delivery_id,
+                motion: m.motion,
+                account: m.account,
+                attempts: m.attempts,
+                age_seconds: age(now, m.received_unix_ms),
+            })
+            .collect())
+    }
+
+    pub async fn dead(&self) -> Result<Vec<Dead>, StoreError> {
+        let dead = self.blocking(|s| s.dead_letters()).await?;
+        let now = super::scheduler::now_ms();
+        Ok(dead
+            .into_iter()
+            .map(|d| Dead {
+                id: d.ev.delivery_id,
+                motion: d.ev.motion,
+                account: d.ev.account,
+                note: d.ev.note,
+                reason: d.info.reason,
+                status: d.info.status,
+                answer: String::from_utf8_lossy(&d.info.answer).into_owned(),
+                attempts: d.info.attempts,
+                age_seconds: age(now, d.info.died_unix_ms),
+            })
+            .collect())
+    }
+
+    /// Sends dead letters again: the one with delivery id `id`, or all. Each goes to the back of
+    /// its conversation under its old delivery id.
+    pub async fn replay(&self, id: Option<String>) -> Result<usize, StoreError> {
+        let revived = self
+            .blocking(move |s| {
+                let mut out = Vec::new();
+                for d in s.dead_letters()? {
+                    if id.as_deref().is_none_or(|id| id == d.ev.delivery_id) {
+                        out.extend(s.revive(d.seq)?);
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        let n = revived.len();
+        for meta in revived {
+            if let Some(r) = self.relay.upgrade() {
+                r.metrics.replays.get_or_create(&MotionLabels { motion: meta.motion.clone() }).inc();
+            }
+            tracing::info!(motion = %meta.motion, delivery = %meta.delivery_id, "dead letter replayed");
+            self.schedule(meta);
+        }
+        Ok(n)
+    }
+
+    /// Deletes dead letters: the one with delivery id `id`, or all.
+    pub async fn purge(&self, id: Option<String>) -> Result<usize, StoreError> {
+        self.blocking(move |s| match id {
+            None => s.purge_dead(None),
+            Some(id) => {
+                let mut n = 0;
+                for d in s.dead_letters()?.into_iter().filter(|d| d.ev.delivery_id == id) {
+                    n += s.purge_dead(Some(d.seq))?;
+                }
+                Ok(n)
+            }
+        })
+        .await
+    }
+}

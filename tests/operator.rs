@@ -1,0 +1,210 @@
+//! Dedup, `auto` mode and the operator's queue tools (`queue stats|list|dead|replay|purge`),
+//! against the real binary.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+use support::*;
+
+const SECRET: &str = "meta-app-secret";
+const META: &str = "/acme/api/whatsapp/accounts/13/notify";
+const TWILIO: &str = "/acme/api/whatsapp/accounts/12/notify";
+
+fn config(acme: &str, mode: &str) -> String {
+    format!(
+        r#"
+[server]
+http = "127.0.0.1:0"
+public_url = "https://chat.example.com"
+[admin]
+listen = "127.0.0.1:0"
+token = "admin-secret"
+[storage]
+path = "{{DATA}}"
+[delivery]
+mode = "{mode}"
+timeout = "1s"
+retry_initial = "50ms"
+retry_max = "200ms"
+auto_budget = "500ms"
+
+[[motion]]
+name = "acme"
+url = "{acme}"
+  [[motion.account]]
+  id = "13"
+  provider = "meta"
+  app_secret = "{SECRET}"
+  [[motion.account]]
+  id = "12"
+  provider = "twilio"
+  auth_token = "12345"
+"#
+    )
+}
+
+/// Runs `whatsapp-relay queue ARGS --config` against a running relay whose admin port is in
+/// its config; the config on disk says port 0, so a copy names the bound port.
+fn queue_cli(relay: &RelayProcess, args: &[&str]) -> (i32, String, String) {
+    let text = std::fs::read_to_string(&relay.config_path).unwrap();
+    let cli_cfg = relay.config_path.with_file_name("cli.toml");
+    let admin = relay.admin.unwrap();
+    std::fs::write(&cli_cfg, text.replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"{admin}\""), 1)).unwrap();
+    let out = Command::new(bin()).arg("queue").args(args).arg("--config").arg(&cli_cfg).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn twilio_form(sid: &str, body: &str) -> Vec<u8> {
+    form_urlencoded::Serializer::new(String::new())
+        .append_pair("MessageSid", sid)
+        .append_pair("SmsStatus", "received")
+        .append_pair("From", "whatsapp:+16505551234")
+        .append_pair("To", "whatsapp:+14155238886")
+        .append_pair("Body", body)
+        .finish()
+        .into_bytes()
+}
+
+async fn post_twilio(relay: &RelayProcess, form: Vec<u8>) -> Reply {
+    let sig = twilio_signature("12345", &format!("https://chat.example.com{TWILIO}"), &form);
+    post(
+        &relay.url(TWILIO),
+        &[("x-twilio-signature", &sig), ("content-type", "application/x-www-form-urlencoded")],
+        form,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_redelivered_event_arrives_once_but_different_events_with_the_same_text_both_arrive() {
+    let acme = FakeMotion::start().await;
+    let relay = RelayProcess::start(&config(&acme.url(), "queue"));
+
+    let body = meta_message("1", "16505551234", "wamid.SAME", "hello");
+    assert_eq!(post_meta(&relay.url(META), SECRET, body.clone()).await.status, 200);
+    assert_eq!(post_meta(&relay.url(META), SECRET, body.clone()).await.status, 200, "a redelivery is acknowledged");
+
+    assert_eq!(post_twilio(&relay, twilio_form("SM1", "same text")).await.status, 200);
+    assert_eq!(post_twilio(&relay, twilio_form("SM2", "same text")).await.status, 200);
+
+    acme.wait_for(3, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = acme.received();
+    assert_eq!(got.len(), 3, "the Meta redelivery must not be delivered again");
+    assert_eq!(got.iter().filter(|r| r.body == body).count(), 1);
+    let metrics = get(&format!("http://{}/metrics", relay.admin.unwrap())).await;
+    assert!(String::from_utf8_lossy(&metrics.body).contains("whatsapp_relay_dedup_hits_total{motion=\"acme\"} 1"));
+}
+
+#[tokio::test]
+async fn a_refused_event_is_a_dead_letter_that_can_be_listed_replayed_and_purged() {
+    let acme = FakeMotion::start().await;
+    acme.script([Answer { status: 404, body: "{\"error\":\"no such account\"}", delay: Duration::ZERO }]);
+    let relay = RelayProcess::start(&config(&acme.url(), "queue"));
+    let body = meta_message("1", "16505551234", "wamid.dead", "lost?");
+    assert_eq!(post_meta(&relay.url(META), SECRET, body.clone()).await.status, 200);
+    acme.wait_for(1, Duration::from_secs(5)).await;
+
+    // Listed, with Motion's answer (the dead letter is written just after the attempt).
+    let mut dead = Vec::new();
+    for _ in 0..50 {
+        let (code, out, err) = queue_cli(&relay, &["dead", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        dead = serde_json::from_str::<Vec<serde_json::Value>>(&out).unwrap();
+        if !dead.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(dead.len(), 1);
+    let id = dead[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(dead[0]["status"], 404);
+    assert_eq!(dead[0]["account"], "13");
+    assert!(dead[0]["answer"].as_str().unwrap().contains("no such account"));
+    let (_, table, _) = queue_cli(&relay, &["dead"]);
+    assert!(table.lines().any(|l| l.starts_with(&id) && l.contains("HTTP 404")), "{table}");
+
+    // Replayed: Motion now takes it, with the same delivery id.
+    let (code, out, err) = queue_cli(&relay, &["replay", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("replayed 1"), "{out}");
+    let got = acme.wait_for(2, Duration::from_secs(5)).await;
+    assert_eq!(got[1].body, body);
+    assert_eq!(got[1].headers["x-relay-delivery"].to_str().unwrap(), id);
+    let (_, out, _) = queue_cli(&relay, &["dead", "--json"]);
+    assert_eq!(out.trim(), "[]");
+
+    // Another dead letter, purged (only with --yes).
+    acme.script([Answer::status(400)]);
+    post_meta(&relay.url(META), SECRET, meta_message("1", "16505559999", "wamid.d2", "x")).await;
+    acme.wait_for(3, Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (code, _, err) = queue_cli(&relay, &["purge", "--dead"]);
+    assert_eq!(code, 2, "no --yes, no purge");
+    assert!(err.contains("--yes"));
+    let (code, out, _) = queue_cli(&relay, &["purge", "--dead", "--yes", "--json"]);
+    assert_eq!(code, 0);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["count"], 1);
+
+    // The admin API needs the token.
+    let reply = get(&format!("http://{}/admin/queue/dead", relay.admin.unwrap())).await;
+    assert_eq!(reply.status, 401);
+}
+
+#[tokio::test]
+async fn queue_stats_and_list_report_what_waits() {
+    let down = dead_addr().await;
+    let relay = RelayProcess::start(&config(&format!("http://{down}"), "queue"));
+    for i in 0..3 {
+        post_meta(&relay.url(META), SECRET, meta_message("1", "16505551234", &format!("wamid.{i}"), "x")).await;
+    }
+    let (code, out, err) = queue_cli(&relay, &["stats", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(stats["motions"][0]["motion"], "acme");
+    assert_eq!(stats["motions"][0]["depth"], 3);
+    assert_eq!(stats["motions"][0]["accounts"][0]["account"], "13");
+    let (_, table, _) = queue_cli(&relay, &["stats"]);
+    assert!(table.contains("acme") && table.contains("dead letters: 0"), "{table}");
+    let (_, out, _) = queue_cli(&relay, &["list", "--json"]);
+    assert_eq!(serde_json::from_str::<Vec<serde_json::Value>>(&out).unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn auto_mode_passes_motions_answer_back_when_up_and_queues_when_down() {
+    // Up: Motion's own answer comes back.
+    let acme = FakeMotion::start().await;
+    let relay = RelayProcess::start(&config(&acme.url(), "auto"));
+    let reply = post_meta(&relay.url(META), SECRET, meta_message("1", "1650", "wamid.up", "0")).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.headers["x-motion"], "yes");
+    assert_eq!(&reply.body[..], b"{\"ok\":true}");
+    // A refusal comes back too (as in direct mode), and is not a dead letter.
+    acme.script([Answer::status(422)]);
+    let reply = post_meta(&relay.url(META), SECRET, meta_message("1", "1650", "wamid.refused", "1")).await;
+    assert_eq!(reply.status, 422);
+    drop(relay);
+
+    // Down: acknowledged, then delivered in order once Motion is back.
+    let down = dead_addr().await;
+    let relay = RelayProcess::start(&config(&format!("http://{down}"), "auto"));
+    for i in 0..5 {
+        let reply =
+            post_meta(&relay.url(META), SECRET, meta_message("1", "1650", &format!("wamid.d{i}"), &i.to_string()))
+                .await;
+        assert_eq!(reply.status, 200);
+        assert!(reply.body.is_empty(), "acknowledged, not Motion's answer");
+    }
+    let acme = FakeMotion::start_on(down).await;
+    let got = acme.wait_for(5, Duration::from_secs(10)).await;
+    let texts: Vec<String> = got.iter().map(|r| meta_customer_and_text(&r.body).1).collect();
+    assert_eq!(texts, ["0", "1", "2", "3", "4"]);
+    // With Motion up and nothing waiting, auto answers directly again.
+    let reply = post_meta(&relay.url(META), SECRET, meta_message("1", "1650", "wamid.after", "5")).await;
+    assert_eq!(reply.headers.get("x-motion").map(|v| v.to_str().unwrap()), Some("yes"));
+}
