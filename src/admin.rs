@@ -110,7 +110,10 @@ async fn queue_api(relay: &Relay, method: &Method, rest: &str, query: Option<&st
     match result {
         Ok(Ok(v)) => {
             if v.get("count").and_then(|c| c.as_u64()) == Some(0) && segs.len() == 3 {
-                return error(ErrorCode::NotFound, "no dead letter with that id");
+                return error(
+                    ErrorCode::NotFound,
+                    "no dead letter with that id could be replayed or deleted (an unowned one needs an account that claims its number)",
+                );
             }
             json(StatusCode::OK, &v)
         }

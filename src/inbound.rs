@@ -2,14 +2,15 @@
 //! size (413), provider verification (401/403), then the delivery mode. A request that fails a
 //! check never reaches a Motion.
 
-use crate::config::{Account, Mode};
+use crate::config::{Account, Mode, Motion, Secret};
 use crate::deliver::{self, Attempt, AttemptError};
 use crate::http_util::{Body, ErrorCode, error, full, strip_hop_by_hop, text};
 use crate::metrics::{MotionLabels, VerifyLabels};
-use crate::provider::{self, Inbound, ProviderKind};
+use crate::provider::{self, AccountVerifier, Inbound, ProviderKind};
+use crate::queue::Queue;
 use crate::relay::{AccessInfo, Conn, Relay, Snapshot, client_ip};
 use crate::routing::MotionRoute;
-use crate::store::{Appended, NewEvent, dedup_key};
+use crate::store::{Appended, NewEvent, StoreError, dedup_key};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Either, Limited};
@@ -25,26 +26,41 @@ pub struct Target<'a> {
     pub by_host: bool,
 }
 
-pub async fn handle(
+/// A webhook that passed the edge checks: read within the limits and verified.
+pub(crate) struct Verified {
+    pub parts: http::request::Parts,
+    pub body: Bytes,
+    pub client_ip: std::net::IpAddr,
+    pub now_unix: i64,
+}
+
+/// Who must have signed a webhook, and how to name it in logs and metrics.
+pub(crate) struct Checks<'a> {
+    pub verifier: &'a AccountVerifier,
+    pub provider: ProviderKind,
+    pub verify_token: Option<&'a Secret>,
+    /// Motion and account (or app) names for the log line of a refusal.
+    pub who: (&'a str, &'a str),
+}
+
+/// The checks every webhook path shares, in the SPEC's order after routing: Meta's GET
+/// handshake (answered here, never forwarded), size (413), body within `request_timeout`,
+/// then verification (401/403). `Err` is the answer to send.
+pub(crate) async fn receive(
     relay: &Relay,
     snap: &Snapshot,
-    t: Target<'_>,
     req: Request<Incoming>,
     conn: Conn,
-    info: &mut AccessInfo,
-) -> Response<Body> {
+    checks: Checks<'_>,
+    signed_url: impl FnOnce(&http::request::Parts) -> String,
+) -> Result<Verified, Response<Body>> {
     let server = &snap.config.server;
-    let account = t.account;
-
-    // Meta's subscription handshake is answered here and never reaches Motion.
     if req.method() == Method::GET {
-        if let Some(answer) =
-            provider::meta_handshake(req.uri().query(), account.verify_token.as_ref().map(|s| s.expose()))
-        {
-            return match answer {
+        if let Some(answer) = provider::meta_handshake(req.uri().query(), checks.verify_token.map(|s| s.expose())) {
+            return Err(match answer {
                 Ok(challenge) => text(StatusCode::OK, "text/plain", challenge),
                 Err(r) => error(ErrorCode::Forbidden, r.message),
-            };
+            });
         }
     }
 
@@ -55,20 +71,21 @@ pub async fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > server.max_body) {
-        return too_large(server.max_body);
+        return Err(too_large(server.max_body));
     }
     let (parts, body) = req.into_parts();
     let limit = usize::try_from(server.max_body).unwrap_or(usize::MAX);
     let body = match tokio::time::timeout(server.request_timeout, Limited::new(body, limit).collect()).await {
         Ok(Ok(c)) => c.to_bytes(),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(server.max_body),
-        Ok(Err(e)) => return error(ErrorCode::BadRequest, format!("could not read the request body: {e}")),
-        Err(_) => return error(ErrorCode::RequestTimeout, "the request body did not arrive within request_timeout"),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large(server.max_body)),
+        Ok(Err(e)) => return Err(error(ErrorCode::BadRequest, format!("could not read the request body: {e}"))),
+        Err(_) => {
+            return Err(error(ErrorCode::RequestTimeout, "the request body did not arrive within request_timeout"));
+        }
     };
 
-    let ip = client_ip(conn.peer.ip(), &parts.headers, &server.trusted_proxies);
-    let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let url = signed_url(snap, &parts, conn, t.by_host, path_and_query);
+    let client_ip = client_ip(conn.peer.ip(), &parts.headers, &server.trusted_proxies);
+    let url = signed_url(&parts);
     let now_unix =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     let inbound = Inbound {
@@ -77,23 +94,43 @@ pub async fn handle(
         query: parts.uri.query(),
         headers: &parts.headers,
         body: &body,
-        client_ip: ip,
+        client_ip,
         now_unix,
     };
-    if let Err(r) = account.verifier.verify(&inbound) {
-        relay
-            .metrics
-            .verify_failures
-            .get_or_create(&VerifyLabels {
-                provider: account.provider.as_str().to_string(),
-                reason: r.reason.to_string(),
-            })
-            .inc();
-        tracing::warn!(motion = %t.motion.motion.name, account = %account.id, provider = account.provider.as_str(), reason = r.reason, "webhook refused: {}", r.message);
+    if let Err(r) = checks.verifier.verify(&inbound) {
+        let provider = checks.provider.as_str();
+        let labels = VerifyLabels { provider: provider.to_string(), reason: r.reason.to_string() };
+        relay.metrics.verify_failures.get_or_create(&labels).inc();
+        let (motion, account) = checks.who;
+        tracing::warn!(motion, account, provider, reason = r.reason, "webhook refused: {}", r.message);
         let code = if r.status == 403 { ErrorCode::Forbidden } else { ErrorCode::BadSignature };
-        return error(code, r.message);
+        return Err(error(code, r.message));
     }
+    Ok(Verified { parts, body, client_ip, now_unix })
+}
 
+/// A webhook for one account's subtree.
+pub async fn handle(
+    relay: &Relay,
+    snap: &Snapshot,
+    t: Target<'_>,
+    req: Request<Incoming>,
+    conn: Conn,
+    info: &mut AccessInfo,
+) -> Response<Body> {
+    let account = t.account;
+    let checks = Checks {
+        verifier: &account.verifier,
+        provider: account.provider,
+        verify_token: account.verify_token.as_ref(),
+        who: (&t.motion.motion.name, &account.id),
+    };
+    let Verified { parts, body, client_ip: ip, now_unix } =
+        match receive(relay, snap, req, conn, checks, |parts| signed_url(snap, parts, conn, t.by_host)).await {
+            Ok(v) => v,
+            Err(resp) => return resp,
+        };
+    let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let forward = &path_and_query[t.forward_at..];
     let delivery_id = uuid::Uuid::now_v7().to_string();
     info.delivery_id = Some(delivery_id.clone());
@@ -105,28 +142,61 @@ pub async fn handle(
                 .await
         }
         mode @ (Mode::Queue | Mode::Auto) => {
-            let kind = account.provider;
-            let keys = provider::payload_keys(kind, content_type.as_deref(), &body);
-            let now_ms = now_unix as u64 * 1000;
-            let ev = NewEvent {
-                delivery_id,
-                motion: t.motion.motion.name.clone(),
-                account: account.id.clone(),
-                dedup_key: Some(dedup_key(&account.id, keys.event_id.as_deref(), &body)),
-                conversation: match keys.conversation {
-                    Some(c) => format!("{}\u{1f}{c}", account.id),
-                    None => account.id.clone(),
-                },
-                provider: kind.as_str().to_string(),
-                method: parts.method.as_str().to_string(),
-                path_and_query: forward.to_string(),
-                headers: headers.iter().map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec())).collect(),
+            let part = Part {
+                motion: &t.motion.motion.name,
+                account: &account.id,
+                kind: account.provider,
+                path_and_query: forward,
+                headers: &headers,
                 body,
-                received_unix_ms: now_ms,
-                dedup_expires_unix_ms: now_ms + snap.config.delivery.dedup_window.as_millis() as u64,
                 note: String::new(),
             };
-            queued(relay, snap, t.motion, kind, ev, mode == Mode::Auto).await
+            let ev = part.into_event(delivery_id, parts.method.as_str(), content_type.as_deref(), snap, now_unix);
+            queued(relay, snap, t.motion, account.provider, ev, mode == Mode::Auto).await
+        }
+    }
+}
+
+/// What becomes one stored event.
+pub(crate) struct Part<'a> {
+    pub motion: &'a str,
+    pub account: &'a str,
+    pub kind: ProviderKind,
+    pub path_and_query: &'a str,
+    pub headers: &'a http::HeaderMap,
+    pub body: Bytes,
+    pub note: String,
+}
+
+impl Part<'_> {
+    /// The stored event, with its conversation (ordering) and dedup keys taken from the payload.
+    pub fn into_event(
+        self,
+        delivery_id: String,
+        method: &str,
+        content_type: Option<&str>,
+        snap: &Snapshot,
+        now_unix: i64,
+    ) -> NewEvent {
+        let keys = provider::payload_keys(self.kind, content_type, &self.body);
+        let now_ms = now_unix as u64 * 1000;
+        NewEvent {
+            delivery_id,
+            motion: self.motion.to_string(),
+            account: self.account.to_string(),
+            dedup_key: Some(dedup_key(self.account, keys.event_id.as_deref(), &self.body)),
+            conversation: match keys.conversation {
+                Some(c) => format!("{}\u{1f}{c}", self.account),
+                None => self.account.to_string(),
+            },
+            provider: self.kind.as_str().to_string(),
+            method: method.to_string(),
+            path_and_query: self.path_and_query.to_string(),
+            headers: self.headers.iter().map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec())).collect(),
+            body: self.body,
+            received_unix_ms: now_ms,
+            dedup_expires_unix_ms: now_ms + snap.config.delivery.dedup_window.as_millis() as u64,
+            note: self.note,
         }
     }
 }
@@ -147,11 +217,8 @@ async fn queued(
     let Some(queue) = relay.queue() else {
         return error(ErrorCode::Unavailable, "the durable queue is not running");
     };
-    if queue.depth(&motion.name) >= motion.max_queued {
-        return error(
-            ErrorCode::Unavailable,
-            format!("motion {} has max_queued events waiting; retry later", motion.name),
-        );
+    if let Some(full) = over_max_queued(queue, motion) {
+        return full;
     }
     let labels = MotionLabels { motion: motion.name.clone() };
     let accepted = if auto {
@@ -161,10 +228,7 @@ async fn queued(
     };
     let (appended, waiter) = match accepted {
         Ok(x) => x,
-        Err(e) => {
-            tracing::error!(motion = %motion.name, "could not store a webhook: {e}");
-            return error(ErrorCode::Unavailable, "the relay cannot store events right now; retry later");
-        }
+        Err(e) => return store_failed(&motion.name, &e),
     };
     if appended == Appended::Duplicate {
         relay.metrics.dedup_hits.get_or_create(&labels).inc();
@@ -180,6 +244,19 @@ async fn queued(
     relay.metrics.ack_latency.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
     let (content_type, ack) = provider::ack(kind);
     text(StatusCode::OK, content_type, ack)
+}
+
+/// 503 when a Motion already has `max_queued` events waiting (the provider retries later).
+pub(crate) fn over_max_queued(queue: &Queue, motion: &Motion) -> Option<Response<Body>> {
+    (queue.depth(&motion.name) >= motion.max_queued).then(|| {
+        error(ErrorCode::Unavailable, format!("motion {} has max_queued events waiting; retry later", motion.name))
+    })
+}
+
+/// 503 when the store refused a write: never acknowledge what is not on disk.
+pub(crate) fn store_failed(motion: &str, e: &StoreError) -> Response<Body> {
+    tracing::error!(motion, "could not store a webhook: {e}");
+    error(ErrorCode::Unavailable, "the relay cannot store events right now; retry later")
 }
 
 /// `direct` mode: Motion's answer goes back as it is.
@@ -224,7 +301,8 @@ async fn direct(
 /// The URL the provider called, as Twilio signs it (SPEC "Details"): `public_url` + path and query
 /// for prefix routes; the scheme of `public_url` + `://` + Host + path and query for host routes.
 /// Without `public_url`, the listener's scheme and the Host stand in. Never the socket address.
-fn signed_url(snap: &Snapshot, parts: &http::request::Parts, conn: Conn, by_host: bool, pq: &str) -> String {
+fn signed_url(snap: &Snapshot, parts: &http::request::Parts, conn: Conn, by_host: bool) -> String {
+    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let public = snap.config.server.public_url.as_deref();
     let host = || {
         parts

@@ -12,6 +12,7 @@ pub mod config;
 pub mod deliver;
 pub mod http_util;
 pub mod inbound;
+pub mod meta_app;
 pub mod metrics;
 pub mod provider;
 pub mod queue;

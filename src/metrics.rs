@@ -20,6 +20,11 @@ pub struct MotionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppLabels {
+    pub app: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VerifyLabels {
     pub provider: String,
     pub reason: String,
@@ -49,6 +54,7 @@ pub struct Metrics {
     pub dead_letters: Family<OutcomeLabels, Counter>,
     pub dedup_hits: Family<MotionLabels, Counter>,
     pub replays: Family<MotionLabels, Counter>,
+    pub unknown_numbers: Family<AppLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -72,6 +78,7 @@ impl Metrics {
         let dead_letters = Family::<OutcomeLabels, Counter>::default();
         let dedup_hits = Family::<MotionLabels, Counter>::default();
         let replays = Family::<MotionLabels, Counter>::default();
+        let unknown_numbers = Family::<AppLabels, Counter>::default();
         registry.register("requests", "Requests answered, by motion and status", requests.clone());
         registry.register("request_duration_seconds", "Time to answer a request, by motion", latency.clone());
         registry.register(
@@ -99,8 +106,14 @@ impl Metrics {
         );
         registry.register("dedup_hits", "Provider redeliveries acknowledged and not stored again", dedup_hits.clone());
         registry.register("replays", "Dead letters sent again by an operator", replays.clone());
+        registry.register(
+            "meta_unknown_numbers",
+            "Meta app batches with changes for a number no account claims (kept as dead letters)",
+            unknown_numbers.clone(),
+        );
         Metrics {
             registry,
+            unknown_numbers,
             dedup_hits,
             replays,
             requests,

@@ -157,7 +157,7 @@ impl Relay {
                 crate::inbound::handle(self, snap, target, req, conn, info).await
             }
             Route::Outbound { .. } => error(ErrorCode::NotFound, "outbound sends are not available in this version"),
-            Route::MetaApp { .. } => error(ErrorCode::NotFound, "Meta app routing is not available in this version"),
+            Route::MetaApp { app } => crate::meta_app::handle(self, snap, &app, req, conn, info).await,
         }
     }
 }

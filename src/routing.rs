@@ -6,7 +6,7 @@
 //! backslash or NUL is refused, so no spelling of a path can leave an account's subtree.
 //! Lookups are hash-map probes: the cost does not grow with the number of accounts.
 
-use crate::config::{Account, Config, Motion};
+use crate::config::{Account, Config, MetaApp, Motion};
 use crate::upstream::{Client, Upstream, UpstreamError};
 use percent_encoding::percent_decode_str;
 use std::borrow::Cow;
@@ -56,11 +56,38 @@ pub enum Route<'a> {
     MetaApp { app: String },
 }
 
+/// An account as a Meta app's batch routes to it.
+#[derive(Debug, Clone)]
+pub struct AppTarget {
+    pub motion: Arc<MotionRoute>,
+    pub account: Arc<Account>,
+}
+
+/// One `[[meta_app]]`: its settings and the second index, by phone number id (and WABA id).
+#[derive(Debug)]
+pub struct AppRoute {
+    pub app: Arc<MetaApp>,
+    by_phone: HashMap<String, AppTarget>,
+    /// Accounts declaring a WABA id, at most one per Motion (account-level changes go once per Motion).
+    by_waba: HashMap<String, Vec<AppTarget>>,
+}
+
+impl AppRoute {
+    pub fn by_phone(&self, phone_number_id: &str) -> Option<&AppTarget> {
+        self.by_phone.get(phone_number_id)
+    }
+
+    pub fn by_waba(&self, waba_id: &str) -> &[AppTarget] {
+        self.by_waba.get(waba_id).map_or(&[], Vec::as_slice)
+    }
+}
+
 /// The immutable snapshot.
 #[derive(Debug, Default)]
 pub struct RouteTable {
     by_name: HashMap<String, Arc<MotionRoute>>,
     by_host: HashMap<String, Arc<MotionRoute>>,
+    apps: HashMap<String, AppRoute>,
 }
 
 impl RouteTable {
@@ -77,7 +104,29 @@ impl RouteTable {
             }
             t.by_name.insert(m.name.clone(), route);
         }
+        for app in &config.meta_apps {
+            let mut r = AppRoute { app: app.clone(), by_phone: HashMap::new(), by_waba: HashMap::new() };
+            for motion in config.motions.iter().filter_map(|m| t.by_name.get(&m.name)) {
+                for account in motion.motion.accounts.iter().filter(|a| a.app.as_deref() == Some(app.name.as_str())) {
+                    let target = AppTarget { motion: motion.clone(), account: account.clone() };
+                    if let Some(p) = &account.phone_number_id {
+                        r.by_phone.insert(p.clone(), target.clone());
+                    }
+                    if let Some(w) = &account.waba_id {
+                        let list = r.by_waba.entry(w.clone()).or_default();
+                        if !list.iter().any(|x| Arc::ptr_eq(&x.motion, &target.motion)) {
+                            list.push(target);
+                        }
+                    }
+                }
+            }
+            t.apps.insert(app.name.clone(), r);
+        }
         Ok(t)
+    }
+
+    pub fn app(&self, name: &str) -> Option<&AppRoute> {
+        self.apps.get(name)
     }
 
     pub fn motion(&self, name: &str) -> Option<&Arc<MotionRoute>> {

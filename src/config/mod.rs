@@ -31,7 +31,7 @@ pub struct Config {
     pub delivery: Delivery,
     pub outbound_timeout: Duration,
     pub motions: Vec<Arc<Motion>>,
-    pub meta_apps: Vec<MetaApp>,
+    pub meta_apps: Vec<Arc<MetaApp>>,
     /// Things `check` should point out that are not errors (inline secrets, plain http, no verification).
     pub warnings: Vec<String>,
 }
@@ -165,12 +165,16 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let loc = Locator { path, text };
     let file: schema::File = toml::from_str(text).map_err(|e| loc.error(e.span(), e.message().to_string()))?;
-    Validator { loc, warnings: Vec::new() }.config(file)
+    Validator { loc, warnings: Vec::new(), apps: HashMap::new(), phone_ids: HashMap::new() }.config(file)
 }
 
 struct Validator<'a> {
     loc: Locator<'a>,
     warnings: Vec<String>,
+    /// Verification settings of each `[[meta_app]]`, which its accounts inherit.
+    apps: HashMap<String, (VerifierConfig, Option<Secret>)>,
+    /// `phone_number_id` -> the account (motion/id) that claims it.
+    phone_ids: HashMap<String, String>,
 }
 
 type R<T> = Result<T, ConfigError>;
@@ -255,7 +259,7 @@ impl Validator<'_> {
             auto_budget: d.auto_budget.map_or(Duration::from_secs(2), |x| x.0),
             concurrency: d.concurrency.unwrap_or(32).max(1),
         };
-        let meta_apps = f.meta_app.iter().map(|a| self.meta_app(a)).collect::<R<Vec<_>>>()?;
+        let meta_apps = f.meta_app.iter().map(|a| self.meta_app(a).map(Arc::new)).collect::<R<Vec<_>>>()?;
         let mut names = HashSet::new();
         let mut hosts = HashMap::new();
         let mut motions = Vec::with_capacity(f.motion.len());
@@ -264,12 +268,27 @@ impl Validator<'_> {
             if !names.insert(motion.name.clone()) {
                 return self.err(m.name.span(), format!("duplicate motion name {:?}", motion.name));
             }
+            if motion.signing_secret.is_none() && motion.accounts.iter().any(|a| a.app.is_some()) {
+                // Split Meta batches lose Meta's signature; the relay's is then the only proof.
+                return self.err(
+                    m.name.span(),
+                    format!("motion {:?} has accounts on a [[meta_app]] and needs a signing_secret", motion.name),
+                );
+            }
             for (h, raw) in motion.hosts.iter().zip(&m.hosts) {
                 if let Some(other) = hosts.insert(h.clone(), motion.name.clone()) {
                     return self.err(raw.span(), format!("host {h:?} is already used by motion {other:?}"));
                 }
             }
             motions.push(Arc::new(motion));
+        }
+        for (app, raw) in meta_apps.iter().zip(&f.meta_app) {
+            if !motions.iter().flat_map(|m| &m.accounts).any(|a| a.app.as_deref() == Some(app.name.as_str())) {
+                self.warn(
+                    raw.name.span(),
+                    format!("meta_app {:?} has no accounts: its events will all be dead letters", app.name),
+                );
+            }
         }
         Ok(Config {
             path: self.loc.path.to_path_buf(),
@@ -415,9 +434,9 @@ impl Validator<'_> {
         };
         let s = |v: &mut Self, x: &Option<S<String>>| v.opt_secret(x);
         let auth_token = s(self, &a.auth_token)?;
-        let verify_token = s(self, &a.verify_token)?;
+        let mut verify_token = s(self, &a.verify_token)?;
         let expose = |x: &Option<Secret>| x.as_ref().map(|s| s.expose().to_string());
-        let vcfg = VerifierConfig {
+        let mut vcfg = VerifierConfig {
             provider: Some(provider),
             auth_token: expose(&auth_token),
             app_secret: expose(&s(self, &a.app_secret)?),
@@ -435,6 +454,40 @@ impl Validator<'_> {
             hmac_prefix: a.hmac_prefix.clone(),
             insecure_no_verification: a.insecure_no_verification,
         };
+        if let Some(app) = &a.app {
+            let Some((inherit, app_verify_token)) = self.apps.get(app.get_ref()) else {
+                return self
+                    .err(app.span(), format!("unknown meta_app {:?}: declare it with [[meta_app]]", app.get_ref()));
+            };
+            if inherit.provider != Some(provider) {
+                return self.err(a.provider.span(), format!("meta_app {:?} is for another provider", app.get_ref()));
+            }
+            // An app account takes the app's secrets and needs none of its own.
+            let own = &vcfg;
+            vcfg = VerifierConfig {
+                app_secret: own.app_secret.clone().or_else(|| inherit.app_secret.clone()),
+                platform_secret: own.platform_secret.clone().or_else(|| inherit.platform_secret.clone()),
+                shared_token: own.shared_token.clone().or_else(|| inherit.shared_token.clone()),
+                token_header: own.token_header.clone().or_else(|| inherit.token_header.clone()),
+                token_param: own.token_param.clone().or_else(|| inherit.token_param.clone()),
+                allow_from: if own.allow_from.is_empty() { inherit.allow_from.clone() } else { own.allow_from.clone() },
+                ..own.clone()
+            };
+            if verify_token.is_none() {
+                verify_token = app_verify_token.clone();
+            }
+            if a.phone_number_id.is_none() && a.waba_id.is_none() {
+                return self.err(app.span(), "an account on a meta_app needs its phone_number_id (or waba_id)");
+            }
+        }
+        if let Some(p) = &a.phone_number_id {
+            if let Some(other) = self.phone_ids.insert(p.get_ref().clone(), id.clone()) {
+                return self.err(
+                    p.span(),
+                    format!("phone_number_id {:?} is already claimed by account {other:?}", p.get_ref()),
+                );
+            }
+        }
         let verifier = match AccountVerifier::new(&vcfg) {
             Ok(v) => v,
             Err(msg) => return self.err(a.id.span(), format!("account {id:?}: {msg}")),
@@ -508,6 +561,9 @@ impl Validator<'_> {
         };
         let verifier =
             AccountVerifier::new(&vcfg).or_else(|msg| self.err(a.name.span(), format!("meta_app {name:?}: {msg}")))?;
+        if self.apps.insert(name.clone(), (vcfg, verify_token.clone())).is_some() {
+            return self.err(a.name.span(), format!("duplicate meta_app name {name:?}"));
+        }
         Ok(MetaApp { name, provider, verifier, verify_token })
     }
 }

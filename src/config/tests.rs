@@ -103,3 +103,41 @@ fn secrets_never_appear_in_debug() {
     let c = parse_str(&BASE.replace("shared_token = \"t\"", "shared_token = \"supersecretvalue\"")).unwrap();
     assert!(!format!("{c:?}").contains("supersecretvalue"));
 }
+
+const APP: &str = r#"
+[[meta_app]]
+name = "main"
+app_secret = "s"
+
+[[motion]]
+name = "a"
+url = "http://127.0.0.1:9000"
+signing_secret = "x"
+  [[motion.account]]
+  id = "1"
+  provider = "meta"
+  app = "main"
+  phone_number_id = "111"
+"#;
+
+#[test]
+fn meta_app_accounts() {
+    let c = parse_str(APP).unwrap();
+    assert_eq!(c.meta_apps[0].name, "main");
+    assert_eq!(c.motions[0].accounts[0].app.as_deref(), Some("main"));
+    // Two accounts claiming one number.
+    let dup = format!(
+        "{APP}  [[motion.account]]\n  id = \"2\"\n  provider = \"meta\"\n  app = \"main\"\n  phone_number_id = \"111\"\n"
+    );
+    let e = err(&dup);
+    assert!(e.starts_with("relay.toml:19:21: phone_number_id \"111\" is already claimed"), "{e}");
+    // An unknown app.
+    let e = err(&APP.replace("app = \"main\"", "app = \"other\""));
+    assert!(e.starts_with("relay.toml:13:9: unknown meta_app \"other\""), "{e}");
+    // A Motion with app accounts must sign what it forwards.
+    let e = err(&APP.replace("signing_secret = \"x\"\n", ""));
+    assert!(e.starts_with("relay.toml:7:8:") && e.contains("needs a signing_secret"), "{e}");
+    // An app with no accounts is only a warning.
+    let c = parse_str(&format!("{APP}\n[[meta_app]]\nname = \"empty\"\napp_secret = \"t\"\n")).unwrap();
+    assert!(c.warnings.iter().any(|w| w.contains("meta_app \"empty\" has no accounts")), "{:?}", c.warnings);
+}

@@ -4,7 +4,7 @@
 
 use super::Queue;
 use crate::metrics::MotionLabels;
-use crate::store::StoreError;
+use crate::store::{NewEvent, StoreError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -142,28 +142,68 @@ impl Queue {
     }
 
     /// Sends dead letters again: the one with delivery id `id`, or all. Each goes to the back of
-    /// its conversation under its old delivery id.
+    /// its conversation under its old delivery id. A dead letter no account owned (a Meta app's
+    /// change for an unknown number) goes to the account that claims the number now, if any;
+    /// otherwise it stays and is not counted.
     pub async fn replay(&self, id: Option<String>) -> Result<usize, StoreError> {
-        let revived = self
-            .blocking(move |s| {
-                let mut out = Vec::new();
-                for d in s.dead_letters()? {
-                    if id.as_deref().is_none_or(|id| id == d.ev.delivery_id) {
-                        out.extend(s.revive(d.seq)?);
-                    }
-                }
-                Ok(out)
-            })
-            .await?;
-        let n = revived.len();
-        for meta in revived {
-            if let Some(r) = self.relay.upgrade() {
-                r.metrics.replays.get_or_create(&MotionLabels { motion: meta.motion.clone() }).inc();
+        let dead = self.blocking(|s| s.dead_letters()).await?;
+        let mut n = 0;
+        for d in dead.into_iter().filter(|d| id.as_deref().is_none_or(|id| id == d.ev.delivery_id)) {
+            if d.ev.account.is_empty() {
+                n += self.reroute(d).await? as usize;
+                continue;
             }
-            tracing::info!(motion = %meta.motion, delivery = %meta.delivery_id, "dead letter replayed");
-            self.schedule(meta);
+            let seq = d.seq;
+            if let Some(meta) = self.blocking(move |s| s.revive(seq)).await? {
+                if let Some(r) = self.relay.upgrade() {
+                    r.metrics.replays.get_or_create(&MotionLabels { motion: meta.motion.clone() }).inc();
+                }
+                tracing::info!(motion = %meta.motion, delivery = %meta.delivery_id, "dead letter replayed");
+                self.schedule(meta);
+                n += 1;
+            }
         }
         Ok(n)
+    }
+
+    /// Queues an unowned dead letter for the accounts that claim its number now (by the routing
+    /// snapshot), then deletes it. `false` when still no account claims it.
+    async fn reroute(&self, d: crate::store::DeadLetter) -> Result<bool, StoreError> {
+        let Some(relay) = self.relay.upgrade() else { return Ok(false) };
+        let snap = relay.snapshot();
+        let mut fields = d.ev.note.split(' ').filter_map(|f| f.split_once('='));
+        let (Some(("meta_app", app)), Some((kind, key))) = (fields.next(), fields.next()) else { return Ok(false) };
+        let Some(app) = snap.table.app(app) else { return Ok(false) };
+        let targets: Vec<_> = match kind {
+            "phone_number_id" => app.by_phone(key).into_iter().cloned().collect(),
+            _ => app.by_waba(key).to_vec(),
+        };
+        if targets.is_empty() {
+            return Ok(false);
+        }
+        let mut headers = http::HeaderMap::new();
+        for (k, v) in &d.ev.headers {
+            if let (Ok(k), Ok(v)) = (http::HeaderName::from_bytes(k.as_bytes()), http::HeaderValue::from_bytes(v)) {
+                headers.append(k, v);
+            }
+        }
+        let now = (super::scheduler::now_ms() / 1000) as i64;
+        let events = targets
+            .iter()
+            .map(|t| {
+                let ev = crate::meta_app::part_event(&snap, t, app.app.provider, &headers, d.ev.body.clone(), now);
+                // A replay is deliberate: it must not be taken for a provider's redelivery.
+                NewEvent { dedup_key: None, ..ev }
+            })
+            .collect();
+        self.accept(events).await?;
+        let seq = d.seq;
+        self.blocking(move |s| s.purge_dead(Some(seq))).await?;
+        for t in &targets {
+            relay.metrics.replays.get_or_create(&MotionLabels { motion: t.motion.motion.name.clone() }).inc();
+        }
+        tracing::info!(delivery = %d.ev.delivery_id, "unowned dead letter replayed to the account that claims it now");
+        Ok(true)
     }
 
     /// Deletes dead letters: the one with delivery id `id`, or all.

@@ -1,0 +1,230 @@
+//! One webhook URL for many customers: a Meta app's batches routed by phone number id to the
+//! Motion servers that own the numbers, split when they span accounts.
+
+mod support;
+
+use serde_json::{Value, json};
+use std::time::Duration;
+use support::*;
+
+const APP_SECRET: &str = "meta-app-secret";
+
+fn config(a: &str, b: &str, extra_b_account: &str) -> String {
+    format!(
+        r#"
+[server]
+http = "127.0.0.1:0"
+public_url = "https://chat.example.com"
+[admin]
+listen = "127.0.0.1:0"
+token = "admin-secret"
+[storage]
+path = "{{DATA}}"
+[delivery]
+mode = "direct"
+retry_initial = "50ms"
+retry_max = "200ms"
+
+[[meta_app]]
+name = "main"
+app_secret = "{APP_SECRET}"
+verify_token = "main-verify"
+
+[[motion]]
+name = "tenant-a"
+url = "{a}"
+signing_secret = "secret-a"
+  [[motion.account]]
+  id = "a1"
+  provider = "meta"
+  app = "main"
+  phone_number_id = "111"
+  waba_id = "W1"
+  [[motion.account]]
+  id = "a2"
+  provider = "meta"
+  app = "main"
+  phone_number_id = "112"
+  waba_id = "W1"
+
+[[motion]]
+name = "tenant-b"
+url = "{b}"
+signing_secret = "secret-b"
+  [[motion.account]]
+  id = "b1"
+  provider = "meta"
+  app = "main"
+  phone_number_id = "222"
+  waba_id = "W1"
+{extra_b_account}
+"#
+    )
+}
+
+fn change(phone: &str, customer: &str, wamid: &str) -> Value {
+    json!({"field": "messages", "value": {
+        "messaging_product": "whatsapp",
+        "metadata": {"display_phone_number": "1555", "phone_number_id": phone},
+        "messages": [{"from": customer, "id": wamid, "timestamp": "1749416383", "type": "text", "text": {"body": wamid}}],
+        "unknown_field_kept": {"nested": [1, 2, 3]}
+    }})
+}
+
+fn batch(entries: Vec<(&str, Vec<Value>)>) -> Vec<u8> {
+    let entry: Vec<Value> =
+        entries.into_iter().map(|(id, changes)| json!({"id": id, "time": 1749416383, "changes": changes})).collect();
+    json!({"object": "whatsapp_business_account", "entry": entry}).to_string().into_bytes()
+}
+
+/// Checks `X-Relay-Signature: t=..,v1=..` against a Motion's signing secret.
+fn relay_signature_ok(r: &Received, secret: &str) -> bool {
+    let sig = r.headers["x-relay-signature"].to_str().unwrap();
+    let (t, v1) = sig.strip_prefix("t=").unwrap().split_once(",v1=").unwrap();
+    hex::encode(hmac_sha256(secret, &[t.as_bytes(), b".", &r.body])) == v1
+}
+
+#[tokio::test]
+async fn a_batch_for_one_number_reaches_only_its_tenant_byte_for_byte() {
+    let (a, b) = (FakeMotion::start().await, FakeMotion::start().await);
+    let relay = RelayProcess::start(&config(&a.url(), &b.url(), ""));
+    let body =
+        batch(vec![("W1", vec![change("111", "16505550001", "wamid.1"), change("111", "16505550001", "wamid.2")])]);
+    let reply = post_meta(&relay.url("/meta/main"), APP_SECRET, body.clone()).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let got = a.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].uri, "/api/whatsapp/accounts/a1/notify");
+    assert_eq!(got[0].body, body, "forwarded byte for byte");
+    assert_eq!(got[0].headers["x-hub-signature-256"].to_str().unwrap(), meta_signature(APP_SECRET, &body));
+    assert!(!got[0].headers.contains_key("x-relay-split"));
+    assert!(relay_signature_ok(&got[0], "secret-a"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(b.count(), 0);
+    assert_eq!(a.count(), 1);
+}
+
+#[tokio::test]
+async fn a_batch_spanning_tenants_is_split_per_account_in_order() {
+    let (a, b) = (FakeMotion::start().await, FakeMotion::start().await);
+    let relay = RelayProcess::start(&config(&a.url(), &b.url(), ""));
+    // Two entries: A, B in the first, A in the second.
+    let body = batch(vec![
+        ("W1", vec![change("111", "1650001", "wamid.A1"), change("222", "1650002", "wamid.B1")]),
+        ("W1", vec![change("111", "1650001", "wamid.A2")]),
+    ]);
+    assert_eq!(post_meta(&relay.url("/meta/main"), APP_SECRET, body).await.status, 200);
+
+    let got_a = a.wait_for(1, Duration::from_secs(10)).await;
+    let got_b = b.wait_for(1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!((a.count(), b.count()), (1, 1), "one payload per account");
+    for (r, secret, want) in
+        [(&got_a[0], "secret-a", vec!["wamid.A1", "wamid.A2"]), (&got_b[0], "secret-b", vec!["wamid.B1"])]
+    {
+        assert_eq!(r.headers["x-relay-split"], "true");
+        assert!(!r.headers.contains_key("x-hub-signature-256"), "Meta's signature no longer applies");
+        assert!(relay_signature_ok(r, secret), "verifiable with the Motion's signing secret");
+        let v: Value = serde_json::from_slice(&r.body).expect("parseable as a Meta webhook");
+        assert_eq!(v["object"], "whatsapp_business_account");
+        let ids: Vec<String> = v["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|e| e["changes"].as_array().unwrap().iter())
+            .map(|c| c["value"]["messages"][0]["id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(ids, want);
+        // Unknown fields pass through untouched.
+        assert_eq!(v["entry"][0]["changes"][0]["value"]["unknown_field_kept"], json!({"nested": [1, 2, 3]}));
+        assert_eq!(v["entry"][0]["id"], "W1");
+    }
+    assert_eq!(got_a[0].uri, "/api/whatsapp/accounts/a1/notify");
+    assert_eq!(got_b[0].uri, "/api/whatsapp/accounts/b1/notify");
+}
+
+#[tokio::test]
+async fn account_level_changes_go_once_per_motion_by_waba_id() {
+    let (a, b) = (FakeMotion::start().await, FakeMotion::start().await);
+    let relay = RelayProcess::start(&config(&a.url(), &b.url(), ""));
+    let template =
+        json!({"field": "message_template_status_update", "value": {"event": "APPROVED", "message_template_id": 1}});
+    assert_eq!(post_meta(&relay.url("/meta/main"), APP_SECRET, batch(vec![("W1", vec![template])])).await.status, 200);
+    a.wait_for(1, Duration::from_secs(10)).await;
+    b.wait_for(1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!((a.count(), b.count()), (1, 1), "tenant-a has two accounts on W1 but gets it once");
+}
+
+#[tokio::test]
+async fn a_forged_batch_reaches_nobody_and_the_handshake_is_answered() {
+    let (a, b) = (FakeMotion::start().await, FakeMotion::start().await);
+    let relay = RelayProcess::start(&config(&a.url(), &b.url(), ""));
+    let body = batch(vec![("W1", vec![change("111", "1", "wamid.f")])]);
+    let reply = post(&relay.url("/meta/main"), &[("x-hub-signature-256", &meta_signature("wrong", &body))], body).await;
+    assert_eq!(reply.status, 401);
+    assert_eq!(reply.error_code(), "bad_signature");
+    let reply = get(&relay.url("/meta/main?hub.mode=subscribe&hub.verify_token=main-verify&hub.challenge=42")).await;
+    assert_eq!((reply.status, &reply.body[..]), (200, &b"42"[..]));
+    let reply = get(&relay.url("/meta/main?hub.mode=subscribe&hub.verify_token=nope&hub.challenge=42")).await;
+    assert_eq!(reply.status, 403);
+    assert_eq!(post(&relay.url("/meta/other"), &[], "{}").await.status, 404);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(a.count() + b.count(), 0);
+}
+
+#[tokio::test]
+async fn an_unknown_number_is_a_dead_letter_replayed_once_an_account_claims_it() {
+    let (a, b) = (FakeMotion::start().await, FakeMotion::start().await);
+    let relay = RelayProcess::start(&config(&a.url(), &b.url(), ""));
+    let admin = format!("http://{}", relay.admin.unwrap());
+    let auth = [("authorization", "Bearer admin-secret")];
+    let body = batch(vec![("W1", vec![change("333", "1650003", "wamid.U1"), change("111", "1650001", "wamid.K1")])]);
+    assert_eq!(post_meta(&relay.url("/meta/main"), APP_SECRET, body).await.status, 200, "acknowledged");
+    a.wait_for(1, Duration::from_secs(10)).await; // the known part goes on
+
+    let dead = send(http::Method::GET, &format!("{admin}/admin/queue/dead"), &auth, "").await.json();
+    assert_eq!(dead.as_array().unwrap().len(), 1);
+    assert_eq!(dead[0]["account"], "");
+    assert!(dead[0]["note"].as_str().unwrap().contains("phone_number_id=333"));
+    let id = dead[0]["id"].as_str().unwrap().to_string();
+    // Not claimable yet.
+    let reply = send(http::Method::POST, &format!("{admin}/admin/queue/dead/{id}/replay"), &auth, "").await;
+    assert_eq!(reply.status, 404);
+
+    // tenant-b claims the number; reload; replay.
+    let text = std::fs::read_to_string(&relay.config_path).unwrap();
+    let more =
+        "  [[motion.account]]\n  id = \"b2\"\n  provider = \"meta\"\n  app = \"main\"\n  phone_number_id = \"333\"\n";
+    std::fs::write(&relay.config_path, format!("{text}{more}")).unwrap();
+    let reply = send(http::Method::POST, &format!("{admin}/admin/reload"), &auth, "").await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let reply = send(http::Method::POST, &format!("{admin}/admin/queue/dead/{id}/replay"), &auth, "").await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let got = b.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].uri, "/api/whatsapp/accounts/b2/notify");
+    let v: Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(v["entry"][0]["changes"][0]["value"]["messages"][0]["id"], "wamid.U1");
+    assert!(relay_signature_ok(&got[0], "secret-b"));
+    let dead = send(http::Method::GET, &format!("{admin}/admin/queue/dead"), &auth, "").await.json();
+    assert_eq!(dead.as_array().unwrap().len(), 0);
+}
+
+#[tokio::test]
+async fn sigkill_right_after_acknowledging_a_split_batch_loses_no_part() {
+    let (down_a, down_b) = (dead_addr().await, dead_addr().await);
+    let relay = RelayProcess::start(&config(&format!("http://{down_a}"), &format!("http://{down_b}"), ""));
+    let body = batch(vec![(
+        "W1",
+        vec![change("111", "1", "wamid.s1"), change("222", "2", "wamid.s2"), change("112", "3", "wamid.s3")],
+    )]);
+    assert_eq!(post_meta(&relay.url("/meta/main"), APP_SECRET, body).await.status, 200);
+    let relay = relay.restart(); // SIGKILL, then start again on the same store
+    let (a, b) = (FakeMotion::start_on(down_a).await, FakeMotion::start_on(down_b).await);
+    let got_a = a.wait_for(2, Duration::from_secs(15)).await;
+    let got_b = b.wait_for(1, Duration::from_secs(15)).await;
+    let mut uris: Vec<&str> = got_a.iter().map(|r| r.uri.as_str()).collect();
+    uris.sort();
+    assert_eq!(uris, ["/api/whatsapp/accounts/a1/notify", "/api/whatsapp/accounts/a2/notify"]);
+    assert_eq!(got_b[0].uri, "/api/whatsapp/accounts/b1/notify");
+    drop(relay);
+}
