@@ -31,6 +31,21 @@ pub struct OutcomeLabels {
     pub outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutboundLabels {
+    pub motion: String,
+    pub provider: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WindowLabels {
+    pub motion: String,
+    pub provider: String,
+    /// `warned` (policy warn: sent with `X-Relay-Window: closed`) or `refused` (policy enforce: 422).
+    pub action: String,
+}
+
 fn latency_histogram() -> Histogram {
     // 100 µs .. ~13 s: covers a direct proxy hop and a slow Motion.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18))
@@ -47,6 +62,8 @@ pub struct Metrics {
     pub queue_oldest_seconds: Family<MotionLabels, Gauge>,
     pub ack_latency: Family<MotionLabels, Histogram>,
     pub dead_letters: Family<OutcomeLabels, Counter>,
+    pub outbound_requests: Family<OutboundLabels, Counter>,
+    pub window_closed: Family<WindowLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -68,6 +85,8 @@ impl Metrics {
         let ack_latency =
             Family::<MotionLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
         let dead_letters = Family::<OutcomeLabels, Counter>::default();
+        let outbound_requests = Family::<OutboundLabels, Counter>::default();
+        let window_closed = Family::<WindowLabels, Counter>::default();
         registry.register("requests", "Requests answered, by motion and status", requests.clone());
         registry.register("request_duration_seconds", "Time to answer a request, by motion", latency.clone());
         registry.register(
@@ -93,6 +112,16 @@ impl Metrics {
             "Events moved to the dead letters, by motion and reason",
             dead_letters.clone(),
         );
+        registry.register(
+            "outbound_requests",
+            "Outbound sends answered, by motion, provider and status (the provider's, or the relay's refusal)",
+            outbound_requests.clone(),
+        );
+        registry.register(
+            "outbound_window_closed",
+            "Free-form sends outside the 24-hour customer service window, by motion, provider and action",
+            window_closed.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -104,6 +133,8 @@ impl Metrics {
             queue_oldest_seconds,
             ack_latency,
             dead_letters,
+            outbound_requests,
+            window_closed,
         }
     }
 
