@@ -339,6 +339,11 @@ fn forwarded_headers(mut headers: HeaderMap, auth: &Auth<'_>) -> HeaderMap {
     for h in [header::HOST, header::CONTENT_LENGTH, header::EXPECT, header::FORWARDED] {
         headers.remove(h);
     }
+    // Some APIs let these replace the request's method, which would step around the
+    // method part of the endpoint allow-list.
+    for h in ["x-http-method-override", "x-http-method", "x-method-override"] {
+        headers.remove(h);
+    }
     let drop: Vec<HeaderName> = headers
         .keys()
         .filter(|k| k.as_str().starts_with("x-relay-") || k.as_str().starts_with("x-forwarded-"))
@@ -373,6 +378,7 @@ mod tests {
         h.insert("content-type", HeaderValue::from_static("application/json"));
         h.insert("connection", HeaderValue::from_static("x-hop"));
         h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("x-http-method-override", HeaderValue::from_static("DELETE"));
         let kept = forwarded_headers(h.clone(), &Auth::Client);
         assert_eq!(kept["authorization"], "Bearer client");
         assert_eq!(kept.len(), 2, "{kept:?}");
