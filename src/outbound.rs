@@ -276,8 +276,12 @@ impl<'a> Auth<'a> {
                 v.set_sensitive(true);
                 Auth::Header(name, v)
             }
-            // Config secrets are text; one that is not a valid header value cannot be sent.
-            Err(_) => Auth::Client,
+            // Config secrets are text; one that is not a valid header value cannot be sent, and
+            // the operator has to fix it: the client's own credentials stand in meanwhile.
+            Err(_) => {
+                tracing::warn!(account = %account.id, "the account's outbound credential is not a valid header value; passing the client's credentials instead");
+                Auth::Client
+            }
         };
         match account.provider {
             ProviderKind::Twilio => match (&c.account_sid, &c.auth_token) {
