@@ -131,6 +131,12 @@ pub async fn handle(
             Err(resp) => return resp,
         };
     let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    // Verified: the customers who wrote open their 24-hour window, whatever the delivery mode.
+    if t.motion.motion.window_policy != crate::config::WindowPolicy::Off {
+        let ct = parts.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        relay.window.record_inbound(&t.motion.motion.name, account, ct, &body);
+    }
+
     let forward = &path_and_query[t.forward_at..];
     let delivery_id = uuid::Uuid::now_v7().to_string();
     info.delivery_id = Some(delivery_id.clone());

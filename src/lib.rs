@@ -3,17 +3,20 @@
 //!
 //! The path of one webhook, file by file: `server` accepts, `relay` dispatches, `routing` finds
 //! the account, `inbound` checks size and runs `provider` verification, `deliver` hands it to
-//! the Motion through the pooled client of `upstream`.
+//! the Motion through the pooled client of `upstream`. A send from a Motion goes the other way
+//! through `outbound`, checked against the 24-hour customer service `window`.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod deliver;
 pub mod http_util;
 pub mod inbound;
 pub mod meta_app;
 pub mod metrics;
+pub mod outbound;
 pub mod provider;
 pub mod queue;
 pub mod relay;
@@ -21,3 +24,4 @@ pub mod routing;
 pub mod server;
 pub mod store;
 pub mod upstream;
+pub mod window;

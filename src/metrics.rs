@@ -36,6 +36,21 @@ pub struct OutcomeLabels {
     pub outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutboundLabels {
+    pub motion: String,
+    pub provider: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WindowLabels {
+    pub motion: String,
+    pub provider: String,
+    /// `warned` (policy warn: sent with `X-Relay-Window: closed`) or `refused` (policy enforce: 422).
+    pub action: String,
+}
+
 fn latency_histogram() -> Histogram {
     // 100 µs .. ~13 s: covers a direct proxy hop and a slow Motion.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18))
@@ -55,6 +70,8 @@ pub struct Metrics {
     pub dedup_hits: Family<MotionLabels, Counter>,
     pub replays: Family<MotionLabels, Counter>,
     pub unknown_numbers: Family<AppLabels, Counter>,
+    pub outbound_requests: Family<OutboundLabels, Counter>,
+    pub window_closed: Family<WindowLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -79,6 +96,8 @@ impl Metrics {
         let dedup_hits = Family::<MotionLabels, Counter>::default();
         let replays = Family::<MotionLabels, Counter>::default();
         let unknown_numbers = Family::<AppLabels, Counter>::default();
+        let outbound_requests = Family::<OutboundLabels, Counter>::default();
+        let window_closed = Family::<WindowLabels, Counter>::default();
         registry.register("requests", "Requests answered, by motion and status", requests.clone());
         registry.register("request_duration_seconds", "Time to answer a request, by motion", latency.clone());
         registry.register(
@@ -111,6 +130,16 @@ impl Metrics {
             "Meta app batches with changes for a number no account claims (kept as dead letters)",
             unknown_numbers.clone(),
         );
+        registry.register(
+            "outbound_requests",
+            "Outbound sends answered, by motion, provider and status (the provider's, or the relay's refusal)",
+            outbound_requests.clone(),
+        );
+        registry.register(
+            "outbound_window_closed",
+            "Free-form sends outside the 24-hour customer service window, by motion, provider and action",
+            window_closed.clone(),
+        );
         Metrics {
             registry,
             unknown_numbers,
@@ -125,6 +154,8 @@ impl Metrics {
             queue_oldest_seconds,
             ack_latency,
             dead_letters,
+            outbound_requests,
+            window_closed,
         }
     }
 

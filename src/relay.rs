@@ -2,6 +2,7 @@
 //! routing snapshot (swapped whole on reload), the upstream client and the metrics. `handle`
 //! routes a request to the pipeline that owns it and writes the access line.
 
+use crate::clock::{Clock, SystemClock};
 use crate::config::{self, Config, ConfigError};
 use crate::http_util::{Body, ErrorCode, error, text};
 use crate::metrics::{Metrics, MotionLabels, RequestLabels};
@@ -56,10 +57,19 @@ pub struct Relay {
     config_path: PathBuf,
     /// The durable queue; set once at start, after the store is open.
     queue: OnceLock<Arc<Queue>>,
+    /// The 24-hour customer service window (recorded inbound, checked outbound).
+    pub window: crate::window::Window,
+    /// Sinch OAuth2 tokens for outbound sends, kept across reloads.
+    pub sinch_tokens: crate::outbound::sinch_token::SinchTokens,
 }
 
 impl Relay {
     pub fn new(config: Config) -> Result<Arc<Relay>, ReloadError> {
+        Self::with_clock(config, Arc::new(SystemClock))
+    }
+
+    /// Like [`Relay::new`] with another notion of "now" (tests move it; see `clock`).
+    pub fn with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Arc<Relay>, ReloadError> {
         let upstream = Upstream::new();
         let table = RouteTable::build(&config, &upstream)?;
         Ok(Arc::new(Relay {
@@ -68,14 +78,22 @@ impl Relay {
             metrics: Metrics::new(),
             upstream,
             queue: OnceLock::new(),
+            window: crate::window::Window::new(clock),
+            sinch_tokens: Default::default(),
         }))
     }
 
     /// Opens the queue over `store`, resuming what it holds. Called once, at start.
     pub fn start_queue(self: &Arc<Self>, store: Arc<dyn Store>) -> Result<(), StoreError> {
+        self.window.attach(store.clone());
         let q = Queue::start(self, store)?;
         let _ = self.queue.set(q);
         Ok(())
+    }
+
+    /// The durable store, once started.
+    pub fn store(&self) -> Option<&Arc<dyn Store>> {
+        self.queue().map(|q| q.store())
     }
 
     pub fn queue(&self) -> Option<&Arc<Queue>> {
@@ -156,7 +174,13 @@ impl Relay {
                 let target = crate::inbound::Target { motion, account, forward_at, by_host };
                 crate::inbound::handle(self, snap, target, req, conn, info).await
             }
-            Route::Outbound { .. } => error(ErrorCode::NotFound, "outbound sends are not available in this version"),
+            Route::Outbound { motion, account, rest_at } => {
+                info.motion = Some(motion.motion.name.clone());
+                info.account = Some(account.id.clone());
+                info.provider = account.provider.as_str();
+                let target = crate::outbound::Target { motion, account, rest_at };
+                crate::outbound::handle(self, snap, target, req, conn, info).await
+            }
             Route::MetaApp { app } => crate::meta_app::handle(self, snap, &app, req, conn, info).await,
         }
     }

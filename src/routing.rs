@@ -218,11 +218,11 @@ impl<'a> Segments<'a> {
         let end = rest.find('/').unwrap_or(rest.len());
         self.pos += end + 1;
         let seg = &rest[..end];
-        (!seg.is_empty() && decode(seg).is_some()).then_some(seg)
+        (!seg.is_empty() && decode_segment(seg).is_some()).then_some(seg)
     }
 
     fn next(&mut self) -> Option<Cow<'a, str>> {
-        self.next_raw().and_then(decode)
+        self.next_raw().and_then(decode_segment)
     }
 
     /// Every remaining segment must decode safely (empty segments are allowed: `a//b`, trailing `/`).
@@ -230,12 +230,13 @@ impl<'a> Segments<'a> {
         if self.pos > self.path.len() {
             return Some(());
         }
-        self.path[self.pos..].split('/').all(|s| s.is_empty() || decode(s).is_some()).then_some(())
+        self.path[self.pos..].split('/').all(|s| s.is_empty() || decode_segment(s).is_some()).then_some(())
     }
 }
 
-/// Decodes one segment once; `None` for dot segments and smuggled separators.
-fn decode(seg: &str) -> Option<Cow<'_, str>> {
+/// Decodes one segment once; `None` for dot segments and smuggled separators. Shared with the
+/// outbound endpoint allow-list, so both read a path the same way.
+pub(crate) fn decode_segment(seg: &str) -> Option<Cow<'_, str>> {
     let d = percent_decode_str(seg).decode_utf8().ok()?;
     let bad = d == "." || d == ".." || d.bytes().any(|b| matches!(b, b'/' | b'\\' | 0));
     (!bad).then_some(d)

@@ -136,6 +136,9 @@ pub struct OutboundCreds {
     pub sid: Option<String>,
     pub api_base: Option<String>,
     pub outbound_paths: Option<Vec<String>>,
+    /// The endpoints outbound calls may reach: `outbound_paths` compiled, or the provider's
+    /// defaults (see `outbound::paths`).
+    pub paths: crate::outbound::paths::AllowList,
 }
 
 pub struct MetaApp {
@@ -512,27 +515,43 @@ impl Validator<'_> {
             Some(u) => Some(self.url(u, "auth_url")?.to_string()),
             None => None,
         };
+        if a.key_id.is_some() != a.key_secret.is_some() {
+            return self.err(
+                a.id.span(),
+                format!(
+                    "account {id:?}: key_id and key_secret go together (the Sinch access key); set both or neither"
+                ),
+            );
+        }
+        let mut outbound = OutboundCreds {
+            account_sid: a.account_sid.clone(),
+            auth_token,
+            access_token: s(self, &a.access_token)?,
+            api_key: s(self, &a.api_key)?,
+            project_id: a.project_id.clone(),
+            key_id: a.key_id.clone(),
+            key_secret: s(self, &a.key_secret)?,
+            region,
+            auth_url,
+            sid: a.sid.clone(),
+            api_base,
+            outbound_paths: a.outbound_paths.clone(),
+            paths: Default::default(),
+        };
+        let phone_number_id = a.phone_number_id.as_ref().map(|x| x.get_ref().clone());
+        outbound.paths =
+            match crate::outbound::paths::AllowList::for_account(provider, &outbound, phone_number_id.as_deref()) {
+                Ok(p) => p,
+                Err(msg) => return self.err(a.id.span(), format!("account {id:?}: {msg}")),
+            };
         Ok(Account {
-            outbound: OutboundCreds {
-                account_sid: a.account_sid.clone(),
-                auth_token,
-                access_token: s(self, &a.access_token)?,
-                api_key: s(self, &a.api_key)?,
-                project_id: a.project_id.clone(),
-                key_id: a.key_id.clone(),
-                key_secret: s(self, &a.key_secret)?,
-                region,
-                auth_url,
-                sid: a.sid.clone(),
-                api_base,
-                outbound_paths: a.outbound_paths.clone(),
-            },
+            outbound,
             id,
             provider,
             verifier,
             verify_token,
             app: a.app.as_ref().map(|x| x.get_ref().clone()),
-            phone_number_id: a.phone_number_id.as_ref().map(|x| x.get_ref().clone()),
+            phone_number_id,
             waba_id: a.waba_id.clone(),
         })
     }

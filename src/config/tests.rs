@@ -141,3 +141,15 @@ fn meta_app_accounts() {
     let c = parse_str(&format!("{APP}\n[[meta_app]]\nname = \"empty\"\napp_secret = \"t\"\n")).unwrap();
     assert!(c.warnings.iter().any(|w| w.contains("meta_app \"empty\" has no accounts")), "{:?}", c.warnings);
 }
+
+#[test]
+fn outbound_paths_and_sinch_keys_are_checked_at_load() {
+    let e = err(&format!("{BASE}  outbound_paths = [\"/v1//messages\"]\n"));
+    assert!(e.starts_with("relay.toml:10:8:") && e.contains("empty segment"), "{e}");
+    let e = err(&format!("{BASE}  outbound_paths = [\"post /v1/x\"]\n"));
+    assert!(e.contains("upper case"), "{e}");
+    let c = parse_str(&format!("{BASE}  outbound_paths = [\"POST /v1/*/messages\"]\n")).unwrap();
+    assert!(c.motions[0].accounts[0].outbound.paths.allows(&http::Method::POST, "/v1/HX1/messages"));
+    let e = err(&format!("{BASE}  key_id = \"k\"\n"));
+    assert!(e.contains("key_id and key_secret go together"), "{e}");
+}

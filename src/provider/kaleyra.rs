@@ -8,6 +8,7 @@ use super::is_form;
 #[derive(Deserialize)]
 struct Message {
     from: Option<String>,
+    status: Option<serde::de::IgnoredAny>,
 }
 
 /// The customer's number, `from`, of a JSON post (or of a form post, which Kaleyra also sends).
@@ -16,6 +17,24 @@ pub(super) fn conversation(content_type: Option<&str>, body: &[u8]) -> Option<St
         return form_urlencoded::parse(body).find(|(k, _)| k == "from").map(|(_, v)| v.into_owned());
     }
     serde_json::from_slice::<Message>(body).ok()?.from
+}
+
+/// The customer who wrote, for the 24-hour window: `from` of an incoming message; a payload
+/// that carries a `status` is a delivery report, not the customer writing.
+pub(super) fn inbound_sender(content_type: Option<&str>, body: &[u8]) -> Option<String> {
+    if is_form(content_type) {
+        let mut from = None;
+        for (k, v) in form_urlencoded::parse(body) {
+            match &*k {
+                "status" => return None,
+                "from" => from = Some(v.into_owned()),
+                _ => {}
+            }
+        }
+        return from;
+    }
+    let m = serde_json::from_slice::<Message>(body).ok()?;
+    if m.status.is_some() { None } else { m.from }
 }
 
 #[cfg(test)]

@@ -64,6 +64,21 @@ pub(super) fn keys(body: &[u8]) -> PayloadKeys {
     PayloadKeys { conversation, event_id: (!ids.is_empty()).then(|| ids.join(",")) }
 }
 
+/// Every customer who wrote in this payload (`messages[].from`, statuses left out), for the
+/// 24-hour window; a batch may carry several.
+pub(super) fn message_senders(body: &[u8]) -> Vec<String> {
+    let Ok(Events(events)) = serde_json::from_slice::<Events>(body) else { return Vec::new() };
+    let mut out: Vec<String> = Vec::new();
+    for e in events {
+        if let Event::Message { from: Some(f), .. } = e {
+            if !f.is_empty() && !out.contains(&f) {
+                out.push(f);
+            }
+        }
+    }
+    out
+}
+
 /// A message or a status, as the visitor below found it (it knows which by the array it read).
 enum Event {
     Message { from: Option<String>, id: Option<String> },

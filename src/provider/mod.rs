@@ -347,6 +347,19 @@ pub fn event_id(kind: ProviderKind, content_type: Option<&str>, body: &[u8]) -> 
     payload_keys(kind, content_type, body).event_id
 }
 
+/// The customers who wrote in an inbound payload (messages only, never statuses or reports), as
+/// the provider spells them: what opens the 24-hour customer service window.
+pub fn inbound_senders(kind: ProviderKind, content_type: Option<&str>, body: &[u8]) -> Vec<String> {
+    let one = |s: Option<String>| s.filter(|s| !s.is_empty()).into_iter().collect();
+    match kind {
+        ProviderKind::Twilio => one(twilio::inbound_sender(content_type, body)),
+        ProviderKind::Meta | ProviderKind::Dialog360 => meta::message_senders(body),
+        ProviderKind::Sinch => one(sinch::inbound_sender(body)),
+        ProviderKind::Kaleyra => one(kaleyra::inbound_sender(content_type, body)),
+        ProviderKind::Generic => Vec::new(),
+    }
+}
+
 /// Headers that make `body`, sent to `url`, pass the checks of an account configured by `cfg`
 /// (signature and shared token; `allow_from` is the sender's business). Used by `simulate`.
 pub fn sign_request(

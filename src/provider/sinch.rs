@@ -81,6 +81,8 @@ struct Item {
     event_id: Option<String>,
     status: Option<String>,
     channel_identity: Option<Identity>,
+    /// `TO_APP` for what the customer sent, `TO_CONTACT` for an echo of what the business sent.
+    direction: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -102,6 +104,16 @@ pub(super) fn keys(body: &[u8]) -> PayloadKeys {
         None => id,
     });
     PayloadKeys { conversation: item.channel_identity.and_then(|c| c.identity), event_id }
+}
+
+/// The customer who wrote, for the 24-hour window: the channel identity of a `message`
+/// callback travelling to the app; None for delivery reports, events and echoes.
+pub(super) fn inbound_sender(body: &[u8]) -> Option<String> {
+    let m = serde_json::from_slice::<Callback>(body).ok()?.message?;
+    if m.direction.as_deref().is_some_and(|d| d != "TO_APP") {
+        return None;
+    }
+    m.channel_identity?.identity
 }
 
 #[cfg(test)]

@@ -140,6 +140,14 @@ pub(super) fn keys(content_type: Option<&str>, body: &[u8]) -> PayloadKeys {
     PayloadKeys { conversation, event_id }
 }
 
+/// The customer who wrote, for the 24-hour window: `From` of an inbound message; None for a
+/// status callback (a status is not the customer writing).
+pub(super) fn inbound_sender(content_type: Option<&str>, body: &[u8]) -> Option<String> {
+    let f = fields(content_type, body)?;
+    let is_status = f.status.as_deref().is_some_and(|s| s != "received");
+    if is_status { None } else { f.from.map(Cow::into_owned) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::testkit::*;

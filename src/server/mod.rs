@@ -65,6 +65,16 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
 
 /// Like [`start`], over a store the caller opened (tests inject faults this way).
 pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> Result<Running, ServeError> {
+    start_with_clock(config, store, Arc::new(crate::clock::SystemClock)).await
+}
+
+/// Like [`start_with_store`], with the relay's notion of "now" supplied (tests move a
+/// [`crate::clock::ManualClock`] to cross the 24-hour window without waiting a day).
+pub async fn start_with_clock(
+    config: Config,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn crate::clock::Clock>,
+) -> Result<Running, ServeError> {
     let grace = config.server.shutdown_grace;
     let header_timeout = config.server.header_timeout;
     let http_addr = config.server.http;
@@ -72,7 +82,7 @@ pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> Result<R
     if config.server.https.is_some() {
         tracing::warn!("the https listener is not available in this version; serving plain http only");
     }
-    let relay = Relay::new(config).map_err(|e| ServeError::Setup(e.to_string()))?;
+    let relay = Relay::with_clock(config, clock).map_err(|e| ServeError::Setup(e.to_string()))?;
     relay.start_queue(store).map_err(|e| ServeError::Setup(format!("cannot read the queue: {e}")))?;
     let ready = Arc::new(Readiness::default());
     let (stop, _) = watch::channel(false);

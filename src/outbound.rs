@@ -1,0 +1,393 @@
+//! The outbound pipeline (SPEC "Outbound"): a Motion server sends through the relay to its
+//! provider's API, because it may only talk to one whitelisted host.
+//!
+//! In order, each failing step answering with the SPEC's JSON error and never reaching the
+//! provider: the Motion's `allow_from` (403), its `outbound_token` in `X-Relay-Token`, compared
+//! in constant time (401), the account's endpoint allow-list (`paths`, 403), the body read
+//! bounded by `max_body` (413), the 24-hour window under `enforce` (422). Then the call goes to
+//! the account's API base (nowhere else: the relay is not an open proxy) through the one pooled
+//! client, authenticated with the relay's credentials for the account where it holds them, and
+//! the provider's answer comes back as it is (streamed; hop-by-hop headers dropped).
+//!
+//! The token check is per Motion: a route names one Motion, and only that Motion's token is
+//! compared, so one Motion's token can never send for another Motion's accounts.
+
+pub mod paths;
+pub mod sinch_token;
+
+use crate::config::{Account, Motion, WindowPolicy};
+use crate::deliver::error_chain;
+use crate::http_util::{Body, ErrorCode, error, strip_hop_by_hop};
+use crate::metrics::{OutboundLabels, WindowLabels};
+use crate::provider::{ProviderKind, ct_eq};
+use crate::relay::{AccessInfo, Conn, Relay, Snapshot, client_ip};
+use crate::routing::MotionRoute;
+use crate::window::{self, State};
+use base64::Engine;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+use sinch_token::{KeyRef, TokenError};
+use std::sync::Arc;
+
+pub const X_RELAY_TOKEN: HeaderName = HeaderName::from_static("x-relay-token");
+pub const X_RELAY_WINDOW: HeaderName = HeaderName::from_static("x-relay-window");
+const D360_API_KEY: HeaderName = HeaderName::from_static("d360-api-key");
+const KALEYRA_API_KEY: HeaderName = HeaderName::from_static("api-key");
+const SINCH_AUTH_URL: &str = "https://auth.sinch.com/oauth2/token";
+
+/// Where a route sends.
+pub struct Target<'a> {
+    pub motion: &'a Arc<MotionRoute>,
+    pub account: &'a Arc<Account>,
+    /// Byte offset in the request path where the provider path starts.
+    pub rest_at: usize,
+}
+
+pub async fn handle(
+    relay: &Relay,
+    snap: &Snapshot,
+    t: Target<'_>,
+    req: Request<Incoming>,
+    conn: Conn,
+    _info: &mut AccessInfo,
+) -> Response<Body> {
+    let motion = &t.motion.motion;
+    let account = t.account;
+    let provider = account.provider.as_str();
+    let server = &snap.config.server;
+    let count = |status: u16| {
+        relay
+            .metrics
+            .outbound_requests
+            .get_or_create(&OutboundLabels { motion: motion.name.clone(), provider: provider.to_string(), status })
+            .inc();
+    };
+
+    // Who may call: the network first (cheap, and says nothing about the token to strangers).
+    let ip = client_ip(conn.peer.ip(), req.headers(), &server.trusted_proxies);
+    if !motion.allow_from.is_empty() && !motion.allow_from.iter().any(|n| n.contains(&ip)) {
+        tracing::warn!(motion = %motion.name, %ip, "outbound send refused: address not in the motion's allow_from");
+        count(403);
+        return error(ErrorCode::Forbidden, format!("{ip} may not send for motion {} (allow_from)", motion.name));
+    }
+    if let Err(msg) = check_token(motion, req.headers()) {
+        tracing::warn!(motion = %motion.name, %ip, "outbound send refused: {msg}");
+        count(401);
+        return error(ErrorCode::Unauthorized, msg);
+    }
+
+    // Where to: the account's endpoints under its provider base, and nothing else.
+    let path = &req.uri().path()[t.rest_at..];
+    if !account.outbound.paths.allows(req.method(), path) {
+        tracing::warn!(motion = %motion.name, account = %account.id, method = %req.method(), "outbound send refused: not one of the account's endpoints");
+        tracing::debug!(path, "refused outbound path");
+        count(403);
+        return error(
+            ErrorCode::Forbidden,
+            format!(
+                "{} {path} is not one of account {}'s {provider} messaging endpoints; an operator may widen them with outbound_paths",
+                req.method(),
+                account.id
+            ),
+        );
+    }
+    let Some(base) = api_base(account) else {
+        count(403);
+        return error(
+            ErrorCode::Forbidden,
+            format!("account {} ({provider}) has no api_base: set one to send through the relay", account.id),
+        );
+    };
+    let uri = match req.uri().query() {
+        Some(q) => format!("{base}{path}?{q}"),
+        None => format!("{base}{path}"),
+    };
+    let uri: http::Uri = match uri.parse() {
+        Ok(u) => u,
+        Err(e) => {
+            count(400);
+            return error(ErrorCode::BadRequest, format!("cannot build the provider URL: {e}"));
+        }
+    };
+
+    // The body, bounded: the window check reads it, and it is sent in one piece.
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > server.max_body) {
+        count(413);
+        return too_large(server.max_body);
+    }
+    let (parts, body) = req.into_parts();
+    let limit = usize::try_from(server.max_body).unwrap_or(usize::MAX);
+    let body = match tokio::time::timeout(server.request_timeout, Limited::new(body, limit).collect()).await {
+        Ok(Ok(c)) => c.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            count(413);
+            return too_large(server.max_body);
+        }
+        Ok(Err(e)) => {
+            count(400);
+            return error(ErrorCode::BadRequest, format!("could not read the request body: {e}"));
+        }
+        Err(_) => {
+            count(408);
+            return error(ErrorCode::RequestTimeout, "the request body did not arrive within request_timeout");
+        }
+    };
+
+    // The 24-hour window, for free-form sends to a number the relay can read.
+    let mut window_closed = false;
+    if motion.window_policy != WindowPolicy::Off && parts.method == http::Method::POST {
+        let ct = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        if let Some(send) = window::classify(account.provider, ct, &body).filter(|s| !s.template) {
+            if relay.window.state(&motion.name, &account.id, &send.recipient).await == State::Closed {
+                window_closed = true;
+                let action = if motion.window_policy == WindowPolicy::Enforce { "refused" } else { "warned" };
+                relay
+                    .metrics
+                    .window_closed
+                    .get_or_create(&WindowLabels {
+                        motion: motion.name.clone(),
+                        provider: provider.to_string(),
+                        action: action.to_string(),
+                    })
+                    .inc();
+                tracing::info!(motion = %motion.name, account = %account.id, action, "free-form send outside the customer service window");
+                if motion.window_policy == WindowPolicy::Enforce {
+                    count(422);
+                    return error(
+                        ErrorCode::OutsideWindow,
+                        "the customer has not written in the last 24 hours (as far as the relay has seen), so WhatsApp allows only an approved template message; send a template instead",
+                    );
+                }
+            }
+        }
+    }
+
+    // The call, with the relay's credentials where it holds them.
+    let auth = Auth::of(account);
+    let headers = forwarded_headers(parts.headers, &auth);
+    let timeout = snap.config.outbound_timeout;
+    let client = relay.upstream.client();
+    let mut rejected: Option<String> = None;
+    let resp = loop {
+        let mut h = headers.clone();
+        let sinch_token = match &auth {
+            Auth::Sinch(key) => match relay.sinch_tokens.get(client, key, timeout, rejected.as_deref()).await {
+                Ok(tok) => {
+                    let mut v = HeaderValue::from_str(&format!("Bearer {tok}")).unwrap_or(HeaderValue::from_static(""));
+                    v.set_sensitive(true);
+                    h.insert(header::AUTHORIZATION, v);
+                    Some(tok)
+                }
+                Err(e) => {
+                    tracing::warn!(motion = %motion.name, account = %account.id, "{e}");
+                    let (code, status) = match e {
+                        TokenError::Timeout { .. } => (ErrorCode::UpstreamTimeout, 504),
+                        _ => (ErrorCode::UpstreamUnreachable, 502),
+                    };
+                    count(status);
+                    return error(code, e.to_string());
+                }
+            },
+            Auth::Header(name, value) => {
+                h.insert(name.clone(), value.clone());
+                None
+            }
+            Auth::Client => None,
+        };
+        let mut out = Request::new(Full::new(body.clone()));
+        *out.method_mut() = parts.method.clone();
+        *out.uri_mut() = uri.clone();
+        *out.headers_mut() = h;
+        let resp = match tokio::time::timeout(timeout, client.request(out)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::warn!(motion = %motion.name, account = %account.id, provider, "provider API unreachable: {}", error_chain(&e));
+                count(502);
+                return error(
+                    ErrorCode::UpstreamUnreachable,
+                    format!("the {provider} API at {base} is unreachable; retry later"),
+                );
+            }
+            Err(_) => {
+                tracing::warn!(motion = %motion.name, account = %account.id, provider, "provider API did not answer within {timeout:?}");
+                count(504);
+                return error(
+                    ErrorCode::UpstreamTimeout,
+                    format!("the {provider} API did not answer within {timeout:?} ([outbound] timeout)"),
+                );
+            }
+        };
+        // A Sinch token can be revoked or expire early: fetch a new one and try once more.
+        if resp.status() == StatusCode::UNAUTHORIZED && rejected.is_none() {
+            if let Some(tok) = sinch_token {
+                tracing::info!(motion = %motion.name, account = %account.id, "Sinch refused the cached access token; fetching a new one");
+                rejected = Some(tok);
+                continue;
+            }
+        }
+        break resp;
+    };
+
+    let (mut head, body) = resp.into_parts();
+    strip_hop_by_hop(&mut head.headers);
+    if window_closed {
+        head.headers.insert(X_RELAY_WINDOW, HeaderValue::from_static("closed"));
+    }
+    count(head.status.as_u16());
+    Response::from_parts(head, Either::Right(body))
+}
+
+/// 401 unless the request carries the Motion's outbound token; the message says what to fix.
+fn check_token(motion: &Motion, headers: &HeaderMap) -> Result<(), String> {
+    let Some(expected) = &motion.outbound_token else {
+        return Err(format!(
+            "motion {} has no outbound_token configured, so it cannot send through the relay",
+            motion.name
+        ));
+    };
+    let Some(presented) = headers.get(&X_RELAY_TOKEN) else {
+        return Err("missing X-Relay-Token header (the motion's outbound_token)".into());
+    };
+    if ct_eq(presented.as_bytes(), expected.expose().as_bytes()) {
+        Ok(())
+    } else {
+        Err("X-Relay-Token does not match this motion's outbound_token".into())
+    }
+}
+
+/// How the relay authenticates an account's calls.
+enum Auth<'a> {
+    /// The relay holds nothing: the client's own `Authorization` (or key header) passes.
+    Client,
+    /// A fixed header from the account's credentials.
+    Header(HeaderName, HeaderValue),
+    /// A Sinch OAuth2 token for this access key.
+    Sinch(KeyRef<'a>),
+}
+
+impl<'a> Auth<'a> {
+    fn of(account: &'a Account) -> Auth<'a> {
+        let c = &account.outbound;
+        let header = |name: HeaderName, value: String| match HeaderValue::from_str(&value) {
+            Ok(mut v) => {
+                v.set_sensitive(true);
+                Auth::Header(name, v)
+            }
+            // Config secrets are text; one that is not a valid header value cannot be sent, and
+            // the operator has to fix it: the client's own credentials stand in meanwhile.
+            Err(_) => {
+                tracing::warn!(account = %account.id, "the account's outbound credential is not a valid header value; passing the client's credentials instead");
+                Auth::Client
+            }
+        };
+        match account.provider {
+            ProviderKind::Twilio => match (&c.account_sid, &c.auth_token) {
+                (Some(sid), Some(token)) => {
+                    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{sid}:{}", token.expose()));
+                    header(header::AUTHORIZATION, format!("Basic {basic}"))
+                }
+                _ => Auth::Client,
+            },
+            ProviderKind::Meta => match &c.access_token {
+                Some(t) => header(header::AUTHORIZATION, format!("Bearer {}", t.expose())),
+                None => Auth::Client,
+            },
+            ProviderKind::Dialog360 => match &c.api_key {
+                Some(k) => header(D360_API_KEY, k.expose().to_string()),
+                None => Auth::Client,
+            },
+            ProviderKind::Kaleyra => match &c.api_key {
+                Some(k) => header(KALEYRA_API_KEY, k.expose().to_string()),
+                None => Auth::Client,
+            },
+            ProviderKind::Sinch => match (&c.key_id, &c.key_secret) {
+                (Some(id), Some(secret)) => Auth::Sinch(KeyRef {
+                    auth_url: c.auth_url.as_deref().unwrap_or(SINCH_AUTH_URL),
+                    key_id: id,
+                    key_secret: secret.expose(),
+                }),
+                _ => Auth::Client,
+            },
+            ProviderKind::Generic => Auth::Client,
+        }
+    }
+}
+
+/// The account's API base: `api_base`, or the provider's public API.
+pub fn api_base(account: &Account) -> Option<String> {
+    let c = &account.outbound;
+    if let Some(b) = &c.api_base {
+        return Some(b.trim_end_matches('/').to_string());
+    }
+    let eu = c.region.as_deref() == Some("eu");
+    Some(match account.provider {
+        ProviderKind::Twilio => "https://api.twilio.com".into(),
+        ProviderKind::Meta => "https://graph.facebook.com".into(),
+        ProviderKind::Dialog360 => "https://waba-v2.360dialog.io".into(),
+        ProviderKind::Sinch => format!("https://{}.conversation.api.sinch.com", if eu { "eu" } else { "us" }),
+        ProviderKind::Kaleyra if eu => "https://api.eu.kaleyra.io".into(),
+        ProviderKind::Kaleyra => "https://api.kaleyra.io".into(),
+        ProviderKind::Generic => return None,
+    })
+}
+
+/// The client's headers as the provider receives them: hop-by-hop headers, `Host` (the client
+/// sets the provider's), framing (the body is re-sent whole), the relay's own `X-Relay-*` (the
+/// token above all) and forwarding headers (the provider need not learn the Motion's network)
+/// are dropped; where the relay authenticates, so are the client's credentials.
+fn forwarded_headers(mut headers: HeaderMap, auth: &Auth<'_>) -> HeaderMap {
+    strip_hop_by_hop(&mut headers);
+    for h in [header::HOST, header::CONTENT_LENGTH, header::EXPECT, header::FORWARDED] {
+        headers.remove(h);
+    }
+    // Some APIs let these replace the request's method, which would step around the
+    // method part of the endpoint allow-list.
+    for h in ["x-http-method-override", "x-http-method", "x-method-override"] {
+        headers.remove(h);
+    }
+    let drop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-relay-") || k.as_str().starts_with("x-forwarded-"))
+        .cloned()
+        .collect();
+    for k in drop {
+        headers.remove(k);
+    }
+    if !matches!(auth, Auth::Client) {
+        for h in [header::AUTHORIZATION, D360_API_KEY, KALEYRA_API_KEY] {
+            headers.remove(h);
+        }
+    }
+    headers
+}
+
+fn too_large(max: u64) -> Response<Body> {
+    error(ErrorCode::TooLarge, format!("the body is larger than max_body ({max} bytes)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_credentials_replace_the_clients() {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", HeaderValue::from_static("Bearer client"));
+        h.insert("x-relay-token", HeaderValue::from_static("secret"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        h.insert("host", HeaderValue::from_static("chat.example.com"));
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        h.insert("connection", HeaderValue::from_static("x-hop"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("x-http-method-override", HeaderValue::from_static("DELETE"));
+        let kept = forwarded_headers(h.clone(), &Auth::Client);
+        assert_eq!(kept["authorization"], "Bearer client");
+        assert_eq!(kept.len(), 2, "{kept:?}");
+        let held = forwarded_headers(h, &Auth::Header(header::AUTHORIZATION, HeaderValue::from_static("x")));
+        assert!(!held.contains_key("authorization"));
+        assert_eq!(held.len(), 1);
+    }
+}

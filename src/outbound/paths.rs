@@ -1,0 +1,308 @@
+//! Which provider endpoints an account's outbound calls may reach: the per-provider defaults of
+//! SPEC "Outbound" and the `outbound_paths` patterns that replace them.
+//!
+//! Pattern syntax (one string per endpoint): an optional comma-separated method list, a space,
+//! then an absolute path whose segments are literals, `*` (exactly one non-empty segment),
+//! `prefix*suffix` (one segment with that prefix and suffix, e.g. `*.json` or `v*`), or, as the
+//! last segment only, `**` (zero or more segments). Without a method list any method matches.
+//! Examples: `"POST /v1/projects/P1/messages:send"`, `"GET,DELETE /v*/*"`, `"/custom/**"`.
+//!
+//! A request path is matched after the same one-time percent-decoding per segment that routing
+//! does (`routing::decode_segment`): a dot segment, an encoded slash or backslash, or an empty
+//! segment in the middle never matches, so no spelling of a path escapes a pattern. One trailing
+//! slash is ignored (`/media/` is `/media`).
+
+use crate::config::OutboundCreds;
+use crate::provider::ProviderKind;
+use http::Method;
+
+/// One segment of a pattern.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Seg {
+    Lit(String),
+    /// `*` or `prefix*suffix`: one non-empty segment.
+    Glob {
+        prefix: String,
+        suffix: String,
+    },
+    /// `**`: the rest, possibly nothing.
+    Rest,
+}
+
+impl Seg {
+    fn matches(&self, s: &str) -> bool {
+        match self {
+            Seg::Lit(l) => l == s,
+            Seg::Glob { prefix, suffix } => {
+                s.len() > prefix.len() + suffix.len() && s.starts_with(prefix.as_str()) && s.ends_with(suffix.as_str())
+            }
+            Seg::Rest => true,
+        }
+    }
+}
+
+/// A parsed endpoint pattern.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pattern {
+    methods: Option<Vec<Method>>,
+    segs: Vec<Seg>,
+}
+
+impl Pattern {
+    /// Parses the syntax above; `Err` says what is wrong and how to write it.
+    pub fn parse(text: &str) -> Result<Pattern, String> {
+        let text = text.trim();
+        let (methods, path) = match text.split_once(' ') {
+            Some((m, p)) => {
+                let methods = m
+                    .split(',')
+                    .map(|m| {
+                        let m = m.trim();
+                        let ok = !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase());
+                        if ok { Method::from_bytes(m.as_bytes()).ok() } else { None }
+                    })
+                    .collect::<Option<Vec<Method>>>()
+                    .ok_or_else(|| {
+                        format!("outbound path {text:?}: methods must be upper case, e.g. \"GET,POST /v1/x\"")
+                    })?;
+                (Some(methods), p.trim())
+            }
+            None => (None, text),
+        };
+        let Some(rest) = path.strip_prefix('/') else {
+            return Err(format!("outbound path {text:?} must start with '/' (after an optional method list)"));
+        };
+        let raw: Vec<&str> = rest.split('/').collect();
+        let mut segs = Vec::with_capacity(raw.len());
+        for (i, s) in raw.iter().enumerate() {
+            let seg = match *s {
+                "" => return Err(format!("outbound path {text:?} has an empty segment")),
+                "**" if i + 1 == raw.len() => Seg::Rest,
+                "**" => return Err(format!("outbound path {text:?}: '**' may only be the last segment")),
+                "." | ".." => return Err(format!("outbound path {text:?} has a dot segment")),
+                s if s.matches('*').count() > 1 => {
+                    return Err(format!("outbound path {text:?}: a segment may hold one '*' (or be '**')"));
+                }
+                s => match s.split_once('*') {
+                    Some((prefix, suffix)) => Seg::Glob { prefix: prefix.into(), suffix: suffix.into() },
+                    None => Seg::Lit(s.into()),
+                },
+            };
+            segs.push(seg);
+        }
+        Ok(Pattern { methods, segs })
+    }
+
+    /// Builds a default pattern: `template` in the syntax above where each `{}` segment takes the
+    /// next of `ids` as a literal (never read as a wildcard, whatever it holds), or `*` when that
+    /// id is not configured.
+    fn template(methods: &str, template: &str, ids: &[Option<&str>]) -> Pattern {
+        let mut p = Pattern::parse(&format!("{methods} {template}")).expect("built-in patterns are valid");
+        let mut ids = ids.iter();
+        for seg in &mut p.segs {
+            if *seg == Seg::Lit("{}".into()) {
+                *seg = match ids.next().copied().flatten() {
+                    Some(id) => Seg::Lit(id.to_string()),
+                    None => Seg::Glob { prefix: String::new(), suffix: String::new() },
+                };
+            }
+        }
+        p
+    }
+
+    fn matches(&self, method: &Method, segs: &[std::borrow::Cow<'_, str>]) -> bool {
+        if self.methods.as_ref().is_some_and(|m| !m.contains(method)) {
+            return false;
+        }
+        let mut i = 0;
+        for p in &self.segs {
+            if *p == Seg::Rest {
+                return true;
+            }
+            match segs.get(i) {
+                Some(s) if p.matches(s) => i += 1,
+                _ => return false,
+            }
+        }
+        i == segs.len()
+    }
+}
+
+/// The endpoints one account may reach.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AllowList {
+    patterns: Vec<Pattern>,
+}
+
+impl AllowList {
+    /// `outbound_paths` when given (it replaces the defaults), else the provider's defaults.
+    /// `phone_number_id` is the account's Meta number (it lives beside the credentials).
+    pub fn for_account(
+        provider: ProviderKind,
+        creds: &OutboundCreds,
+        phone_number_id: Option<&str>,
+    ) -> Result<AllowList, String> {
+        match &creds.outbound_paths {
+            Some(list) => Ok(AllowList { patterns: list.iter().map(|p| Pattern::parse(p)).collect::<Result<_, _>>()? }),
+            None => Ok(AllowList { patterns: defaults(provider, creds, phone_number_id) }),
+        }
+    }
+
+    /// Whether `method` on `path` (the raw path below the provider base, starting with `/`) is
+    /// allowed. Segments are decoded once; anything that does not decode safely is refused.
+    pub fn allows(&self, method: &Method, path: &str) -> bool {
+        let Some(rest) = path.strip_prefix('/') else { return false };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let mut segs = Vec::new();
+        if !rest.is_empty() {
+            for raw in rest.split('/') {
+                match (raw.is_empty(), crate::routing::decode_segment(raw)) {
+                    (false, Some(s)) => segs.push(s),
+                    _ => return false,
+                }
+            }
+        }
+        self.patterns.iter().any(|p| p.matches(method, &segs))
+    }
+}
+
+/// SPEC "Outbound": each provider's messaging endpoints for the account. Where the account does
+/// not name an id, that segment is `*` and the client's own credentials decide.
+fn defaults(provider: ProviderKind, c: &OutboundCreds, phone_number_id: Option<&str>) -> Vec<Pattern> {
+    let t = Pattern::template;
+    match provider {
+        ProviderKind::Twilio => {
+            let sid = &[c.account_sid.as_deref()];
+            vec![
+                // Send. Listing (GET Messages.json) is left out: it shows every number of the account.
+                t("POST", "/2010-04-01/Accounts/{}/Messages.json", sid),
+                // Fetch, update (redact, cancel) and delete one message.
+                t("GET,POST,DELETE", "/2010-04-01/Accounts/{}/Messages/*.json", sid),
+                // Its media: the list and each item (media download answers with a redirect).
+                t("GET", "/2010-04-01/Accounts/{}/Messages/*/Media.json", sid),
+                t("GET,DELETE", "/2010-04-01/Accounts/{}/Messages/*/Media/**", sid),
+            ]
+        }
+        ProviderKind::Meta => {
+            let pnid = &[phone_number_id];
+            let mut v = vec![t("POST", "/v*/{}/messages", pnid), t("POST", "/v*/{}/media", pnid)];
+            // GET /{media-id} reads any Graph object the token can see: with the relay's own
+            // token that could be another number's or another tenant's, so only the client's
+            // own credentials may use it.
+            if c.access_token.is_none() {
+                v.push(t("GET,DELETE", "/v*/*", &[]));
+            }
+            v
+        }
+        ProviderKind::Dialog360 => vec![
+            // The key belongs to one number: everything it reaches is that number's.
+            t("POST", "/messages", &[]),
+            t("POST", "/media", &[]),
+            t("GET,DELETE", "/*", &[]),
+            t("GET,POST", "/whatsapp_business/attachments", &[]),
+            // The On-Premise shape (base https://waba.360dialog.io).
+            t("POST", "/v1/messages", &[]),
+            t("POST", "/v1/media", &[]),
+            t("GET,DELETE", "/v1/media/*", &[]),
+        ],
+        ProviderKind::Sinch => vec![t("POST", "/v1/projects/{}/messages:send", &[c.project_id.as_deref()])],
+        ProviderKind::Kaleyra => {
+            let sid = &[c.sid.as_deref()];
+            vec![t("POST", "/v1/{}/messages", sid), t("POST", "/v2/{}/whatsapp/*/messages", sid)]
+        }
+        // A generic provider has no known API: its `api_base` (required for outbound) is the
+        // boundary, and the client's own credentials decide what it may do there.
+        ProviderKind::Generic => vec![Pattern::parse("/**").expect("valid")],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn creds() -> OutboundCreds {
+        OutboundCreds::default()
+    }
+
+    #[test]
+    fn twilio_defaults_confine_to_the_account_sid() {
+        let c = OutboundCreds { account_sid: Some("AC1".into()), ..creds() };
+        let a = AllowList::for_account(ProviderKind::Twilio, &c, None).unwrap();
+        assert!(a.allows(&Method::POST, "/2010-04-01/Accounts/AC1/Messages.json"));
+        assert!(a.allows(&Method::GET, "/2010-04-01/Accounts/AC1/Messages/SM9.json"));
+        assert!(a.allows(&Method::GET, "/2010-04-01/Accounts/AC1/Messages/MM9/Media/ME1"));
+        assert!(a.allows(&Method::GET, "/2010-04-01/Accounts/AC1/Messages/MM9/Media.json"));
+        assert!(!a.allows(&Method::POST, "/2010-04-01/Accounts/AC2/Messages.json"), "another account");
+        assert!(!a.allows(&Method::GET, "/2010-04-01/Accounts/AC1/Messages.json"), "listing");
+        assert!(!a.allows(&Method::POST, "/2010-04-01/Accounts/AC1/Calls.json"));
+        assert!(!a.allows(&Method::GET, "/2010-04-01/Accounts/AC1.json"));
+        assert!(!a.allows(&Method::POST, "/2010-04-01/Accounts/AC1/Messages/.json"), "empty glob");
+        // Spellings that would escape after a second decoding or a path normalisation.
+        assert!(!a.allows(&Method::POST, "/2010-04-01/Accounts/AC1/../AC2/Messages.json"));
+        assert!(!a.allows(&Method::POST, "/2010-04-01/Accounts/AC1/%2e%2e/AC2/Messages.json"));
+        assert!(!a.allows(&Method::POST, "/2010-04-01/Accounts/AC1%2FMessages.json"));
+        assert!(!a.allows(&Method::POST, "/2010-04-01/Accounts//AC1/Messages.json"));
+        // Without an account_sid the segment is free.
+        let free = AllowList::for_account(ProviderKind::Twilio, &creds(), None).unwrap();
+        assert!(free.allows(&Method::POST, "/2010-04-01/Accounts/AC2/Messages.json"));
+        assert!(free.allows(&Method::POST, "/2010-04-01/Accounts/AC%32/Messages.json"));
+    }
+
+    #[test]
+    fn meta_media_by_id_only_with_client_credentials() {
+        let held = OutboundCreds { access_token: Some(crate::config::secret::resolve("t").unwrap().0), ..creds() };
+        let a = AllowList::for_account(ProviderKind::Meta, &held, Some("106")).unwrap();
+        assert!(a.allows(&Method::POST, "/v21.0/106/messages"));
+        assert!(a.allows(&Method::POST, "/v21.0/106/media/"));
+        assert!(!a.allows(&Method::POST, "/v21.0/107/messages"));
+        assert!(!a.allows(&Method::GET, "/v21.0/1234"));
+        assert!(!a.allows(&Method::POST, "/106/messages"), "a version is required");
+        let own = AllowList::for_account(ProviderKind::Meta, &creds(), None).unwrap();
+        assert!(own.allows(&Method::GET, "/v21.0/1234"));
+        assert!(own.allows(&Method::POST, "/v21.0/107/messages"));
+    }
+
+    #[test]
+    fn sinch_kaleyra_and_360dialog_defaults() {
+        let s = OutboundCreds { project_id: Some("P1".into()), ..creds() };
+        let a = AllowList::for_account(ProviderKind::Sinch, &s, None).unwrap();
+        assert!(a.allows(&Method::POST, "/v1/projects/P1/messages:send"));
+        assert!(!a.allows(&Method::POST, "/v1/projects/P2/messages:send"));
+        assert!(!a.allows(&Method::GET, "/v1/projects/P1/messages:send"));
+        let k = OutboundCreds { sid: Some("HX1".into()), ..creds() };
+        let a = AllowList::for_account(ProviderKind::Kaleyra, &k, None).unwrap();
+        assert!(a.allows(&Method::POST, "/v1/HX1/messages"));
+        assert!(a.allows(&Method::POST, "/v2/HX1/whatsapp/+15550001/messages"));
+        assert!(!a.allows(&Method::POST, "/v1/HX2/messages"));
+        let a = AllowList::for_account(ProviderKind::Dialog360, &creds(), None).unwrap();
+        assert!(a.allows(&Method::POST, "/messages"));
+        assert!(a.allows(&Method::GET, "/whatsapp_business/attachments/"));
+        assert!(a.allows(&Method::GET, "/1234567"));
+        assert!(!a.allows(&Method::POST, "/v1/configs/webhook"));
+    }
+
+    #[test]
+    fn custom_patterns_replace_the_defaults() {
+        let c =
+            OutboundCreds { outbound_paths: Some(vec!["GET,POST /api/*/send".into(), "/files/**".into()]), ..creds() };
+        let a = AllowList::for_account(ProviderKind::Twilio, &c, None).unwrap();
+        assert!(a.allows(&Method::POST, "/api/x/send"));
+        assert!(!a.allows(&Method::DELETE, "/api/x/send"));
+        assert!(a.allows(&Method::DELETE, "/files"));
+        assert!(a.allows(&Method::PUT, "/files/a/b/c"));
+        assert!(!a.allows(&Method::POST, "/2010-04-01/Accounts/AC1/Messages.json"));
+        let none = OutboundCreds { outbound_paths: Some(vec![]), ..creds() };
+        assert!(
+            !AllowList::for_account(ProviderKind::Meta, &none, None).unwrap().allows(&Method::POST, "/v1/1/messages")
+        );
+    }
+
+    #[test]
+    fn bad_patterns_say_how_to_write_them() {
+        for bad in ["v1/x", "/a//b", "/**/x", "/a/**b*", "post /x", "/a/..", "GET  "] {
+            assert!(Pattern::parse(bad).is_err(), "{bad}");
+        }
+        assert!(Pattern::parse("/").is_err());
+        assert!(Pattern::parse("/**").is_ok());
+    }
+}

@@ -1,0 +1,149 @@
+//! Sinch OAuth2 access tokens (client credentials): fetched from the account's `auth_url` with
+//! its `key_id`/`key_secret`, cached until shortly before they expire, and fetched again when
+//! Sinch answers 401 to a token the cache still believed in.
+//!
+//! One fetch at a time per access key: concurrent sends wait for the same answer instead of
+//! stampeding the token endpoint. The cache lives on the relay, so reloads keep it; its key
+//! includes a digest of the secret, so a rotated secret gets a fresh token.
+
+use crate::deliver::error_chain;
+use crate::upstream::Client;
+use base64::Engine;
+use bytes::Bytes;
+use http::{Method, Request, header};
+use http_body_util::{BodyExt, Full, Limited};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Tokens are refreshed this long before Sinch says they expire (at most half their life).
+const MARGIN: Duration = Duration::from_secs(60);
+/// Sinch documents one hour; used when the answer has no `expires_in`.
+const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+const MAX_ANSWER: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("cannot reach the Sinch token endpoint {url}: {cause}")]
+    Unreachable { url: String, cause: String },
+    #[error("the Sinch token endpoint {url} did not answer within {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+    #[error("the Sinch token endpoint {url} answered {status}; check the account's key_id and key_secret")]
+    Refused { url: String, status: u16 },
+    #[error("the Sinch token endpoint {url} answered without a usable access_token")]
+    BadAnswer { url: String },
+}
+
+struct Cached {
+    token: String,
+    fresh_until: Instant,
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<Cached>>>;
+
+/// The cache, one slot per (auth_url, key_id, secret digest).
+#[derive(Default)]
+pub struct SinchTokens {
+    slots: Mutex<HashMap<[u8; 32], Slot>>,
+    fetches: std::sync::atomic::AtomicU64,
+}
+
+/// Where and with what to ask for a token.
+pub struct KeyRef<'a> {
+    pub auth_url: &'a str,
+    pub key_id: &'a str,
+    pub key_secret: &'a str,
+}
+
+impl SinchTokens {
+    /// Tokens fetched since start (for tests and the debug log).
+    pub fn fetches(&self) -> u64 {
+        self.fetches.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A valid token: the cached one, or a new one. `rejected` is a token the provider just
+    /// answered 401 to: if the cache still holds it, it is fetched anew (once; a token fetched
+    /// meanwhile by another request is used as it is).
+    pub async fn get(
+        &self,
+        client: &Client,
+        key: &KeyRef<'_>,
+        timeout: Duration,
+        rejected: Option<&str>,
+    ) -> Result<String, TokenError> {
+        let slot = self.slot(key);
+        let mut cached = slot.lock().await;
+        if let Some(c) = cached.as_ref() {
+            let stale = rejected.is_some_and(|r| r == c.token);
+            if !stale && Instant::now() < c.fresh_until {
+                return Ok(c.token.clone());
+            }
+        }
+        *cached = None;
+        let (token, lifetime) = self.fetch(client, key, timeout).await?;
+        self.fetches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let margin = MARGIN.min(lifetime / 2);
+        *cached = Some(Cached { token: token.clone(), fresh_until: Instant::now() + lifetime - margin });
+        Ok(token)
+    }
+
+    fn slot(&self, key: &KeyRef<'_>) -> Slot {
+        let mut h = Sha256::new();
+        for part in [key.auth_url, key.key_id, key.key_secret] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        let id: [u8; 32] = h.finalize().into();
+        self.slots.lock().unwrap_or_else(|e| e.into_inner()).entry(id).or_default().clone()
+    }
+
+    async fn fetch(
+        &self,
+        client: &Client,
+        key: &KeyRef<'_>,
+        timeout: Duration,
+    ) -> Result<(String, Duration), TokenError> {
+        let url = key.auth_url.to_string();
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", key.key_id, key.key_secret));
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(key.auth_url)
+            .header(header::AUTHORIZATION, format!("Basic {basic}"))
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(header::ACCEPT, "application/json")
+            .body(Full::new(Bytes::from_static(b"grant_type=client_credentials")))
+            .map_err(|e| TokenError::Unreachable { url: url.clone(), cause: e.to_string() })?;
+        let exchange = async {
+            let resp = client
+                .request(req)
+                .await
+                .map_err(|e| TokenError::Unreachable { url: url.clone(), cause: error_chain(&e) })?;
+            let status = resp.status();
+            let body = Limited::new(resp.into_body(), MAX_ANSWER)
+                .collect()
+                .await
+                .map_err(|e| TokenError::Unreachable { url: url.clone(), cause: e.to_string() })?
+                .to_bytes();
+            Ok::<_, TokenError>((status, body))
+        };
+        let (status, body) = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| TokenError::Timeout { url: url.clone(), timeout })??;
+        if !status.is_success() {
+            return Err(TokenError::Refused { url, status: status.as_u16() });
+        }
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            access_token: String,
+            expires_in: Option<u64>,
+        }
+        let a: Answer = serde_json::from_slice(&body).map_err(|_| TokenError::BadAnswer { url: url.clone() })?;
+        if a.access_token.is_empty() {
+            return Err(TokenError::BadAnswer { url });
+        }
+        let lifetime = a.expires_in.filter(|s| *s > 0).map_or(DEFAULT_LIFETIME, Duration::from_secs);
+        tracing::debug!(auth_url = %url, lifetime_s = lifetime.as_secs(), "fetched a Sinch access token");
+        Ok((a.access_token, lifetime))
+    }
+}
