@@ -72,3 +72,44 @@ fn missing_file_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/relay.toml: cannot read config file"));
 }
+
+/// `simulate` signs a sample message the way each provider does; the relay accepts it and the
+/// Motion receives it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulate_sends_a_signed_sample_for_every_provider() {
+    let motion = support::FakeMotion::start().await;
+    let accounts = [
+        ("tw", "twilio", "auth_token = \"tw-token\""),
+        ("me", "meta", "app_secret = \"meta-secret\""),
+        ("d3", "360dialog", "platform_secret = \"d3-secret\""),
+        ("si", "sinch", "webhook_secret = \"sinch-secret\""),
+        ("ka", "kaleyra", "shared_token = \"ka-token\""),
+        ("ge", "generic", "hmac_header = \"X-Sig\"\n  hmac_secret = \"ge-secret\""),
+    ];
+    let mut cfg = format!(
+        "[server]\nhttp = \"127.0.0.1:0\"\n[storage]\npath = \"{{DATA}}\"\n[delivery]\nmode = \"direct\"\n[[motion]]\nname = \"acme\"\nurl = \"{}\"\n",
+        motion.url()
+    );
+    for (id, provider, secret) in accounts {
+        cfg.push_str(&format!("  [[motion.account]]\n  id = \"{id}\"\n  provider = \"{provider}\"\n  {secret}\n"));
+    }
+    let relay = support::RelayProcess::start(&cfg);
+    let text = std::fs::read_to_string(&relay.config_path).unwrap();
+    let cli_cfg = relay.config_path.with_file_name("cli.toml");
+    std::fs::write(&cli_cfg, text.replacen("127.0.0.1:0", &relay.http.to_string(), 1)).unwrap();
+    for (i, (id, provider, _)) in accounts.iter().enumerate() {
+        let out = Command::new(bin())
+            .args(["simulate", &format!("acme/{id}"), "--text", "simulated hello", "--config"])
+            .arg(&cli_cfg)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{provider}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("200 OK"), "{stdout}");
+        let got = motion.wait_for(i + 1, std::time::Duration::from_secs(5)).await;
+        assert_eq!(got[i].uri, format!("/api/whatsapp/accounts/{id}/notify"));
+        assert!(String::from_utf8_lossy(&got[i].body).contains("simulated"), "{provider}");
+    }
+    let out = Command::new(bin()).args(["simulate", "acme/nope", "--config"]).arg(&cli_cfg).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -1,7 +1,9 @@
-//! The command line: `run` (the default), `check` and `queue`. Exit codes: 0 ok, 1 runtime failure,
+//! The command line: `run` (the default), `check`, `simulate` and `queue`. Exit codes: 0 ok, 1 runtime failure,
 //! 2 bad usage or bad config.
 
+mod http;
 mod queue;
+mod simulate;
 
 use crate::config;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -37,6 +39,14 @@ pub enum Command {
     Run,
     /// Validate the config file and print a summary.
     Check,
+    /// Send a correctly signed sample inbound message for MOTION/ACCOUNT to the running relay.
+    Simulate {
+        /// The account, as motion/account.
+        account: String,
+        /// The message text.
+        #[arg(long, default_value = "Hello from whatsapp-relay simulate")]
+        text: String,
+    },
     /// Inspect and manage the running daemon's queue (through its admin API).
     Queue {
         #[command(subcommand)]
@@ -53,6 +63,13 @@ pub fn main() -> ExitCode {
                 print!("{}", c.summary());
                 ExitCode::SUCCESS
             }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Simulate { account, text } => match config::load(&cli.config) {
+            Ok(c) => simulate::run(&c, &account, &text),
             Err(e) => {
                 eprintln!("{e}");
                 ExitCode::from(2)

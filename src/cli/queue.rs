@@ -7,7 +7,6 @@ use crate::queue::ops::{Count, Dead, Stats, Waiting};
 use bytes::Bytes;
 use clap::Subcommand;
 use http::Method;
-use http_body_util::{BodyExt, Full};
 use std::process::ExitCode;
 
 #[derive(Subcommand, Debug)]
@@ -63,12 +62,9 @@ fn fail(code: u8, msg: String) -> ExitCode {
 }
 
 async fn run_async(config: &Config, cmd: QueueCommand) -> ExitCode {
-    let Some(mut addr) = config.admin.listen else {
+    let Some(addr) = config.admin.listen.map(super::http::reachable) else {
         return fail(2, "the config has no [admin] listen address to reach the daemon".into());
     };
-    if addr.ip().is_unspecified() {
-        addr.set_ip(if addr.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
-    }
     let Some(token) = config.admin.token.as_ref().map(|t| t.expose().to_string()) else {
         return fail(2, "the config has no [admin] token; the admin API needs one".into());
     };
@@ -137,19 +133,8 @@ fn show<T: serde::de::DeserializeOwned>(v: serde_json::Value, json: bool, table:
 }
 
 async fn request(method: Method, url: &str, token: &str) -> Result<serde_json::Value, String> {
-    let client =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let req = http::Request::builder()
-        .method(method)
-        .uri(url)
-        .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
-        .body(Full::new(Bytes::new()))
-        .map_err(|e| e.to_string())?;
-    let resp = client.request(req).await.map_err(|e| {
-        format!("cannot reach the daemon's admin API at {url}: {} (is it running?)", crate::deliver::error_chain(&e))
-    })?;
-    let status = resp.status();
-    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    let auth = [("authorization".to_string(), format!("Bearer {token}"))];
+    let (status, _, body) = super::http::call(method, url, &auth, Bytes::new()).await?;
     let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| format!("bad answer ({status}): {e}"))?;
     if !status.is_success() {
         return Err(format!("{status}: {}", v["message"].as_str().unwrap_or("")));

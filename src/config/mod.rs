@@ -107,6 +107,8 @@ pub struct Account {
     pub id: String,
     pub provider: ProviderKind,
     pub verifier: AccountVerifier,
+    /// The resolved settings the verifier was built from (`simulate` signs with them).
+    pub verification: VerifierConfig,
     /// Meta's handshake token (any account may carry one).
     pub verify_token: Option<Secret>,
     pub outbound: OutboundCreds,
@@ -549,6 +551,7 @@ impl Validator<'_> {
             id,
             provider,
             verifier,
+            verification: vcfg,
             verify_token,
             app: a.app.as_ref().map(|x| x.get_ref().clone()),
             phone_number_id,
