@@ -91,6 +91,30 @@ pub fn text(status: StatusCode, content_type: &'static str, body: impl Into<Byte
     r
 }
 
+/// Reads a request's body within `max_body` and `request_timeout`. A declared length over the
+/// limit is refused before anything is read, a chunked body as soon as it passes it. `Err` is
+/// the answer to send (413, 408 or 400).
+pub async fn read_body(
+    req: http::Request<Incoming>,
+    max_body: u64,
+    request_timeout: std::time::Duration,
+) -> Result<(http::request::Parts, Bytes), Response<Body>> {
+    use http_body_util::{BodyExt, Limited};
+    let too_large = || error(ErrorCode::TooLarge, format!("the body is larger than max_body ({max_body} bytes)"));
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max_body) {
+        return Err(too_large());
+    }
+    let (parts, body) = req.into_parts();
+    let limit = usize::try_from(max_body).unwrap_or(usize::MAX);
+    match tokio::time::timeout(request_timeout, Limited::new(body, limit).collect()).await {
+        Ok(Ok(c)) => Ok((parts, c.to_bytes())),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err(error(ErrorCode::BadRequest, format!("could not read the request body: {e}"))),
+        Err(_) => Err(error(ErrorCode::RequestTimeout, "the request body did not arrive within request_timeout")),
+    }
+}
+
 /// RFC 9110 hop-by-hop headers, which never cross the relay.
 static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,

@@ -4,7 +4,7 @@
 
 use crate::config::{Account, Mode, Motion, Secret};
 use crate::deliver::{self, Attempt, AttemptError};
-use crate::http_util::{Body, ErrorCode, error, full, strip_hop_by_hop, text};
+use crate::http_util::{Body, ErrorCode, error, full, read_body, strip_hop_by_hop, text};
 use crate::metrics::{MotionLabels, VerifyLabels};
 use crate::provider::{self, AccountVerifier, Inbound, ProviderKind};
 use crate::queue::Queue;
@@ -13,7 +13,7 @@ use crate::routing::MotionRoute;
 use crate::store::{Appended, NewEvent, StoreError, dedup_key};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Either, Limited};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use std::sync::Arc;
 
@@ -64,25 +64,7 @@ pub(crate) async fn receive(
         }
     }
 
-    // Size before anything is read: a declared length over the limit is refused at once.
-    let declared = req
-        .headers()
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > server.max_body) {
-        return Err(too_large(server.max_body));
-    }
-    let (parts, body) = req.into_parts();
-    let limit = usize::try_from(server.max_body).unwrap_or(usize::MAX);
-    let body = match tokio::time::timeout(server.request_timeout, Limited::new(body, limit).collect()).await {
-        Ok(Ok(c)) => c.to_bytes(),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large(server.max_body)),
-        Ok(Err(e)) => return Err(error(ErrorCode::BadRequest, format!("could not read the request body: {e}"))),
-        Err(_) => {
-            return Err(error(ErrorCode::RequestTimeout, "the request body did not arrive within request_timeout"));
-        }
-    };
+    let (parts, body) = read_body(req, server.max_body, server.request_timeout).await?;
 
     let client_ip = client_ip(conn.peer.ip(), &parts.headers, &server.trusted_proxies);
     let url = signed_url(&parts);
@@ -323,8 +305,4 @@ fn signed_url(snap: &Snapshot, parts: &http::request::Parts, conn: Conn, by_host
         (Some(p), true) => format!("{}://{}{pq}", p.split("://").next().unwrap_or("https"), host()),
         (None, _) => format!("{}://{}{pq}", conn.proto, host()),
     }
-}
-
-fn too_large(max: u64) -> Response<Body> {
-    error(ErrorCode::TooLarge, format!("the body is larger than max_body ({max} bytes)"))
 }

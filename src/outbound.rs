@@ -17,7 +17,7 @@ pub mod sinch_token;
 
 use crate::config::{Account, Motion, WindowPolicy};
 use crate::deliver::error_chain;
-use crate::http_util::{Body, ErrorCode, error, strip_hop_by_hop};
+use crate::http_util::{Body, ErrorCode, error, read_body, strip_hop_by_hop};
 use crate::metrics::{OutboundLabels, WindowLabels};
 use crate::provider::{ProviderKind, ct_eq};
 use crate::relay::{AccessInfo, Conn, Relay, Snapshot, client_ip};
@@ -26,7 +26,7 @@ use crate::window::{self, State};
 use base64::Engine;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use sinch_token::{KeyRef, TokenError};
 use std::sync::Arc;
@@ -113,26 +113,11 @@ pub async fn handle(
     };
 
     // The body, bounded: the window check reads it, and it is sent in one piece.
-    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > server.max_body) {
-        count(413);
-        return too_large(server.max_body);
-    }
-    let (parts, body) = req.into_parts();
-    let limit = usize::try_from(server.max_body).unwrap_or(usize::MAX);
-    let body = match tokio::time::timeout(server.request_timeout, Limited::new(body, limit).collect()).await {
-        Ok(Ok(c)) => c.to_bytes(),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            count(413);
-            return too_large(server.max_body);
-        }
-        Ok(Err(e)) => {
-            count(400);
-            return error(ErrorCode::BadRequest, format!("could not read the request body: {e}"));
-        }
-        Err(_) => {
-            count(408);
-            return error(ErrorCode::RequestTimeout, "the request body did not arrive within request_timeout");
+    let (parts, body) = match read_body(req, server.max_body, server.request_timeout).await {
+        Ok(x) => x,
+        Err(resp) => {
+            count(resp.status().as_u16());
+            return resp;
         }
     };
 
@@ -362,10 +347,6 @@ fn forwarded_headers(mut headers: HeaderMap, auth: &Auth<'_>) -> HeaderMap {
         }
     }
     headers
-}
-
-fn too_large(max: u64) -> Response<Body> {
-    error(ErrorCode::TooLarge, format!("the body is larger than max_body ({max} bytes)"))
 }
 
 #[cfg(test)]
