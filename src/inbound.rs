@@ -114,7 +114,7 @@ pub async fn handle(
         };
     let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     // Verified: the customers who wrote open their 24-hour window, whatever the delivery mode.
-    if t.motion.motion.window_policy != crate::config::WindowPolicy::Off {
+    if t.motion.motion.tracks_window() {
         let ct = parts.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
         relay.window.record_inbound(&t.motion.motion.name, account, ct, &body);
     }

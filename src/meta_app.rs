@@ -239,7 +239,7 @@ pub async fn handle(
                 if let Some(full) = inbound::over_max_queued(queue, &t.motion.motion) {
                     return full;
                 }
-                if t.motion.motion.window_policy != crate::config::WindowPolicy::Off {
+                if t.motion.motion.tracks_window() {
                     relay.window.record_inbound(&t.motion.motion.name, &t.account, Some("application/json"), &body);
                 }
                 events.push(part_event(snap, &t, app.app.provider, headers, body, now_unix));

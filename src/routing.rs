@@ -237,6 +237,11 @@ impl<'a> Segments<'a> {
 /// Decodes one segment once; `None` for dot segments and smuggled separators. Shared with the
 /// outbound endpoint allow-list, so both read a path the same way.
 pub(crate) fn decode_segment(seg: &str) -> Option<Cow<'_, str>> {
+    // Most segments hold no escapes: no decoding, no UTF-8 check (a &str is valid UTF-8).
+    if !seg.contains('%') {
+        let bad = seg == "." || seg == ".." || seg.bytes().any(|b| matches!(b, b'\\' | 0));
+        return (!bad).then_some(Cow::Borrowed(seg));
+    }
     let d = percent_decode_str(seg).decode_utf8().ok()?;
     let bad = d == "." || d == ".." || d.bytes().any(|b| matches!(b, b'/' | b'\\' | 0));
     (!bad).then_some(d)

@@ -13,35 +13,46 @@ pub enum ConfigError {
     At { path: PathBuf, line: usize, col: usize, message: String },
 }
 
-/// Collects the position of a byte span in the source text.
+/// Turns byte spans of the source text into positions.
 pub(crate) struct Locator<'a> {
     pub path: &'a Path,
     pub text: &'a str,
+    /// Byte offset of each line's start, computed on first use: a file of 100,000 accounts
+    /// with many warnings must not be rescanned from the top for each.
+    line_starts: std::cell::OnceCell<Vec<usize>>,
 }
 
-impl Locator<'_> {
+impl<'a> Locator<'a> {
+    pub fn new(path: &'a Path, text: &'a str) -> Self {
+        Locator { path, text, line_starts: std::cell::OnceCell::new() }
+    }
+
     pub fn error(&self, span: Option<Range<usize>>, message: impl Into<String>) -> ConfigError {
-        let (line, col) = span.map(|s| line_col(self.text, s.start)).unwrap_or((1, 1));
+        let (line, col) = span.map(|s| self.line_col(s.start)).unwrap_or((1, 1));
         ConfigError::At { path: self.path.to_path_buf(), line, col, message: message.into() }
     }
-}
 
-/// 1-based line and column (in characters) of a byte offset.
-pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = &text[..offset];
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
-    (line, before[line_start..].chars().count() + 1)
+    /// 1-based line and column (in characters) of a byte offset.
+    pub fn line_col(&self, offset: usize) -> (usize, usize) {
+        let starts = self
+            .line_starts
+            .get_or_init(|| std::iter::once(0).chain(self.text.match_indices('\n').map(|(i, _)| i + 1)).collect());
+        let offset = offset.min(self.text.len());
+        let line = starts.partition_point(|&s| s <= offset);
+        let start = starts[line - 1];
+        (line, self.text[start..offset].chars().count() + 1)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn line_col() {
-        let t = "a = 1\nbb = 2\n";
-        assert_eq!(super::line_col(t, 0), (1, 1));
-        assert_eq!(super::line_col(t, 6), (2, 1));
-        assert_eq!(super::line_col(t, 11), (2, 6));
+        let loc = super::Locator::new(std::path::Path::new("x"), "a = 1\nbb = 2\né = 3");
+        assert_eq!(loc.line_col(0), (1, 1));
+        assert_eq!(loc.line_col(5), (1, 6));
+        assert_eq!(loc.line_col(6), (2, 1));
+        assert_eq!(loc.line_col(11), (2, 6));
+        assert_eq!(loc.line_col(15), (3, 2));
     }
 }

@@ -123,6 +123,15 @@ impl std::fmt::Debug for Account {
     }
 }
 
+impl Motion {
+    /// Whether inbound messages must open the 24-hour window: only when this Motion can send
+    /// through the relay at all (it has an `outbound_token`) and the policy is not `off`.
+    /// Otherwise nobody would ever read the window, and reading every payload costs time.
+    pub fn tracks_window(&self) -> bool {
+        self.outbound_token.is_some() && self.window_policy != WindowPolicy::Off
+    }
+}
+
 /// Credentials and endpoint settings for sends through the relay (all optional).
 #[derive(Debug, Default)]
 pub struct OutboundCreds {
@@ -168,9 +177,10 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 
 /// Parses and validates `text` as if read from `path` (used by tests and `load`).
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-    let loc = Locator { path, text };
+    let loc = Locator::new(path, text);
     let file: schema::File = toml::from_str(text).map_err(|e| loc.error(e.span(), e.message().to_string()))?;
-    Validator { loc, warnings: Vec::new(), apps: HashMap::new(), phone_ids: HashMap::new() }.config(file)
+    Validator { loc, warnings: Vec::new(), apps: HashMap::new(), phone_ids: HashMap::new(), inline_secrets: (0, None) }
+        .config(file)
 }
 
 struct Validator<'a> {
@@ -180,6 +190,8 @@ struct Validator<'a> {
     apps: HashMap<String, (VerifierConfig, Option<Secret>)>,
     /// `phone_number_id` -> the account (motion/id) that claims it.
     phone_ids: HashMap<String, String>,
+    /// Inline secrets: how many, and where the first is (one warning for all of them).
+    inline_secrets: (usize, Option<std::ops::Range<usize>>),
 }
 
 type R<T> = Result<T, ConfigError>;
@@ -190,7 +202,7 @@ impl Validator<'_> {
     }
 
     fn warn(&mut self, span: std::ops::Range<usize>, msg: impl std::fmt::Display) {
-        let (line, col) = error::line_col(self.loc.text, span.start);
+        let (line, col) = self.loc.line_col(span.start);
         self.warnings.push(format!("{}:{line}:{col}: {msg}", self.loc.path.display()));
     }
 
@@ -198,7 +210,8 @@ impl Validator<'_> {
         match secret::resolve(s.get_ref()) {
             Ok((secret, source)) => {
                 if source == secret::Source::Inline {
-                    self.warn(s.span(), "secret written inline; prefer env:, file: or cred:");
+                    self.inline_secrets.0 += 1;
+                    self.inline_secrets.1.get_or_insert(s.span());
                 }
                 Ok(secret)
             }
@@ -286,6 +299,10 @@ impl Validator<'_> {
                 }
             }
             motions.push(Arc::new(motion));
+        }
+        if let (n, Some(first)) = self.inline_secrets.clone() {
+            let what = if n == 1 { "a secret".to_string() } else { format!("{n} secrets (the first here)") };
+            self.warn(first, format!("{what} written inline; prefer env:, file: or cred:"));
         }
         for (app, raw) in meta_apps.iter().zip(&f.meta_app) {
             if !motions.iter().flat_map(|m| &m.accounts).any(|a| a.app.as_deref() == Some(app.name.as_str())) {
