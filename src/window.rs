@@ -167,13 +167,7 @@ async fn write_loop(mut rx: mpsc::Receiver<(String, u64)>, store: Arc<dyn Store>
         }
         let work: Vec<(String, u64)> = batch.drain().collect();
         let store = store.clone();
-        let res = tokio::task::spawn_blocking(move || {
-            for (k, t) in &work {
-                store.window_touch(k, *t)?;
-            }
-            Ok::<_, crate::store::StoreError>(())
-        })
-        .await;
+        let res = tokio::task::spawn_blocking(move || store.window_touch(&work)).await;
         match res {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!("could not record the customer service window: {e}"),

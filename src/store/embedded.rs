@@ -493,12 +493,14 @@ impl Store for EmbeddedStore {
         })
     }
 
-    fn window_touch(&self, key: &str, unix_ms: u64) -> Result<(), StoreError> {
+    fn window_touch(&self, entries: &[(String, u64)]) -> Result<(), StoreError> {
         self.write(Commit::Cheap, |txn| {
             let mut window = txn.open_table(WINDOW)?;
-            let last = window.get(key)?.map(|g| g.value());
-            if last.is_none_or(|last| last < unix_ms) {
-                window.insert(key, unix_ms)?;
+            for (key, unix_ms) in entries {
+                let last = window.get(key.as_str())?.map(|g| g.value());
+                if last.is_none_or(|last| last < *unix_ms) {
+                    window.insert(key.as_str(), *unix_ms)?;
+                }
             }
             Ok(())
         })
@@ -731,9 +733,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
         assert_eq!(store.window_last("12:+39").unwrap(), None);
-        store.window_touch("12:+39", 2_000).unwrap();
-        store.window_touch("12:+39", 1_000).unwrap(); // older: ignored
-        store.window_touch("12:+44", 500).unwrap();
+        store.window_touch(&[("12:+39".into(), 2_000), ("12:+44".into(), 500)]).unwrap();
+        store.window_touch(&[("12:+39".into(), 1_000)]).unwrap(); // older: ignored
         assert_eq!(store.window_last("12:+39").unwrap(), Some(2_000));
         drop(store);
         let store = open(&dir);

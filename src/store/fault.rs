@@ -86,9 +86,9 @@ impl Store for FaultyStore {
         self.check()?;
         self.inner.prune_dedup(now_unix_ms)
     }
-    fn window_touch(&self, key: &str, unix_ms: u64) -> Result<(), StoreError> {
+    fn window_touch(&self, entries: &[(String, u64)]) -> Result<(), StoreError> {
         self.check()?;
-        self.inner.window_touch(key, unix_ms)
+        self.inner.window_touch(entries)
     }
     fn window_last(&self, key: &str) -> Result<Option<u64>, StoreError> {
         self.inner.window_last(key)
@@ -135,7 +135,7 @@ mod tests {
         assert!(is_fault(store.purge_dead(None).map(drop)));
         assert!(is_fault(store.prune_dedup(0).map(drop)));
         assert!(is_fault(store.prune_window(0).map(drop)));
-        assert!(is_fault(store.window_touch("k", 1)));
+        assert!(is_fault(store.window_touch(&[("k".into(), 1)])));
         assert!(is_fault(store.sync()));
         // Reads still work and show nothing changed.
         let pending = store.pending().unwrap();

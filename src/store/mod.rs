@@ -161,8 +161,8 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes dedup entries that expired before `now_unix_ms`. Returns how many.
     fn prune_dedup(&self, now_unix_ms: u64) -> Result<usize, StoreError>;
     /// The 24-hour customer-service window: last inbound time per key (account+customer).
-    /// Keeps the latest time seen. Not synced.
-    fn window_touch(&self, key: &str, unix_ms: u64) -> Result<(), StoreError>;
+    /// Keeps the latest time seen for each key. One transaction for the whole batch. Not synced.
+    fn window_touch(&self, entries: &[(String, u64)]) -> Result<(), StoreError>;
     fn window_last(&self, key: &str) -> Result<Option<u64>, StoreError>;
     /// Deletes window entries last touched before `before_unix_ms` (one entry per customer
     /// ever seen would otherwise grow forever). Returns how many.
