@@ -19,4 +19,5 @@ pub mod relay;
 pub mod routing;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod upstream;
