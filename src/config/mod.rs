@@ -167,7 +167,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 
 /// Parses and validates `text` as if read from `path` (used by tests and `load`).
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-    let loc = Locator { path, text };
+    let loc = Locator::new(path, text);
     let file: schema::File = toml::from_str(text).map_err(|e| loc.error(e.span(), e.message().to_string()))?;
     Validator { loc, warnings: Vec::new() }.config(file)
 }
@@ -185,7 +185,7 @@ impl Validator<'_> {
     }
 
     fn warn(&mut self, span: std::ops::Range<usize>, msg: impl std::fmt::Display) {
-        let (line, col) = error::line_col(self.loc.text, span.start);
+        let (line, col) = self.loc.line_col(span.start);
         self.warnings.push(format!("{}:{line}:{col}: {msg}", self.loc.path.display()));
     }
 

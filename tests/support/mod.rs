@@ -208,7 +208,8 @@ impl RelayProcess {
                 sink.lock().unwrap().push(line);
             }
         });
-        let line = match rx.recv_timeout(Duration::from_secs(20)) {
+        // Generous: a debug build parsing a 100,000-account config takes seconds.
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(l) => l,
             Err(_) => {
                 let _ = child.kill();
