@@ -366,3 +366,37 @@ async fn reload_time_with_100k_accounts() {
     let (body, sig) = signed(0, "16505550000");
     assert_eq!(post(&relay.url(ACME), &[("x-hub-signature-256", &sig)], body).await.status, 200);
 }
+
+/// What systemd (Type=notify) hears: READY=1 once listening, RELOADING=1 then READY=1 around a
+/// reload, STOPPING=1 on SIGTERM. A datagram socket stands in for systemd's NOTIFY_SOCKET.
+#[tokio::test]
+async fn systemd_hears_ready_reloading_and_stopping() {
+    let motion = FakeMotion::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let next = || {
+        let mut buf = [0u8; 4096];
+        let n = socket.recv(&mut buf).expect("a notification within 10 s");
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    let notify = socket_path.display().to_string();
+    let mut relay = RelayProcess::start_in_with_env(
+        dir,
+        &config("direct", &motion.url(), None, None),
+        &[("NOTIFY_SOCKET", notify.as_str())],
+    );
+    assert!(next().starts_with("READY=1\n"));
+    relay.signal("HUP");
+    let reloading = next();
+    assert!(reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="), "{reloading}");
+    assert_eq!(next(), "READY=1\n");
+    // The admin API reloads the same way.
+    assert_eq!(admin_reload(&relay).await.status, 200);
+    assert!(next().starts_with("RELOADING=1\n"));
+    assert_eq!(next(), "READY=1\n");
+    relay.signal("TERM");
+    assert!(next().starts_with("STOPPING=1\n"));
+    assert_eq!(relay.wait_exit(Duration::from_secs(10)), Some(0));
+}

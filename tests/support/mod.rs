@@ -185,10 +185,23 @@ impl RelayProcess {
     }
 
     pub fn spawn(dir: tempfile::TempDir, config_path: PathBuf) -> RelayProcess {
+        Self::spawn_with_env(dir, config_path, &[])
+    }
+
+    /// Like [`RelayProcess::start_in`], with extra environment variables.
+    pub fn start_in_with_env(dir: tempfile::TempDir, config: &str, env: &[(&str, &str)]) -> RelayProcess {
+        let config_path = dir.path().join("relay.toml");
+        let data = dir.path().join("data");
+        std::fs::write(&config_path, config.replace("{DATA}", &data.display().to_string())).unwrap();
+        Self::spawn_with_env(dir, config_path, env)
+    }
+
+    pub fn spawn_with_env(dir: tempfile::TempDir, config_path: PathBuf, env: &[(&str, &str)]) -> RelayProcess {
         let mut child = Command::new(bin())
             .args(["--log-format", "json", "--config"])
             .arg(&config_path)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
