@@ -316,6 +316,17 @@ impl Validator<'_> {
                 "an https listener needs [server.tls] (certificate files) or [server.acme] (automatic certificates)",
             );
         }
+        if https.is_none() {
+            if let Some(t) = &s.tls {
+                self.warn(t.cert_file.span(), "[server.tls] is unused without an https listener ([server] https)");
+            }
+            if let Some(a) = &s.acme {
+                self.warn(
+                    a.domains.span(),
+                    "[server.acme] is unused without an https listener ([server] https): no certificate will be obtained",
+                );
+            }
+        }
         if let (Some(_), Some(acme)) = (&s.tls, &s.acme) {
             return self.err(acme.domains.span(), "[server.tls] and [server.acme] are exclusive: keep one");
         }

@@ -121,3 +121,13 @@ fn acme_cache_dir_defaults_under_storage_and_contact_needs_mailto() {
     let e = err(&format!("{acme}directory = \"http://ca.example/dir\"\n{BASE}"));
     assert!(e.contains("unknown ACME directory"), "{e}");
 }
+
+#[test]
+fn certificates_without_an_https_listener_are_pointed_out() {
+    let c = parse_str(&format!("[server]\n[server.acme]\ndomains = [\"chat.example.com\"]\n{BASE}")).unwrap();
+    assert!(
+        c.warnings.iter().any(|w| w.contains("[server.acme] is unused without an https listener")),
+        "{:?}",
+        c.warnings
+    );
+}
