@@ -228,6 +228,11 @@ impl FileCerts {
         let labels = |result: &str| CertLabels { source: "files".into(), result: result.into() };
         match load_pair(&w.files) {
             Ok((key, info)) => {
+                if self.current.load().cert.first() == key.cert.first() {
+                    // A reload re-reads unchanged files: nothing to announce.
+                    w.last_error = None;
+                    return Some(Ok(info));
+                }
                 self.current.store(Arc::new(key));
                 self.info.store(Arc::new(info.clone()));
                 w.last_error = None;
