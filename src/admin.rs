@@ -4,9 +4,9 @@
 use crate::http_util::{Body, ErrorCode, error, json, text};
 use crate::queue::ops::Count;
 use crate::relay::Relay;
+use crate::server::Control;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Readiness inputs the admin listener reports on.
@@ -15,21 +15,33 @@ pub struct Readiness {
     pub listeners_bound: AtomicBool,
 }
 
-pub async fn handle(relay: &Arc<Relay>, ready: &Readiness, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(control: &Control, req: Request<Incoming>) -> Response<Body> {
+    let (relay, ready) = (&control.relay, &control.ready);
     let path = req.uri().path();
     match (req.method(), path) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/readyz") => {
             let mut problems = Vec::new();
             if !ready.listeners_bound.load(Ordering::Acquire) {
-                problems.push("listeners not bound");
+                problems.push("listeners not bound".to_string());
             }
             if relay.queue().is_some_and(|q| !q.store().writable()) {
-                problems.push("storage not writable");
+                problems.push("storage not writable".to_string());
+            }
+            let mut warnings = Vec::new();
+            if let Some(tls) = &control.tls {
+                problems.extend(tls.problems());
+                warnings.extend(tls.warnings());
             }
             if problems.is_empty() {
-                text(StatusCode::OK, "text/plain", "ready\n")
+                // Still ready (the https listener has a valid certificate), but say what is wrong.
+                let mut body = String::from("ready\n");
+                for w in warnings {
+                    body.push_str(&format!("warning: {w}\n"));
+                }
+                text(StatusCode::OK, "text/plain", body)
             } else {
+                problems.extend(warnings);
                 error(ErrorCode::Unavailable, problems.join("; "))
             }
         }
@@ -44,14 +56,20 @@ pub async fn handle(relay: &Arc<Relay>, ready: &Readiness, req: Request<Incoming
                 return queue_api(relay, req.method(), rest, req.uri().query()).await;
             }
             match (req.method(), p) {
-                (&Method::POST, "/admin/reload") => match relay.reload() {
-                    Ok(()) => {
-                        tracing::info!("configuration reloaded (admin API)");
-                        json(StatusCode::OK, &serde_json::json!({ "reloaded": true }))
-                    }
+                // Logged inside; the caller gets the same message.
+                (&Method::POST, "/admin/reload") => match control.reload("admin API").await {
+                    Ok(report) => json(
+                        StatusCode::OK,
+                        &serde_json::json!({
+                            "reloaded": true,
+                            "took_ms": report.took_ms,
+                            "motions": report.motions,
+                            "accounts": report.accounts,
+                            "warnings": report.warnings,
+                        }),
+                    ),
                     Err(e) => {
-                        tracing::error!("reload refused, keeping the running configuration: {e}");
-                        error(ErrorCode::BadRequest, e.to_string())
+                        error(ErrorCode::BadRequest, format!("reload refused, the running configuration stays: {e}"))
                     }
                 },
                 _ => error(ErrorCode::NotFound, "no such admin endpoint"),

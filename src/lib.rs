@@ -23,5 +23,6 @@ pub mod relay;
 pub mod routing;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod upstream;
 pub mod window;

@@ -51,6 +51,18 @@ pub struct WindowLabels {
     pub action: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertLabels {
+    /// `files` or `acme`.
+    pub source: String,
+    pub result: String,
+}
+
 fn latency_histogram() -> Histogram {
     // 100 µs .. ~13 s: covers a direct proxy hop and a slow Motion.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18))
@@ -72,6 +84,11 @@ pub struct Metrics {
     pub unknown_numbers: Family<AppLabels, Counter>,
     pub outbound_requests: Family<OutboundLabels, Counter>,
     pub window_closed: Family<WindowLabels, Counter>,
+    pub config_reloads: Family<ResultLabels, Counter>,
+    pub config_reload_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub cert_loads: Family<CertLabels, Counter>,
+    pub cert_expiry: Gauge,
+    pub acme_failing: Gauge,
 }
 
 impl Default for Metrics {
@@ -140,11 +157,46 @@ impl Metrics {
             "Free-form sends outside the 24-hour customer service window, by motion, provider and action",
             window_closed.clone(),
         );
+        let config_reloads = Family::<ResultLabels, Counter>::default();
+        let config_reload_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        let cert_loads = Family::<CertLabels, Counter>::default();
+        let cert_expiry = Gauge::default();
+        let acme_failing = Gauge::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads (SIGHUP, POST /admin/reload), by result (ok, refused)",
+            config_reloads.clone(),
+        );
+        registry.register(
+            "config_reload_duration_seconds",
+            "Time the last successful reload took to validate and build the routing table",
+            config_reload_seconds.clone(),
+        );
+        registry.register(
+            "tls_certificate_loads",
+            "Certificates loaded for the https listener, by source (files, acme) and result (ok, refused, error)",
+            cert_loads.clone(),
+        );
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "Expiry (notAfter, Unix time) of the certificate the https listener serves; 0 while there is none",
+            cert_expiry.clone(),
+        );
+        registry.register(
+            "acme_failing",
+            "1 while the last ACME attempt (order, renewal or cache access) failed; the reason is in the log and /readyz",
+            acme_failing.clone(),
+        );
         Metrics {
             registry,
             unknown_numbers,
             dedup_hits,
             replays,
+            config_reloads,
+            config_reload_seconds,
+            cert_loads,
+            cert_expiry,
+            acme_failing,
             requests,
             latency,
             verify_failures,

@@ -16,8 +16,8 @@ use hyper::body::Incoming;
 use ipnet::IpNet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 /// A config and the routing table built from it: what one request sees from start to end.
 pub struct Snapshot {
@@ -52,7 +52,7 @@ pub enum ReloadError {
 
 pub struct Relay {
     snapshot: ArcSwap<Snapshot>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub upstream: Upstream,
     config_path: PathBuf,
     /// The durable queue; set once at start, after the store is open.
@@ -61,6 +61,18 @@ pub struct Relay {
     pub window: crate::window::Window,
     /// Sinch OAuth2 tokens for outbound sends, kept across reloads.
     pub sinch_tokens: crate::outbound::sinch_token::SinchTokens,
+    /// The bound https port, for `redirect_http`; set once at start.
+    https_port: OnceLock<u16>,
+    /// Reloads one at a time (SIGHUP and the admin API may race): the last file read is the one
+    /// that stays.
+    reload_lock: Mutex<()>,
+}
+
+/// A reload that took: the snapshots before and after, and how long building the new one took.
+pub struct Reloaded {
+    pub old: Arc<Snapshot>,
+    pub new: Arc<Snapshot>,
+    pub took: Duration,
 }
 
 impl Relay {
@@ -75,11 +87,13 @@ impl Relay {
         Ok(Arc::new(Relay {
             config_path: config.path.clone(),
             snapshot: ArcSwap::from_pointee(Snapshot { config, table }),
-            metrics: Metrics::new(),
+            metrics: Arc::new(Metrics::new()),
             upstream,
             queue: OnceLock::new(),
             window: crate::window::Window::new(clock),
             sinch_tokens: Default::default(),
+            https_port: OnceLock::new(),
+            reload_lock: Mutex::new(()),
         }))
     }
 
@@ -110,14 +124,29 @@ impl Relay {
 
     /// Validates the file again and swaps in a new snapshot; requests in flight keep the old one.
     pub fn reload(&self) -> Result<(), ReloadError> {
+        self.reload_config().map(|_| ())
+    }
+
+    /// Like [`Relay::reload`], returning both snapshots so the caller can tell what changed.
+    /// Blocking (reads and validates the file, builds the table): call it off the runtime's
+    /// workers (`spawn_blocking`) when the config is large.
+    pub fn reload_config(&self) -> Result<Reloaded, ReloadError> {
+        let _one_at_a_time = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let start = Instant::now();
         let config = config::load(&self.config_path)?;
         let table = RouteTable::build(&config, &self.upstream)?;
         let names: Vec<String> = config.motions.iter().map(|m| m.name.clone()).collect();
-        self.snapshot.store(Arc::new(Snapshot { config, table }));
+        let new = Arc::new(Snapshot { config, table });
+        let old = self.snapshot.swap(new.clone());
         if let Some(q) = self.queue() {
             q.sync_motions(names.into_iter());
         }
-        Ok(())
+        Ok(Reloaded { old, new, took: start.elapsed() })
+    }
+
+    /// Records the https listener's bound port (for `redirect_http`).
+    pub fn set_https_port(&self, port: u16) {
+        let _ = self.https_port.set(port);
     }
 
     /// Serves one request on a public listener.
@@ -159,6 +188,9 @@ impl Relay {
         let Some(route) = snap.table.lookup(host, req.uri().path()) else {
             return error(ErrorCode::NotFound, "no route for this path");
         };
+        if conn.proto == "http" && snap.config.server.redirect_http && !matches!(route, Route::Health) {
+            return self.redirect_to_https(snap, &req);
+        }
         match route {
             Route::Health => {
                 if req.method() == Method::GET || req.method() == Method::HEAD {
@@ -186,6 +218,45 @@ impl Relay {
     }
 }
 
+impl Relay {
+    /// `redirect_http`: 308 (method and body kept, so a provider's POST is re-sent as a POST) to
+    /// the same host, path and query on the https listener.
+    fn redirect_to_https(&self, snap: &Snapshot, req: &Request<Incoming>) -> Response<Body> {
+        let public = snap.config.server.public_url.as_deref().and_then(|u| u.parse::<http::Uri>().ok());
+        let host = req
+            .uri()
+            .host()
+            .map(str::to_string)
+            .or_else(|| req.headers().get(http::header::HOST).and_then(|v| v.to_str().ok()).map(host_only))
+            .or_else(|| public.as_ref().and_then(|u| u.host().map(str::to_string)));
+        let Some(host) = host else {
+            return error(ErrorCode::BadRequest, "this listener redirects to https and needs a Host header");
+        };
+        let port = match self.https_port.get() {
+            Some(443) | None => String::new(),
+            Some(p) => format!(":{p}"),
+        };
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let location = format!("https://{host}{port}{path}");
+        let mut resp = text(StatusCode::PERMANENT_REDIRECT, "text/plain", "use https\n");
+        match http::HeaderValue::from_str(&location) {
+            Ok(v) => {
+                resp.headers_mut().insert(http::header::LOCATION, v);
+                resp
+            }
+            Err(_) => error(ErrorCode::BadRequest, "cannot build the https URL for this request"),
+        }
+    }
+}
+
+/// `Host` without its port (`[::1]:80` → `[::1]`).
+fn host_only(host: &str) -> String {
+    match host.rfind(':') {
+        Some(i) if !host[i..].contains(']') => host[..i].to_string(),
+        _ => host.to_string(),
+    }
+}
+
 /// The client's address: the peer, or, when the peer is a trusted proxy, the right-most
 /// `X-Forwarded-For` hop that is not itself a trusted proxy.
 pub fn client_ip(peer: IpAddr, headers: &http::HeaderMap, trusted: &[IpNet]) -> IpAddr {
@@ -202,6 +273,14 @@ pub fn client_ip(peer: IpAddr, headers: &http::HeaderMap, trusted: &[IpNet]) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_only_strips_the_port() {
+        assert_eq!(host_only("chat.example.com:8080"), "chat.example.com");
+        assert_eq!(host_only("chat.example.com"), "chat.example.com");
+        assert_eq!(host_only("[::1]:80"), "[::1]");
+        assert_eq!(host_only("[::1]"), "[::1]");
+    }
 
     #[test]
     fn client_ip_through_trusted_proxies() {

@@ -60,7 +60,7 @@ impl Upstream {
     }
 }
 
-fn root_store(extra: Option<&Path>) -> Result<rustls::RootCertStore, UpstreamError> {
+pub(crate) fn root_store(extra: Option<&Path>) -> Result<rustls::RootCertStore, UpstreamError> {
     let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
     if let Some(path) = extra {
         let pem = std::fs::read(path).map_err(|source| UpstreamError::CaFile { path: path.into(), source })?;

@@ -261,7 +261,11 @@ impl Validator<'_> {
     }
 
     fn config(mut self, f: schema::File) -> R<Config> {
-        let server = self.server(&f.server)?;
+        let mut server = self.server(&f.server)?;
+        let storage_path = PathBuf::from(f.storage.path.as_deref().unwrap_or("/var/lib/whatsapp-relay"));
+        if let Some(acme) = server.acme.as_mut().filter(|a| a.cache_dir.as_os_str().is_empty()) {
+            acme.cache_dir = storage_path.join("acme");
+        }
         let admin = Admin {
             listen: f.admin.listen.as_ref().map(|a| self.addr(a)).transpose()?,
             token: self.opt_secret(&f.admin.token)?,
@@ -316,7 +320,7 @@ impl Validator<'_> {
             path: self.loc.path.to_path_buf(),
             server,
             admin,
-            storage_path: PathBuf::from(f.storage.path.as_deref().unwrap_or("/var/lib/whatsapp-relay")),
+            storage_path,
             delivery,
             outbound_timeout: f.outbound.timeout.map_or(Duration::from_secs(30), |x| x.0),
             motions,
@@ -337,6 +341,17 @@ impl Validator<'_> {
                 "an https listener needs [server.tls] (certificate files) or [server.acme] (automatic certificates)",
             );
         }
+        if https.is_none() {
+            if let Some(t) = &s.tls {
+                self.warn(t.cert_file.span(), "[server.tls] is unused without an https listener ([server] https)");
+            }
+            if let Some(a) = &s.acme {
+                self.warn(
+                    a.domains.span(),
+                    "[server.acme] is unused without an https listener ([server] https): no certificate will be obtained",
+                );
+            }
+        }
         if let (Some(_), Some(acme)) = (&s.tls, &s.acme) {
             return self.err(acme.domains.span(), "[server.tls] and [server.acme] are exclusive: keep one");
         }
@@ -356,11 +371,20 @@ impl Validator<'_> {
                         );
                     }
                 };
+                for c in &a.contact {
+                    if !c.starts_with("mailto:") {
+                        return self.err(
+                            a.domains.span(),
+                            format!("[server.acme] contact {c:?} must be a URL such as \"mailto:ops@example.com\""),
+                        );
+                    }
+                }
                 Some(Acme {
                     domains: a.domains.get_ref().clone(),
                     contact: a.contact.clone(),
                     directory,
-                    cache_dir: PathBuf::from(a.cache_dir.as_deref().unwrap_or("/var/lib/whatsapp-relay/acme")),
+                    // Without cache_dir: `acme/` under [storage] path, filled in by `config`.
+                    cache_dir: a.cache_dir.as_deref().map(PathBuf::from).unwrap_or_default(),
                     ca_file: a.ca_file.as_ref().map(|c| self.readable(c)).transpose()?,
                 })
             }
@@ -373,6 +397,10 @@ impl Validator<'_> {
             None => None,
         };
         let http = s.http.as_ref().map(|a| self.addr(a)).transpose()?;
+        let redirect_http = s.redirect_http.as_ref().is_some_and(|r| *r.get_ref());
+        if let (true, None, Some(r)) = (redirect_http, &https, &s.redirect_http) {
+            return self.err(r.span(), "redirect_http = true needs an https listener ([server] https) to redirect to");
+        }
         if http.is_none() && https.is_none() {
             self.warnings.push(format!("{}: no public listener ([server] http or https)", self.loc.path.display()));
         }
@@ -383,7 +411,7 @@ impl Validator<'_> {
             max_body: s.max_body.map_or(4 << 20, |x| x.0),
             request_timeout: s.request_timeout.map_or(Duration::from_secs(15), |x| x.0),
             header_timeout: s.header_timeout.map_or(Duration::from_secs(10), |x| x.0),
-            redirect_http: s.redirect_http.unwrap_or(false),
+            redirect_http,
             shutdown_grace: s.shutdown_grace.map_or(Duration::from_secs(30), |x| x.0),
             trusted_proxies: self.cidrs(&s.trusted_proxies)?,
             tls,

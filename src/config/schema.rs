@@ -36,7 +36,7 @@ pub struct Server {
     pub max_body: Option<Size>,
     pub request_timeout: Option<Dur>,
     pub header_timeout: Option<Dur>,
-    pub redirect_http: Option<bool>,
+    pub redirect_http: Option<S<bool>>,
     pub shutdown_grace: Option<Dur>,
     #[serde(default)]
     pub trusted_proxies: Vec<S<String>>,

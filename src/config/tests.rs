@@ -153,3 +153,32 @@ fn outbound_paths_and_sinch_keys_are_checked_at_load() {
     let e = err(&format!("{BASE}  key_id = \"k\"\n"));
     assert!(e.contains("key_id and key_secret go together"), "{e}");
 }
+
+#[test]
+fn redirect_http_needs_an_https_listener() {
+    let e = err(&format!("[server]\nhttp = \"127.0.0.1:0\"\nredirect_http = true\n{BASE}"));
+    assert!(e.starts_with("relay.toml:3:17: redirect_http = true needs an https listener"), "{e}");
+}
+
+#[test]
+fn acme_cache_dir_defaults_under_storage_and_contact_needs_mailto() {
+    let acme = "[server]\nhttps = \"127.0.0.1:0\"\n[server.acme]\ndomains = [\"chat.example.com\"]\n";
+    let c = parse_str(&format!("{acme}[storage]\npath = \"/srv/relay\"\n{BASE}")).unwrap();
+    let a = c.server.acme.unwrap();
+    assert_eq!(a.cache_dir, Path::new("/srv/relay/acme"));
+    assert_eq!(a.directory, "https://acme-v02.api.letsencrypt.org/directory");
+    let e = err(&format!("{acme}contact = [\"ops@example.com\"]\n{BASE}"));
+    assert!(e.contains("must be a URL such as \"mailto:ops@example.com\""), "{e}");
+    let e = err(&format!("{acme}directory = \"http://ca.example/dir\"\n{BASE}"));
+    assert!(e.contains("unknown ACME directory"), "{e}");
+}
+
+#[test]
+fn certificates_without_an_https_listener_are_pointed_out() {
+    let c = parse_str(&format!("[server]\n[server.acme]\ndomains = [\"chat.example.com\"]\n{BASE}")).unwrap();
+    assert!(
+        c.warnings.iter().any(|w| w.contains("[server.acme] is unused without an https listener")),
+        "{:?}",
+        c.warnings
+    );
+}

@@ -2,6 +2,8 @@
 //! receive, and a small HTTP client. Every test reads as a story built from these pieces.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -157,6 +159,7 @@ pub async fn dead_addr() -> SocketAddr {
 pub struct RelayProcess {
     pub child: Child,
     pub http: SocketAddr,
+    pub https: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub dir: Option<tempfile::TempDir>,
     pub config_path: PathBuf,
@@ -182,10 +185,23 @@ impl RelayProcess {
     }
 
     pub fn spawn(dir: tempfile::TempDir, config_path: PathBuf) -> RelayProcess {
+        Self::spawn_with_env(dir, config_path, &[])
+    }
+
+    /// Like [`RelayProcess::start_in`], with extra environment variables.
+    pub fn start_in_with_env(dir: tempfile::TempDir, config: &str, env: &[(&str, &str)]) -> RelayProcess {
+        let config_path = dir.path().join("relay.toml");
+        let data = dir.path().join("data");
+        std::fs::write(&config_path, config.replace("{DATA}", &data.display().to_string())).unwrap();
+        Self::spawn_with_env(dir, config_path, env)
+    }
+
+    pub fn spawn_with_env(dir: tempfile::TempDir, config_path: PathBuf, env: &[(&str, &str)]) -> RelayProcess {
         let mut child = Command::new(bin())
             .args(["--log-format", "json", "--config"])
             .arg(&config_path)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -205,7 +221,8 @@ impl RelayProcess {
                 sink.lock().unwrap().push(line);
             }
         });
-        let line = match rx.recv_timeout(Duration::from_secs(20)) {
+        // Generous: a debug build parsing a 100,000-account config takes seconds.
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(l) => l,
             Err(_) => {
                 let _ = child.kill();
@@ -217,6 +234,7 @@ impl RelayProcess {
         RelayProcess {
             child,
             http: addr("http").expect("http listener"),
+            https: addr("https"),
             admin: addr("admin"),
             dir: Some(dir),
             config_path,
@@ -235,6 +253,28 @@ impl RelayProcess {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.http)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin.expect("admin listener"))
+    }
+
+    /// Waits until a log line contains `needle` (or panics after `timeout`).
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        let start = Instant::now();
+        while !self.logs().contains(needle) {
+            assert!(
+                start.elapsed() < timeout,
+                "no log line with {needle:?} within {timeout:?}; logs:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// How many log lines contain `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.stderr.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
     }
 
     pub fn logs(&self) -> String {
