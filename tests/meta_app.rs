@@ -228,3 +228,23 @@ async fn sigkill_right_after_acknowledging_a_split_batch_loses_no_part() {
     assert_eq!(got_b[0].uri, "/api/whatsapp/accounts/b1/notify");
     drop(relay);
 }
+
+#[tokio::test]
+async fn a_360dialog_partner_app_routes_the_same_cloud_api_shape() {
+    let (a, b) = (FakeMotion::start().await, FakeMotion::start().await);
+    let cfg = config(&a.url(), &b.url(), "")
+        .replace("[[meta_app]]\nname = \"main\"", "[[meta_app]]\nname = \"d360\"\nprovider = \"360dialog\"\nplatform_secret = \"partner-secret\"\n\n[[meta_app]]\nname = \"main\"")
+        + "  [[motion.account]]\n  id = \"b360\"\n  provider = \"360dialog\"\n  app = \"d360\"\n  phone_number_id = \"360360\"\n";
+    let relay = RelayProcess::start(&cfg);
+    let body = batch(vec![("W9", vec![change("360360", "1650009", "wamid.d1")])]);
+    let sig = hex::encode(hmac_sha256("partner-secret", &[&body]));
+    let reply = post(&relay.url("/meta/d360"), &[("x-360dialog-signature", &sig)], body.clone()).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let got = b.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].uri, "/api/whatsapp/accounts/b360/notify");
+    assert_eq!(got[0].body, body);
+    // Meta's app secret does not open a 360dialog app.
+    let reply = post_meta(&relay.url("/meta/d360"), APP_SECRET, body).await;
+    assert_eq!(reply.status, 401);
+    assert_eq!(a.count(), 0);
+}
