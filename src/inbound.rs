@@ -259,7 +259,7 @@ async fn direct(
 ) -> Response<Body> {
     let attempt = Attempt {
         motion: &motion.motion,
-        client: &motion.client,
+        client: &motion.client(),
         method,
         path_and_query: forward,
         headers,

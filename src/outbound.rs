@@ -154,7 +154,7 @@ pub async fn handle(
     let auth = Auth::of(account);
     let headers = forwarded_headers(parts.headers, &auth);
     let timeout = snap.config.outbound_timeout;
-    let client = relay.upstream.client();
+    let client = &relay.upstream.client();
     let mut rejected: Option<String> = None;
     let resp = loop {
         let mut h = headers.clone();

@@ -16,8 +16,9 @@ use std::sync::Arc;
 /// One Motion server and its accounts, as routes see them.
 pub struct MotionRoute {
     pub motion: Arc<Motion>,
-    /// The pooled client for this Motion (the shared one unless it has its own `ca_file`).
-    pub client: Client,
+    /// The pooled client of a Motion with its own `ca_file`; others use the thread's own.
+    ca_client: Option<Client>,
+    upstream: Upstream,
     accounts: HashMap<String, Arc<Account>>,
 }
 
@@ -31,6 +32,11 @@ impl std::fmt::Debug for MotionRoute {
 }
 
 impl MotionRoute {
+    /// The pooled client to reach this Motion with, from the calling thread.
+    pub fn client(&self) -> Client {
+        self.ca_client.clone().unwrap_or_else(|| self.upstream.client())
+    }
+
     pub fn account(&self, id: &str) -> Option<&Arc<Account>> {
         self.accounts.get(id)
     }
@@ -96,7 +102,8 @@ impl RouteTable {
         for m in &config.motions {
             let route = Arc::new(MotionRoute {
                 motion: m.clone(),
-                client: upstream.client_for(m.ca_file.as_deref())?,
+                ca_client: upstream.client_for(m.ca_file.as_deref())?,
+                upstream: upstream.clone(),
                 accounts: m.accounts.iter().map(|a| (a.id.clone(), a.clone())).collect(),
             });
             for h in &m.hosts {

@@ -1,6 +1,7 @@
-//! The one pooled HTTP client every upstream call goes through (Motion deliveries, and later
-//! provider APIs): hyper-util's pooled client over hyper-rustls, HTTP/1.1 keep-alive and HTTP/2
-//! by ALPN. A Motion with its own `ca_file` gets a client that trusts that root in addition to
+//! The pooled HTTP client every upstream call goes through (Motion deliveries, provider APIs):
+//! hyper-util's pooled client over hyper-rustls, HTTP/1.1 keep-alive and HTTP/2 by ALPN. One
+//! pool per serving thread (connections stay with the thread that drives them), never one per
+//! request. A Motion with its own `ca_file` gets a client that trusts that root in addition to
 //! the public ones; such clients are cached by file so reloads keep their pools.
 
 use bytes::Bytes;
@@ -24,10 +25,9 @@ pub enum UpstreamError {
     CaEmpty(PathBuf),
 }
 
-/// The shared client plus per-CA variants.
+/// The pooled clients: one per thread for the public roots, one per Motion `ca_file`.
 #[derive(Clone)]
 pub struct Upstream {
-    default: Client,
     // Touched only when a routing table is built (start, reload), never per request.
     by_ca: Arc<Mutex<HashMap<PathBuf, Client>>>,
 }
@@ -40,23 +40,30 @@ impl Default for Upstream {
 
 impl Upstream {
     pub fn new() -> Upstream {
-        Upstream { default: build(root_store(None).expect("built-in roots")), by_ca: Default::default() }
+        Upstream { by_ca: Default::default() }
     }
 
-    pub fn client(&self) -> &Client {
-        &self.default
+    /// The client for the public roots, one per thread: each serving thread keeps its own
+    /// connection pool, so a request and the upstream connection it uses are driven by the same
+    /// thread (no cross-thread wake-ups on the hot path). Pools are per thread, not per request.
+    pub fn client(&self) -> Client {
+        thread_local! {
+            static LOCAL: Client = build(root_store(None).expect("built-in roots"));
+        }
+        LOCAL.with(Client::clone)
     }
 
-    /// The client for a Motion: the shared one, or one that also trusts `ca_file`.
-    pub fn client_for(&self, ca_file: Option<&Path>) -> Result<Client, UpstreamError> {
-        let Some(path) = ca_file else { return Ok(self.default.clone()) };
+    /// The client for a Motion with its own `ca_file` (one shared pool per file); `None` for the
+    /// public roots, where [`Upstream::client`] gives the calling thread's.
+    pub fn client_for(&self, ca_file: Option<&Path>) -> Result<Option<Client>, UpstreamError> {
+        let Some(path) = ca_file else { return Ok(None) };
         let mut cache = self.by_ca.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = cache.get(path) {
-            return Ok(c.clone());
+            return Ok(Some(c.clone()));
         }
         let client = build(root_store(Some(path))?);
         cache.insert(path.to_path_buf(), client.clone());
-        Ok(client)
+        Ok(Some(client))
     }
 }
 

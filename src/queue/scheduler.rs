@@ -351,7 +351,7 @@ impl Job {
         let provider = crate::provider::ProviderKind::parse(&ev.provider).map_or("unknown", |p| p.as_str());
         let result = deliver::send(Attempt {
             motion: &route.motion,
-            client: &route.client,
+            client: &route.client(),
             method: Method::from_bytes(ev.method.as_bytes()).unwrap_or(Method::POST),
             path_and_query: &ev.path_and_query,
             headers,

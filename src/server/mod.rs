@@ -330,14 +330,14 @@ pub async fn start_with_clock(
     if let Some(addr) = http_addr {
         let (listener, bound) = bind(addr, "http").await?;
         running.http = Some(bound);
-        tasks.spawn(accept_loop(listener, None, public("http"), running.stopping(), grace, header_timeout));
+        serve_per_core(&mut tasks, listener, None, public("http"), running.stopping(), grace, header_timeout)?;
     }
     if let (Some(addr), Some(tls)) = (https_addr, &tls) {
         let (listener, bound) = bind(addr, "https").await?;
         running.https = Some(bound);
         relay.set_https_port(bound.port());
         let stage = Some(tls.clone());
-        tasks.spawn(accept_loop(listener, stage, public("https"), running.stopping(), grace, header_timeout));
+        serve_per_core(&mut tasks, listener, stage, public("https"), running.stopping(), grace, header_timeout)?;
     }
     if let Some(addr) = admin_addr {
         let (listener, bound) = bind(addr, "admin").await?;
@@ -402,6 +402,58 @@ async fn watch_cert_files(
             _ = stop.changed() => return,
         }
     }
+}
+
+/// Serves a public listener on one thread per core, each with its own single-threaded runtime
+/// accepting from the same socket: a connection, its requests and the upstream connections
+/// they use (`Upstream::client` is per thread) stay on one thread, with no work-stealing or
+/// cross-thread wake-ups on the request path. Everything else (admin, queue, reload, signals)
+/// stays on the main runtime. Each thread ends after its connections drained (see
+/// [`accept_loop`]); the join is added to `tasks`.
+fn serve_per_core<F, S>(
+    tasks: &mut tokio::task::JoinSet<()>,
+    listener: TcpListener,
+    tls: Option<Arc<Tls>>,
+    serve: F,
+    stop: watch::Receiver<bool>,
+    grace: Duration,
+    header_timeout: Duration,
+) -> Result<(), ServeError>
+where
+    F: Fn(SocketAddr) -> S + Clone + Send + 'static,
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<crate::http_util::Body>,
+            Error = Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let setup = |e: std::io::Error| ServeError::Setup(format!("cannot start a serving thread: {e}"));
+    let shared = listener.into_std().map_err(setup)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for i in 0..cores {
+        let socket = shared.try_clone().map_err(setup)?;
+        let (tls, serve, stop) = (tls.clone(), serve.clone(), stop.clone());
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(setup)?;
+        let thread = std::thread::Builder::new()
+            .name(format!("serve-{i}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    match TcpListener::from_std(socket) {
+                        Ok(listener) => accept_loop(listener, tls, serve, stop, grace, header_timeout).await,
+                        Err(e) => tracing::error!("serving thread {i} cannot use the listener: {e}"),
+                    }
+                })
+            })
+            .map_err(setup)?;
+        tasks.spawn_blocking(move || {
+            if thread.join().is_err() {
+                tracing::error!("serving thread {i} panicked");
+            }
+        });
+    }
+    Ok(())
 }
 
 /// Accepts connections until `stop` flips, then waits up to `grace` for open ones to finish.
