@@ -249,20 +249,23 @@ fn open_error(path: &Path, e: impl std::error::Error + Send + Sync + 'static) ->
 /// Opens the file, repairing it if needed; also says whether it did.
 fn open_db(file: &Path) -> Result<(Database, bool), StoreError> {
     let started = Instant::now();
+    // redb runs its repair pass while laying out a brand-new v3 file: that is no unclean
+    // shutdown, so it is not reported as one.
+    let existed = file.exists();
     let repaired = std::sync::Arc::new(AtomicBool::new(false));
     let flag = repaired.clone();
     let db = Database::builder()
         .set_cache_size(CACHE_BYTES)
         .create_with_file_format_v3(true)
         .set_repair_callback(move |session| {
-            if !flag.swap(true, Ordering::Relaxed) {
+            if !flag.swap(true, Ordering::Relaxed) && existed {
                 tracing::warn!("store was not shut down cleanly; repairing it");
             }
             tracing::debug!(progress = session.progress(), "store repair");
         })
         .create(file)
         .map_err(|e| open_error(file, e))?;
-    let repaired = repaired.load(Ordering::Relaxed);
+    let repaired = repaired.load(Ordering::Relaxed) && existed;
     if repaired {
         tracing::warn!(elapsed_ms = started.elapsed().as_millis() as u64, "store repaired");
     }
