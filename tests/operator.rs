@@ -208,3 +208,25 @@ async fn auto_mode_passes_motions_answer_back_when_up_and_queues_when_down() {
     let reply = post_meta(&relay.url(META), SECRET, meta_message("1", "1650", "wamid.after", "5")).await;
     assert_eq!(reply.headers.get("x-motion").map(|v| v.to_str().unwrap()), Some("yes"));
 }
+
+#[tokio::test]
+async fn a_motion_added_by_a_reload_gets_its_queue() {
+    let acme = FakeMotion::start().await;
+    let globex = FakeMotion::start().await;
+    let relay = RelayProcess::start(&config(&acme.url(), "queue"));
+    let text = std::fs::read_to_string(&relay.config_path).unwrap();
+    let more = format!(
+        "\n[[motion]]\nname = \"globex\"\nurl = \"{}\"\n  [[motion.account]]\n  id = \"7\"\n  provider = \"kaleyra\"\n  shared_token = \"g\"\n",
+        globex.url()
+    );
+    std::fs::write(&relay.config_path, format!("{text}{more}")).unwrap();
+    let admin = format!("http://{}/admin/reload", relay.admin.unwrap());
+    let reply = send(http::Method::POST, &admin, &[("authorization", "Bearer admin-secret")], "").await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let reply =
+        post(&relay.url("/globex/api/whatsapp/accounts/7/notify"), &[("x-webhook-token", "g")], "{\"from\":\"1\"}")
+            .await;
+    assert_eq!(reply.status, 200);
+    globex.wait_for(1, Duration::from_secs(10)).await;
+    assert!(!relay.logs().contains("panicked"), "{}", relay.logs());
+}

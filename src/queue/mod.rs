@@ -25,6 +25,8 @@ pub struct Queue {
     // Serialises creation of schedulers only (start, reload, first event of a new Motion).
     create: Mutex<()>,
     relay: Weak<Relay>,
+    /// The runtime `start` ran on, where every scheduler lives.
+    runtime: tokio::runtime::Handle,
 }
 
 impl Queue {
@@ -36,6 +38,7 @@ impl Queue {
             motions: ArcSwap::from_pointee(HashMap::new()),
             create: Mutex::new(()),
             relay: Arc::downgrade(relay),
+            runtime: tokio::runtime::Handle::current(),
         });
         let pending = queue.store.pending()?;
         let resumed = pending.len();
@@ -66,7 +69,7 @@ impl Queue {
         if let Some(m) = current.get(name) {
             return m.clone();
         }
-        let m = MotionQueue::spawn(name.to_string(), self.relay.clone(), self.store.clone());
+        let m = MotionQueue::spawn(&self.runtime, name.to_string(), self.relay.clone(), self.store.clone());
         let mut next = (*current).clone();
         next.insert(name.to_string(), m.clone());
         self.motions.store(Arc::new(next));

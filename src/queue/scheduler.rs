@@ -71,7 +71,14 @@ pub struct MotionQueue {
 }
 
 impl MotionQueue {
-    pub fn spawn(name: String, relay: Weak<Relay>, store: Arc<dyn Store>) -> MotionQueue {
+    /// Starts the scheduler task on `runtime` (the main one: schedulers must outlive any
+    /// serving thread, and may be created from threads that have no runtime, such as reload's).
+    pub fn spawn(
+        runtime: &tokio::runtime::Handle,
+        name: String,
+        relay: Weak<Relay>,
+        store: Arc<dyn Store>,
+    ) -> MotionQueue {
         let (tx, rx) = mpsc::unbounded_channel();
         let depth = Arc::new(AtomicU64::new(0));
         let s = Scheduler {
@@ -86,7 +93,7 @@ impl MotionQueue {
             in_flight: 0,
             delivered: Vec::new(),
         };
-        tokio::spawn(s.run(rx));
+        runtime.spawn(s.run(rx));
         MotionQueue { tx, depth }
     }
 
