@@ -172,7 +172,11 @@ impl Part<'_> {
             delivery_id,
             motion: self.motion.to_string(),
             account: self.account.to_string(),
-            dedup_key: Some(dedup_key(self.account, keys.event_id.as_deref(), &self.body)),
+            dedup_key: Some(dedup_key(
+                self.account,
+                keys.event_id.as_deref(),
+                &[method.as_bytes(), self.path_and_query.as_bytes(), &self.body],
+            )),
             conversation: match keys.conversation {
                 Some(c) => format!("{}\u{1f}{c}", self.account),
                 None => self.account.to_string(),
@@ -210,7 +214,7 @@ async fn queued(
     }
     let labels = MotionLabels { motion: motion.name.clone() };
     let accepted = if auto {
-        queue.accept_waiting(ev).await
+        queue.accept_waiting(ev).await.map(|(appended, rx)| (appended, Some(rx)))
     } else {
         queue.accept(vec![ev]).await.map(|mut r| (r.remove(0), None))
     };

@@ -184,10 +184,23 @@ async fn auto_mode_passes_motions_answer_back_when_up_and_queues_when_down() {
     assert_eq!(reply.status, 200);
     assert_eq!(reply.headers["x-motion"], "yes");
     assert_eq!(&reply.body[..], b"{\"ok\":true}");
-    // A refusal comes back too (as in direct mode), and is not a dead letter.
+    // A refusal is not passed back: the provider is acknowledged and the event is a dead letter
+    // (a redelivery, deduplicated, would otherwise be lost).
     acme.script([Answer::status(422)]);
     let reply = post_meta(&relay.url(META), SECRET, meta_message("1", "1650", "wamid.refused", "1")).await;
-    assert_eq!(reply.status, 422);
+    assert_eq!(reply.status, 200);
+    assert!(reply.body.is_empty());
+    let mut dead = Vec::new();
+    for _ in 0..50 {
+        let (_, out, _) = queue_cli(&relay, &["dead", "--json"]);
+        dead = serde_json::from_str::<Vec<serde_json::Value>>(&out).unwrap_or_default();
+        if !dead.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["status"], 422);
     drop(relay);
 
     // Down: acknowledged, then delivered in order once Motion is back.

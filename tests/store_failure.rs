@@ -62,3 +62,31 @@ url = "{}"
     assert_eq!(texts, ["0", "20"], "only acknowledged events are delivered");
     running.shutdown().await;
 }
+
+/// The provider hangs up while its event is being synced (a slow disk), then redelivers. The
+/// event was stored; it must still reach Motion, though the redelivery is taken as a duplicate.
+#[tokio::test]
+async fn an_event_stored_after_its_request_went_away_is_still_delivered() {
+    let motion = FakeMotion::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[server]\nhttp = \"127.0.0.1:0\"\n[storage]\npath = \"{}\"\n[[motion]]\nname = \"acme\"\nurl = \"{}\"\n  [[motion.account]]\n  id = \"13\"\n  provider = \"meta\"\n  app_secret = \"s\"\n",
+        dir.path().display(),
+        motion.url()
+    );
+    let config = whatsapp_relay::config::parse(std::path::Path::new("relay.toml"), &text).unwrap();
+    let faulty = Arc::new(FaultyStore::new(Arc::new(EmbeddedStore::open(dir.path()).unwrap())));
+    let running = whatsapp_relay::server::start_with_store(config, faulty.clone()).await.unwrap();
+    let url = format!("http://{}/acme/api/whatsapp/accounts/13/notify", running.http.unwrap());
+    let body = meta_message("1", "1650", "wamid.slow", "slow disk");
+
+    faulty.set_append_delay(Duration::from_millis(600));
+    let gave_up = tokio::time::timeout(Duration::from_millis(100), post_meta(&url, "s", body.clone())).await;
+    assert!(gave_up.is_err(), "the provider hung up before the acknowledgement");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    faulty.set_append_delay(Duration::ZERO);
+    assert_eq!(post_meta(&url, "s", body.clone()).await.status, 200, "the redelivery is acknowledged");
+    let got = motion.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].body, body);
+    running.shutdown().await;
+}

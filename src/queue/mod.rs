@@ -27,18 +27,33 @@ pub struct Queue {
     relay: Weak<Relay>,
     /// The runtime `start` ran on, where every scheduler lives.
     runtime: tokio::runtime::Handle,
+    /// `auto` requests waiting for their event's first attempt, by delivery id (handed to the
+    /// scheduler with the event once it is stored).
+    waiters: Mutex<HashMap<String, scheduler::Waiter>>,
 }
 
 impl Queue {
     /// Opens the queue over `store` and resumes every event it still holds, in order.
     pub fn start(relay: &Arc<Relay>, store: Arc<dyn Store>) -> Result<Arc<Queue>, StoreError> {
-        let queue = Arc::new(Queue {
-            commit: GroupCommit::new(store.clone()),
-            store,
-            motions: ArcSwap::from_pointee(HashMap::new()),
-            create: Mutex::new(()),
-            relay: Arc::downgrade(relay),
-            runtime: tokio::runtime::Handle::current(),
+        let queue = Arc::new_cyclic(|me: &Weak<Queue>| {
+            let me = me.clone();
+            // Scheduling happens on the writer thread, in commit order, as part of the commit:
+            // a request that goes away while its event is being synced cannot strand the event,
+            // and two events of one conversation reach the scheduler in the order they were stored.
+            let on_commit: crate::store::group_commit::OnCommit = Box::new(move |events, results| {
+                if let Some(q) = me.upgrade() {
+                    q.schedule_stored(events, results);
+                }
+            });
+            Queue {
+                commit: GroupCommit::with_hook(store.clone(), on_commit),
+                store,
+                motions: ArcSwap::from_pointee(HashMap::new()),
+                create: Mutex::new(()),
+                relay: Arc::downgrade(relay),
+                runtime: tokio::runtime::Handle::current(),
+                waiters: Mutex::new(HashMap::new()),
+            }
         });
         let pending = queue.store.pending()?;
         let resumed = pending.len();
@@ -81,34 +96,40 @@ impl Queue {
         self.motions.load().get(motion).map_or(0, |m| m.depth())
     }
 
-    /// Durably appends `events` (one atomic write) and schedules the stored ones.
+    /// Durably appends `events` (one atomic write); the stored ones are scheduled as part of
+    /// the commit (see `start`).
     pub async fn accept(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>, StoreError> {
-        let copies = events.clone();
-        let results = self.commit.append(events).await?;
-        for (ev, r) in copies.into_iter().zip(&results) {
-            if let Appended::Stored(seq) = r {
-                let meta = EventMeta::of(*seq, 0, &ev);
-                self.motion(&ev.motion).enqueue(meta, Some(Arc::new(ev)), None);
-            }
-        }
-        Ok(results)
+        self.commit.append(events).await
     }
 
-    /// `auto` mode: stores the event like [`accept`](Self::accept), then lets the caller wait for
-    /// the answer of its first attempt. The receiver yields nothing (is closed) when the event
-    /// must wait its turn (its conversation has events waiting) or the attempt failed; the
-    /// event then stays queued. Storing first keeps "a 2xx means it is on disk" true on both paths.
+    /// `auto` mode: stores the event like [`accept`](Self::accept) and lets the caller wait for
+    /// Motion's answer to its first attempt. The receiver yields nothing (is closed) when the
+    /// event must wait its turn (its conversation has events waiting) or the attempt did not
+    /// deliver it; the event then stays queued. Storing first keeps "a 2xx means it is on
+    /// disk" true on both paths.
     pub async fn accept_waiting(
         &self,
         ev: NewEvent,
-    ) -> Result<(Appended, Option<oneshot::Receiver<DirectAnswer>>), StoreError> {
-        let copy = ev.clone();
-        let result = self.commit.append(vec![ev]).await?.pop().ok_or(StoreError::Closed)?;
-        let Appended::Stored(seq) = result else { return Ok((result, None)) };
+    ) -> Result<(Appended, oneshot::Receiver<DirectAnswer>), StoreError> {
         let (tx, rx) = oneshot::channel();
-        let meta = EventMeta::of(seq, 0, &copy);
-        self.motion(&copy.motion).enqueue(meta, Some(Arc::new(copy)), Some(tx));
-        Ok((result, Some(rx)))
+        let id = ev.delivery_id.clone();
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone(), tx);
+        let result = self.commit.append(vec![ev]).await;
+        // Taken by `schedule_stored` when stored; anything left here was not.
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        let appended = result?.pop().ok_or(StoreError::Closed)?;
+        Ok((appended, rx))
+    }
+
+    /// Hands freshly stored events to their schedulers (writer thread, commit order).
+    fn schedule_stored(&self, events: Vec<NewEvent>, results: &[Appended]) {
+        for (ev, r) in events.into_iter().zip(results) {
+            let waiter = self.waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&ev.delivery_id);
+            if let Appended::Stored(seq) = r {
+                let meta = EventMeta::of(*seq, 0, &ev);
+                self.motion(&ev.motion).enqueue(meta, Some(Arc::new(ev)), waiter);
+            }
+        }
     }
 
     /// Schedules an event that is already stored (a replayed dead letter).
@@ -125,8 +146,11 @@ impl Queue {
 
     /// Stops the schedulers and makes everything durable. Events not delivered stay stored.
     pub fn shutdown(&self) {
-        for m in self.motions.load().values() {
-            m.stop();
+        let stopping: Vec<_> = self.motions.load().values().map(|m| m.stop()).collect();
+        for heard in stopping {
+            // Bounded: a store that hangs must not hold the exit forever (worst case, a few
+            // delivered events are delivered again after the restart).
+            let _ = heard.recv_timeout(std::time::Duration::from_secs(5));
         }
         self.commit.close();
         if let Err(e) = self.store.sync() {

@@ -38,15 +38,16 @@ pub type Waiter = tokio::sync::oneshot::Sender<DirectAnswer>;
 
 enum Msg {
     Enqueue(Entry),
-    Done { conv: Arc<str>, outcome: Outcome },
-    Stop,
+    Done {
+        conv: Arc<str>,
+        outcome: Outcome,
+    },
+    /// Stop delivering; answer on the channel once delivered events are pruned from the store.
+    Stop(std::sync::mpsc::Sender<()>),
 }
 
 enum Outcome {
     Delivered,
-    /// `auto` mode: Motion refused the event, and its answer went straight back to the provider
-    /// (as in `direct` mode), so it is not a dead letter.
-    AnsweredDirectly,
     Retry {
         at_least: Option<Duration>,
         loaded: Option<Arc<NewEvent>>,
@@ -106,8 +107,11 @@ impl MotionQueue {
         let _ = self.tx.send(Msg::Enqueue(Entry { meta, cached, waiter }));
     }
 
-    pub fn stop(&self) {
-        let _ = self.tx.send(Msg::Stop);
+    /// Asks the scheduler to stop; the receiver hears once it has pruned what it delivered.
+    pub fn stop(&self) -> std::sync::mpsc::Receiver<()> {
+        let (done, heard) = std::sync::mpsc::channel();
+        let _ = self.tx.send(Msg::Stop(done));
+        heard
     }
 }
 
@@ -137,7 +141,12 @@ impl Scheduler {
                 msg = rx.recv() => match msg {
                     Some(Msg::Enqueue(e)) => self.enqueue(e),
                     Some(Msg::Done { conv, outcome }) => self.done(conv, outcome).await,
-                    Some(Msg::Stop) | None => break,
+                    Some(Msg::Stop(done)) => {
+                        self.flush_delivered().await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    None => break,
                 },
                 _ = sleep_until(next_timer) => self.fire_timers(),
                 _ = tick.tick() => self.housekeeping().await,
@@ -214,8 +223,8 @@ impl Scheduler {
         let Some(conv) = self.convs.get_mut(&key) else { return };
         conv.busy = false;
         match outcome {
-            Outcome::Delivered | Outcome::Gone | Outcome::AnsweredDirectly => {
-                metric(if matches!(outcome, Outcome::AnsweredDirectly) { "answered_directly" } else { "delivered" });
+            Outcome::Delivered | Outcome::Gone => {
+                metric("delivered");
                 if let Some(e) = conv.queue.pop_front() {
                     self.delivered.push(e.meta.seq);
                     self.depth.fetch_sub(1, Ordering::Relaxed);
@@ -240,8 +249,12 @@ impl Scheduler {
                 // The count is informational (X-Relay-Attempt after a restart): not synced.
                 tokio::task::spawn_blocking(move || store.set_attempts(seq, attempts));
                 let d = relay.as_ref().map(|r| r.snapshot().config.delivery.clone());
-                let wait = d.map_or(Duration::from_secs(1), |d| backoff(d.retry_initial, d.retry_max, attempts));
-                let wait = at_least.map_or(wait, |a| a.max(wait));
+                let (wait, cap) = d.map_or((Duration::from_secs(1), Duration::from_secs(300)), |d| {
+                    (backoff(d.retry_initial, d.retry_max, attempts), d.retry_max)
+                });
+                // Motion's Retry-After is honoured up to retry_max: a huge value must neither
+                // overflow the clock nor hold the conversation past give_up_after.
+                let wait = at_least.map_or(wait, |a| a.min(cap).max(wait));
                 conv.waiting = true;
                 self.timers.push(Reverse((Instant::now() + wait, key.clone())));
                 return;
@@ -387,16 +400,16 @@ impl Job {
             }
         };
         let verdict = classify(status, retry_after.as_deref());
-        // `auto` mode: a definite answer (delivered or refused) goes back to the waiting request.
-        if let (Some(waiter), Some(code), Verdict::Delivered | Verdict::Dead) = (self.waiter, status, &verdict) {
+        // `auto` mode: Motion's answer goes back to the waiting request when it took the event.
+        // A refusal is not passed back: the event becomes a dead letter and the provider gets
+        // the acknowledgement, so a provider's redelivery (deduplicated) cannot lose it.
+        if let (Some(waiter), Some(code), Verdict::Delivered) = (self.waiter, status, &verdict) {
             let direct = DirectAnswer {
                 status: http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::BAD_GATEWAY),
                 headers: answer_headers.take().unwrap_or_default(),
                 body: answer.clone(),
             };
-            if waiter.send(direct).is_ok() && verdict == Verdict::Dead {
-                return Outcome::AnsweredDirectly;
-            }
+            let _ = waiter.send(direct);
         }
         let dead = |reason: String| {
             Outcome::Dead(DeadInfo {

@@ -1,12 +1,14 @@
 //! [`FaultyStore`]: a [`Store`] wrapper for tests that makes every write fail on demand (a
-//! failing disk: tests run as root, so a read-only directory cannot simulate one) and counts
-//! the underlying `append` calls (how many commits a [`super::GroupCommit`] made).
+//! failing disk: tests run as root, so a read-only directory cannot simulate one), makes
+//! appends slow on demand (a slow fsync), and counts the underlying `append` calls (how many
+//! commits a [`super::GroupCommit`] made).
 //!
 //! Must never: alter what passes through while no fault is set, or be used outside tests and
 //! benchmarks' setup.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use super::{Appended, DeadInfo, DeadLetter, Event, EventMeta, NewEvent, Store, StoreError};
 
@@ -14,17 +16,28 @@ pub struct FaultyStore {
     inner: Arc<dyn Store>,
     fail_writes: AtomicBool,
     append_calls: AtomicU64,
+    append_delay_ms: AtomicU64,
 }
 
 impl FaultyStore {
     pub fn new(inner: Arc<dyn Store>) -> FaultyStore {
-        FaultyStore { inner, fail_writes: AtomicBool::new(false), append_calls: AtomicU64::new(0) }
+        FaultyStore {
+            inner,
+            fail_writes: AtomicBool::new(false),
+            append_calls: AtomicU64::new(0),
+            append_delay_ms: AtomicU64::new(0),
+        }
     }
 
     /// While set, every write method fails with `Write("injected fault")` and `writable()` is
     /// false. Reads keep working, as they would on a disk that refuses writes.
     pub fn set_fail_writes(&self, fail: bool) {
         self.fail_writes.store(fail, Ordering::SeqCst);
+    }
+
+    /// Makes every `append` take at least this long (a slow disk).
+    pub fn set_append_delay(&self, delay: Duration) {
+        self.append_delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// How many times `append` was called (failed calls included).
@@ -44,6 +57,10 @@ impl Store for FaultyStore {
     fn append(&self, batch: &[NewEvent]) -> Result<Vec<Appended>, StoreError> {
         self.append_calls.fetch_add(1, Ordering::SeqCst);
         self.check()?;
+        let delay = self.append_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_millis(delay));
+        }
         self.inner.append(batch)
     }
     fn append_dead(&self, ev: &NewEvent, info: DeadInfo) -> Result<Appended, StoreError> {

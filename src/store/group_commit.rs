@@ -36,12 +36,22 @@ pub struct GroupCommit {
     writer: Option<JoinHandle<()>>,
 }
 
+/// Runs on the writer thread after each successful commit, with the group's events in commit
+/// (sequence) order and their results, before any submitter hears back. Whatever must follow
+/// an append in sequence order, and must happen even if a submitter has gone away, goes here.
+pub type OnCommit = Box<dyn Fn(Vec<NewEvent>, &[Appended]) + Send>;
+
 impl GroupCommit {
     pub fn new(store: Arc<dyn Store>) -> GroupCommit {
+        Self::with_hook(store, Box::new(|_, _| {}))
+    }
+
+    /// Like [`GroupCommit::new`], calling `on_commit` after every successful commit.
+    pub fn with_hook(store: Arc<dyn Store>, on_commit: OnCommit) -> GroupCommit {
         let (tx, rx) = mpsc::channel(QUEUE);
         let writer = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || write_loop(&*store, rx))
+            .spawn(move || write_loop(&*store, rx, &on_commit))
             .expect("spawn the store writer thread");
         GroupCommit { tx: Mutex::new(Some(tx)), writer: Some(writer) }
     }
@@ -82,7 +92,7 @@ impl Drop for GroupCommit {
     }
 }
 
-fn write_loop(store: &dyn Store, mut rx: mpsc::Receiver<Job>) {
+fn write_loop(store: &dyn Store, mut rx: mpsc::Receiver<Job>, on_commit: &OnCommit) {
     // A job that did not fit in the previous group opens the next one.
     let mut carried: Option<Job> = None;
     loop {
@@ -107,7 +117,10 @@ fn write_loop(store: &dyn Store, mut rx: mpsc::Receiver<Job>) {
             events.extend(job.batch); // moves: bodies are refcounted `Bytes`, not copied
         }
         let mut results = match store.append(&events) {
-            Ok(r) if r.len() == events.len() => Ok(r.into_iter()),
+            Ok(r) if r.len() == events.len() => {
+                on_commit(events, &r);
+                Ok(r.into_iter())
+            }
             Ok(r) => Err(StoreError::Write(format!("store answered {} results for {} events", r.len(), events.len()))),
             Err(e) => Err(e),
         };

@@ -174,8 +174,10 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// The dedup key of an event: the account plus the provider's event id where the payload has
-/// one, else the SHA-256 of the body. Domain-separated so an id can never equal a body hash.
-pub fn dedup_key(account: &str, provider_event_id: Option<&str>, body: &[u8]) -> [u8; 32] {
+/// one, else the SHA-256 of the request (`request`: method, path and query, then the body), so
+/// callbacks that carry their data in the query (GET, empty body) do not all look alike.
+/// Domain-separated so an id can never equal a body hash.
+pub fn dedup_key(account: &str, provider_event_id: Option<&str>, request: &[&[u8]]) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update((account.len() as u64).to_le_bytes());
     h.update(account.as_bytes());
@@ -186,7 +188,12 @@ pub fn dedup_key(account: &str, provider_event_id: Option<&str>, body: &[u8]) ->
         }
         None => {
             h.update(b"body\0");
-            h.update(Sha256::digest(body));
+            let mut inner = Sha256::new();
+            for part in request {
+                inner.update((part.len() as u64).to_le_bytes());
+                inner.update(part);
+            }
+            h.update(inner.finalize());
         }
     }
     h.finalize().into()
@@ -266,11 +273,13 @@ pub(crate) mod tests {
 
     #[test]
     fn dedup_key_separates_accounts_ids_and_bodies() {
-        let k = dedup_key("12", Some("SM1"), b"x");
-        assert_eq!(k, dedup_key("12", Some("SM1"), b"other body"));
-        assert_ne!(k, dedup_key("13", Some("SM1"), b"x"));
-        assert_ne!(k, dedup_key("1", Some("2SM1"), b"x"));
-        assert_eq!(dedup_key("12", None, b"x"), dedup_key("12", None, b"x"));
-        assert_ne!(dedup_key("12", None, b"x"), dedup_key("12", None, b"y"));
+        let k = dedup_key("12", Some("SM1"), &[b"x"]);
+        assert_eq!(k, dedup_key("12", Some("SM1"), &[b"other body"]));
+        assert_ne!(k, dedup_key("13", Some("SM1"), &[b"x"]));
+        assert_ne!(k, dedup_key("1", Some("2SM1"), &[b"x"]));
+        assert_eq!(dedup_key("12", None, &[b"x"]), dedup_key("12", None, &[b"x"]));
+        assert_ne!(dedup_key("12", None, &[b"x"]), dedup_key("12", None, &[b"y"]));
+        // GET callbacks: the query tells them apart.
+        assert_ne!(dedup_key("12", None, &[b"GET", b"/n?a=1", b""]), dedup_key("12", None, &[b"GET", b"/n?a=2", b""]));
     }
 }
