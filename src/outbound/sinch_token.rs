@@ -142,7 +142,8 @@ impl SinchTokens {
         if a.access_token.is_empty() {
             return Err(TokenError::BadAnswer { url });
         }
-        let lifetime = a.expires_in.filter(|s| *s > 0).map_or(DEFAULT_LIFETIME, Duration::from_secs);
+        // Capped at a day: an absurd `expires_in` must not overflow the clock (Sinch says 3600).
+        let lifetime = a.expires_in.filter(|s| *s > 0).map_or(DEFAULT_LIFETIME, |s| Duration::from_secs(s.min(86_400)));
         tracing::debug!(auth_url = %url, lifetime_s = lifetime.as_secs(), "fetched a Sinch access token");
         Ok((a.access_token, lifetime))
     }

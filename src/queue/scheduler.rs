@@ -346,7 +346,18 @@ impl Job {
     async fn attempt(self) -> Outcome {
         let snap = self.relay.snapshot();
         let Some(route) = snap.table.motion(&self.motion) else {
-            // The Motion left the config (a reload): keep the event until it comes back.
+            // The Motion left the config (a reload): keep the event until it comes back, but no
+            // longer than give_up_after, like any event Motion does not take.
+            let age = Duration::from_millis(now_ms().saturating_sub(self.meta.received_unix_ms));
+            if age >= snap.config.delivery.give_up_after {
+                return Outcome::Dead(DeadInfo {
+                    reason: format!("gave up: motion {} is no longer configured", self.motion),
+                    status: None,
+                    answer: Vec::new(),
+                    attempts: self.meta.attempts,
+                    died_unix_ms: now_ms(),
+                });
+            }
             return Outcome::Retry { at_least: Some(Duration::from_secs(30)), loaded: None };
         };
         let ev = match self.cached {
