@@ -16,6 +16,9 @@
 #       (c) wrk -> relay, direct mode -> Motion
 #       (d) wrk -> relay, queue mode ~> Motion (distinct bodies: post-unique.lua); only when the
 #           relay accepts `mode = "queue"` (see target_relay_queue below), skip with --no-queue;
+#       (e) wrk -> bare hyper proxy -> Motion  the floor of the relay's HTTP stack
+#           (examples/bench_bare_proxy.rs: tokio + hyper + hyper-util's client, served per core
+#           like the relay, with no checks, routing or headers): what the stack alone costs;
 #   - samples the CPU time (utime+stime from /proc) of Motion, nginx and the relay around each
 #     run and reports microseconds of CPU per request;
 #   - prints a markdown table, flags wrk errors and non-2xx answers (a non-2xx from the relay
@@ -74,15 +77,16 @@ command -v wrk >/dev/null || die "wrk not found (apt-get install wrk)"
 command -v openssl >/dev/null || die "openssl not found"
 
 if [[ $BUILD == 1 ]]; then
-    log "cargo build --release --bin whatsapp-relay --example bench_motion"
-    cargo build --release --bin whatsapp-relay --example bench_motion
+    log "cargo build --release --bin whatsapp-relay --example bench_motion --example bench_bare_proxy"
+    cargo build --release --bin whatsapp-relay --example bench_motion --example bench_bare_proxy
 fi
 TARGET_DIR=$(cargo metadata --format-version 1 --no-deps 2>/dev/null |
     sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 TARGET_DIR=${TARGET_DIR:-$ROOT/target}
 RELAY_BIN="$TARGET_DIR/release/whatsapp-relay"
 MOTION_BIN="$TARGET_DIR/release/examples/bench_motion"
-[[ -x $RELAY_BIN && -x $MOTION_BIN ]] || die "binaries missing in $TARGET_DIR/release (drop --no-build)"
+BARE_BIN="$TARGET_DIR/release/examples/bench_bare_proxy"
+[[ -x $RELAY_BIN && -x $MOTION_BIN && -x $BARE_BIN ]] || die "binaries missing in $TARGET_DIR/release (drop --no-build)"
 
 # ---------------------------------------------------------------------------------------------
 # Processes: each one under `timeout` (its own process group), stopped by the EXIT trap
@@ -91,7 +95,7 @@ TMP=$(mktemp -d "${TMPDIR:-/tmp}/relay-load.XXXXXX")
 chmod 755 "$TMP"               # nginx workers run as nobody when started by root
 PGIDS=()                       # process groups to stop (timeout makes itself a group leader)
 WRK_PID=""                     # the wrk run in progress
-N_TARGETS=4
+N_TARGETS=5
 # Budget: warm-ups, rounds (with up to 30 s of queue drain each), start-up and slack.
 BUDGET=$(( N_TARGETS * (WARMUP + ROUNDS * (DURATION + 35)) + 120 ))
 
@@ -294,6 +298,12 @@ target_relay_queue() {
 }
 [[ $WITH_QUEUE == 0 ]] || target_relay_queue
 # ================================================================================================
+
+BARE_PORT=$(free_port)
+start bare-proxy "$TMP/bare-proxy.log" "$BARE_BIN" "$BARE_PORT" "$MOTION_PORT"
+BARE_PID=$STARTED_PID
+wait_port "$BARE_PORT" "$BARE_PID" "the bare hyper proxy" "$TMP/bare-proxy.log"
+add_target "(e) wrk -> bare hyper proxy -> Motion (stack floor)" "http://127.0.0.1:$BARE_PORT$WEBHOOK_PATH" post.lua "$BARE_PID" 0
 
 cp "$HERE/body.json" "$HERE/post.lua" "$HERE/post-unique.lua" "$TMP/"
 cd "$TMP"

@@ -8,6 +8,7 @@ use crate::upstream::Client;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use http::header::{HOST, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -30,9 +31,11 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 pub fn forwarded_headers(mut headers: HeaderMap, client_ip: IpAddr, proto: &'static str) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
     let host = headers.remove(HOST);
-    let relay: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with("x-relay-")).cloned().collect();
-    for k in relay {
-        headers.remove(k);
+    if headers.keys().any(is_relay_header) {
+        let relay: Vec<HeaderName> = headers.keys().filter(|k| is_relay_header(k)).cloned().collect();
+        for k in relay {
+            headers.remove(k);
+        }
     }
     let ip = client_ip.to_canonical().to_string();
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
@@ -47,6 +50,10 @@ pub fn forwarded_headers(mut headers: HeaderMap, client_ip: IpAddr, proto: &'sta
         None => headers.remove(X_FORWARDED_HOST),
     };
     headers
+}
+
+fn is_relay_header(name: &HeaderName) -> bool {
+    name.as_str().starts_with("x-relay-")
 }
 
 /// `t=UNIX,v1=HEX(HMAC-SHA256(secret, "{t}.{body}"))`.
@@ -84,14 +91,7 @@ pub struct Attempt<'a> {
 
 /// Sends one attempt; the answer's body is left streaming for the caller.
 pub async fn send(a: Attempt<'_>) -> Result<Response<Incoming>, AttemptError> {
-    let base = &a.motion.url;
-    let uri = format!(
-        "{}://{}{}{}",
-        base.scheme_str().unwrap_or("http"),
-        base.authority().map(|x| x.as_str()).unwrap_or_default(),
-        base.path().trim_end_matches('/'),
-        a.path_and_query
-    );
+    let uri = motion_uri(&a.motion.url, a.path_and_query)?;
     let mut headers = a.headers;
     headers.insert(
         X_RELAY_DELIVERY,
@@ -106,13 +106,30 @@ pub async fn send(a: Attempt<'_>) -> Result<Response<Incoming>, AttemptError> {
     }
     let mut req = Request::new(Full::new(a.body));
     *req.method_mut() = a.method;
-    *req.uri_mut() = uri.parse().map_err(|e| AttemptError::Unreachable(format!("bad Motion URL {uri}: {e}")))?;
+    *req.uri_mut() = uri;
     *req.headers_mut() = headers;
     match tokio::time::timeout(a.timeout, a.client.request(req)).await {
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(e)) => Err(AttemptError::Unreachable(error_chain(&e))),
         Err(_) => Err(AttemptError::Timeout(a.timeout)),
     }
+}
+
+/// Motion's URL with `path_and_query` appended to its path. Built from the parts of the URL
+/// parsed once at config load (scheme and authority are shared, not re-parsed per request).
+fn motion_uri(base: &http::Uri, path_and_query: &str) -> Result<http::Uri, AttemptError> {
+    let prefix = base.path().trim_end_matches('/');
+    let pq = if prefix.is_empty() {
+        PathAndQuery::try_from(path_and_query)
+    } else {
+        PathAndQuery::try_from(format!("{prefix}{path_and_query}"))
+    };
+    let bad = |e: &dyn std::fmt::Display| AttemptError::Unreachable(format!("bad Motion URL {base}: {e}"));
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(base.scheme().cloned().unwrap_or(Scheme::HTTP));
+    parts.authority = base.authority().cloned();
+    parts.path_and_query = Some(pq.map_err(|e| bad(&e))?);
+    http::Uri::from_parts(parts).map_err(|e| bad(&e))
 }
 
 /// The error with its causes, which is where hyper keeps the useful part ("connection refused").
@@ -138,6 +155,15 @@ mod tests {
         let mut mac = Hmac::<Sha256>::new_from_slice(b"s3cret").unwrap();
         mac.update(b"1700000000.{}");
         assert_eq!(sig, format!("t=1700000000,v1={}", hex::encode(mac.finalize().into_bytes())));
+    }
+
+    #[test]
+    fn motion_uri_keeps_the_base_path() {
+        let uri = |base: &str, pq: &str| motion_uri(&base.parse().unwrap(), pq).unwrap().to_string();
+        assert_eq!(uri("http://127.0.0.1:9000", "/notify?x=1"), "http://127.0.0.1:9000/notify?x=1");
+        assert_eq!(uri("https://m.example/", "/a/b"), "https://m.example/a/b");
+        assert_eq!(uri("http://m.example/motion/", "/a?b=c"), "http://m.example/motion/a?b=c");
+        assert_eq!(uri("http://m.example/motion", "/a"), "http://m.example/motion/a");
     }
 
     #[test]

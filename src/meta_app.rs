@@ -193,12 +193,12 @@ pub async fn handle(
     app_name: &str,
     req: Request<Incoming>,
     conn: Conn,
-    info: &mut AccessInfo,
+    info: &mut AccessInfo<'_>,
 ) -> Response<Body> {
     let Some(app) = snap.table.app(app_name) else {
         return error(ErrorCode::NotFound, "no such meta_app");
     };
-    info.account = Some(format!("meta_app:{}", app.app.name));
+    info.account = Some(format!("meta_app:{}", app.app.name).into());
     info.provider = app.app.provider.as_str();
     let checks = Checks {
         verifier: &app.app.verifier,

@@ -51,7 +51,7 @@ pub async fn handle(
     t: Target<'_>,
     req: Request<Incoming>,
     conn: Conn,
-    _info: &mut AccessInfo,
+    _info: &mut AccessInfo<'_>,
 ) -> Response<Body> {
     let motion = &t.motion.motion;
     let account = t.account;

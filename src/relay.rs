@@ -34,10 +34,11 @@ pub struct Conn {
 }
 
 /// What the access line reports about a request.
+/// Borrowed from the request's snapshot where it can be: nothing is copied for the log line.
 #[derive(Default)]
-pub struct AccessInfo {
-    pub motion: Option<String>,
-    pub account: Option<String>,
+pub struct AccessInfo<'a> {
+    pub motion: Option<&'a str>,
+    pub account: Option<std::borrow::Cow<'a, str>>,
     pub provider: &'static str,
     pub delivery_id: Option<String>,
 }
@@ -156,7 +157,7 @@ impl Relay {
         let mut info = AccessInfo::default();
         let resp = self.dispatch(&snap, req, conn, &mut info).await;
         let status = resp.status().as_u16();
-        let motion = info.motion.as_deref().unwrap_or("");
+        let motion = info.motion.unwrap_or("");
         let elapsed = start.elapsed();
         self.metrics.requests.get_or_create(&RequestLabels { motion: motion.to_string(), status }).inc();
         self.metrics.latency.get_or_create(&MotionLabels { motion: motion.to_string() }).observe(elapsed.as_secs_f64());
@@ -173,12 +174,12 @@ impl Relay {
         resp
     }
 
-    async fn dispatch(
+    async fn dispatch<'s>(
         &self,
-        snap: &Snapshot,
+        snap: &'s Snapshot,
         req: Request<Incoming>,
         conn: Conn,
-        info: &mut AccessInfo,
+        info: &mut AccessInfo<'s>,
     ) -> Response<Body> {
         // A message framed both ways (Content-Length and Transfer-Encoding) never gets here as
         // such: hyper reads it as chunked, drops Content-Length and closes the connection after
@@ -200,15 +201,15 @@ impl Relay {
                 }
             }
             Route::Inbound { motion, account, forward_at, by_host } => {
-                info.motion = Some(motion.motion.name.clone());
-                info.account = Some(account.id.clone());
+                info.motion = Some(&motion.motion.name);
+                info.account = Some(account.id.as_str().into());
                 info.provider = account.provider.as_str();
                 let target = crate::inbound::Target { motion, account, forward_at, by_host };
                 crate::inbound::handle(self, snap, target, req, conn, info).await
             }
             Route::Outbound { motion, account, rest_at } => {
-                info.motion = Some(motion.motion.name.clone());
-                info.account = Some(account.id.clone());
+                info.motion = Some(&motion.motion.name);
+                info.account = Some(account.id.as_str().into());
                 info.provider = account.provider.as_str();
                 let target = crate::outbound::Target { motion, account, rest_at };
                 crate::outbound::handle(self, snap, target, req, conn, info).await

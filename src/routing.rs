@@ -217,7 +217,9 @@ impl<'a> Segments<'a> {
         self.pos >= self.path.len()
     }
 
-    fn next_raw(&mut self) -> Option<&'a str> {
+    /// The next segment, decoded once; `None` at the end, for an empty segment or one that does
+    /// not decode safely.
+    fn next(&mut self) -> Option<Cow<'a, str>> {
         if self.pos > self.path.len() {
             return None;
         }
@@ -225,11 +227,7 @@ impl<'a> Segments<'a> {
         let end = rest.find('/').unwrap_or(rest.len());
         self.pos += end + 1;
         let seg = &rest[..end];
-        (!seg.is_empty() && decode_segment(seg).is_some()).then_some(seg)
-    }
-
-    fn next(&mut self) -> Option<Cow<'a, str>> {
-        self.next_raw().and_then(decode_segment)
+        if seg.is_empty() { None } else { decode_segment(seg) }
     }
 
     /// Every remaining segment must decode safely (empty segments are allowed: `a//b`, trailing `/`).

@@ -64,7 +64,8 @@ impl fmt::Display for ProviderKind {
 pub struct Inbound<'a> {
     pub method: &'a http::Method,
     /// The URL the provider called, reconstructed by the relay: "scheme://host[:port]/path?query",
-    /// path and query exactly as received on the wire (still percent-encoded).
+    /// path and query exactly as received on the wire (still percent-encoded). Empty unless one
+    /// of the account's checks [`reads_url`](Verify::reads_url).
     pub url: &'a str,
     /// The raw query string (without '?'), if any.
     pub query: Option<&'a str>,
@@ -165,6 +166,11 @@ impl fmt::Debug for VerifierConfig {
 /// The small trait every check shares.
 pub trait Verify: Send + Sync {
     fn verify(&self, req: &Inbound<'_>) -> Result<(), Rejection>;
+
+    /// Whether the check reads [`Inbound::url`]; the caller builds that URL only when one does.
+    fn reads_url(&self) -> bool {
+        false
+    }
 }
 
 /// All checks of one account, combined: every configured check must pass.
@@ -235,6 +241,11 @@ impl AccountVerifier {
             ));
         }
         Ok(AccountVerifier { checks })
+    }
+
+    /// Whether any check reads [`Inbound::url`] (Twilio signs the URL it called).
+    pub fn reads_url(&self) -> bool {
+        self.checks.iter().any(|(_, c)| c.reads_url())
     }
 
     pub fn verify(&self, req: &Inbound<'_>) -> Result<(), Rejection> {

@@ -14,7 +14,8 @@ const DEFAULT_PARAM: &str = "token";
 pub(super) struct SharedToken {
     /// SHA-256 of the token, computed once: each request hashes only what it presents.
     digest: [u8; 32],
-    header: String,
+    /// Parsed once: a lookup by `&str` would parse the name again on every request.
+    header: http::HeaderName,
     param: String,
 }
 
@@ -31,14 +32,14 @@ impl SharedToken {
             return Err("shared_token is empty".into());
         }
         let header = cfg.token_header.as_deref().unwrap_or(DEFAULT_HEADER);
-        http::HeaderName::from_bytes(header.as_bytes())
+        let header = http::HeaderName::from_bytes(header.as_bytes())
             .map_err(|_| format!("token_header {header:?} is not a valid header name"))?;
         let param = cfg.token_param.as_deref().unwrap_or(DEFAULT_PARAM);
         if param.is_empty() {
             return Err("token_param is empty".into());
         }
         let digest = sha2::Sha256::digest(token.as_bytes()).into();
-        Ok(Some(SharedToken { digest, header: header.to_owned(), param: param.to_owned() }))
+        Ok(Some(SharedToken { digest, header, param: param.to_owned() }))
     }
 }
 

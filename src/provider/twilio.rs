@@ -31,6 +31,10 @@ impl Twilio {
 }
 
 impl Verify for Twilio {
+    fn reads_url(&self) -> bool {
+        true
+    }
+
     fn verify(&self, req: &Inbound<'_>) -> Result<(), Rejection> {
         let tag = HEADER.read(req)?;
         let body_sha = body_sha256_param(req.url);
