@@ -196,9 +196,11 @@ impl Queue {
                 NewEvent { dedup_key: None, ..ev }
             })
             .collect();
-        self.accept(events).await?;
-        let seq = d.seq;
-        self.blocking(move |s| s.purge_dead(Some(seq))).await?;
+        // One transaction: a crash cannot leave the dead letter behind its replay (sent twice
+        // by a second replay), and a concurrent replay or purge that got there first wins.
+        if self.commit.append_replacing_dead(events, d.seq).await?.is_empty() {
+            return Ok(false);
+        }
         for t in &targets {
             relay.metrics.replays.get_or_create(&MotionLabels { motion: t.motion.motion.name.clone() }).inc();
         }

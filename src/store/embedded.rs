@@ -316,6 +316,26 @@ fn take_seq(meta: &mut Table<&str, u64>) -> DbResult<u64> {
     Ok(seq)
 }
 
+/// The events of one append, inside the caller's transaction.
+fn append_in(txn: &WriteTransaction, batch: &[NewEvent]) -> DbResult<Vec<Appended>> {
+    let mut events = txn.open_table(EVENTS)?;
+    let mut waiting = txn.open_table(WAITING)?;
+    let mut dedup = txn.open_table(DEDUP)?;
+    let mut meta = txn.open_table(META)?;
+    let mut out = Vec::with_capacity(batch.len());
+    for ev in batch {
+        if !admit(&mut dedup, ev)? {
+            out.push(Appended::Duplicate);
+            continue;
+        }
+        let seq = take_seq(&mut meta)?;
+        insert_event(&mut events, seq, &[], ev)?;
+        waiting.insert(seq, encode(&EventMeta::of(seq, 0, ev))?.as_slice())?;
+        out.push(Appended::Stored(seq));
+    }
+    Ok(out)
+}
+
 /// Checks the event's dedup key and records it: false if it is a redelivery.
 fn admit(dedup: &mut Table<[u8; 32], u64>, ev: &NewEvent) -> DbResult<bool> {
     let Some(key) = &ev.dedup_key else {
@@ -333,23 +353,15 @@ impl Store for EmbeddedStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
+        self.write(Commit::Synced, |txn| append_in(txn, batch))
+    }
+
+    fn append_replacing_dead(&self, batch: &[NewEvent], dead_seq: u64) -> Result<Vec<Appended>, StoreError> {
         self.write(Commit::Synced, |txn| {
-            let mut events = txn.open_table(EVENTS)?;
-            let mut waiting = txn.open_table(WAITING)?;
-            let mut dedup = txn.open_table(DEDUP)?;
-            let mut meta = txn.open_table(META)?;
-            let mut out = Vec::with_capacity(batch.len());
-            for ev in batch {
-                if !admit(&mut dedup, ev)? {
-                    out.push(Appended::Duplicate);
-                    continue;
-                }
-                let seq = take_seq(&mut meta)?;
-                insert_event(&mut events, seq, &[], ev)?;
-                waiting.insert(seq, encode(&EventMeta::of(seq, 0, ev))?.as_slice())?;
-                out.push(Appended::Stored(seq));
+            if txn.open_table(DEAD)?.remove(dead_seq)?.is_none() {
+                return Ok(Vec::new());
             }
-            Ok(out)
+            append_in(txn, batch)
         })
     }
 
@@ -692,6 +704,27 @@ mod tests {
         assert_eq!(d.ev, e);
         assert_eq!(d.info.answer.len(), MAX_ANSWER);
         assert_eq!(stored(&store.append(&[ev("x", "c", b"")]).unwrap()), [2]);
+    }
+
+    #[test]
+    fn append_replacing_dead_swaps_a_dead_letter_for_new_events_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let mut unowned = ev("u", "c", b"change");
+        unowned.account = String::new();
+        assert_eq!(store.append_dead(&unowned, info(vec![])).unwrap(), Appended::Stored(1));
+
+        let replay = [ev("r1", "a1", b"change"), ev("r2", "a2", b"change")];
+        assert_eq!(stored(&store.append_replacing_dead(&replay, 1).unwrap()), [2, 3]);
+        assert!(store.dead_letters().unwrap().is_empty());
+        assert_eq!(seqs(&store), [2, 3]);
+        // A second replay of the same dead letter finds it gone and writes nothing.
+        assert!(store.append_replacing_dead(&[ev("r3", "a1", b"change")], 1).unwrap().is_empty());
+        assert_eq!(seqs(&store), [2, 3]);
+        drop(store);
+        let store = open(&dir);
+        assert_eq!(seqs(&store), [2, 3]);
+        assert!(store.dead_letters().unwrap().is_empty());
     }
 
     #[test]

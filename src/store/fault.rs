@@ -63,6 +63,10 @@ impl Store for FaultyStore {
         }
         self.inner.append(batch)
     }
+    fn append_replacing_dead(&self, batch: &[NewEvent], dead_seq: u64) -> Result<Vec<Appended>, StoreError> {
+        self.check()?;
+        self.inner.append_replacing_dead(batch, dead_seq)
+    }
     fn append_dead(&self, ev: &NewEvent, info: DeadInfo) -> Result<Appended, StoreError> {
         self.check()?;
         self.inner.append_dead(ev, info)

@@ -27,6 +27,9 @@ type Reply = oneshot::Sender<Result<Vec<Appended>, StoreError>>;
 
 struct Job {
     batch: Vec<NewEvent>,
+    /// A dead letter the batch replaces ([`Store::append_replacing_dead`]): such a job is
+    /// committed alone, in its place in the submission order.
+    replaces_dead: Option<u64>,
     reply: Reply,
 }
 
@@ -59,12 +62,27 @@ impl GroupCommit {
     /// Stores `batch` atomically and synced (together with whatever else is waiting), returning
     /// one result per event, in order.
     pub async fn append(&self, batch: Vec<NewEvent>) -> Result<Vec<Appended>, StoreError> {
+        self.submit(batch, None).await
+    }
+
+    /// Stores `batch` and deletes dead letter `dead_seq` in one synced transaction, in order
+    /// with the other appends; an empty answer means that dead letter is gone and nothing was
+    /// written (see [`Store::append_replacing_dead`]).
+    pub async fn append_replacing_dead(
+        &self,
+        batch: Vec<NewEvent>,
+        dead_seq: u64,
+    ) -> Result<Vec<Appended>, StoreError> {
+        self.submit(batch, Some(dead_seq)).await
+    }
+
+    async fn submit(&self, batch: Vec<NewEvent>, replaces_dead: Option<u64>) -> Result<Vec<Appended>, StoreError> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
         let tx = self.sender().ok_or(StoreError::Closed)?;
         let (reply, answer) = oneshot::channel();
-        tx.send(Job { batch, reply }).await.map_err(|_| StoreError::Closed)?;
+        tx.send(Job { batch, replaces_dead, reply }).await.map_err(|_| StoreError::Closed)?;
         drop(tx); // holds no reference to the channel while waiting: close() can end the writer
         // The writer dropping the reply unanswered means it died (a panic in the store).
         answer.await.unwrap_or(Err(StoreError::Closed))
@@ -99,11 +117,25 @@ fn write_loop(store: &dyn Store, mut rx: mpsc::Receiver<Job>, on_commit: &OnComm
         let Some(first) = carried.take().or_else(|| rx.blocking_recv()) else {
             return; // closed and drained
         };
+        if let Some(dead_seq) = first.replaces_dead {
+            let answer = match store.append_replacing_dead(&first.batch, dead_seq) {
+                Ok(r) if r.is_empty() => Ok(r),
+                Ok(r) if r.len() == first.batch.len() => {
+                    on_commit(first.batch, &r);
+                    Ok(r)
+                }
+                Ok(r) => Err(mismatch(r.len(), first.batch.len())),
+                Err(e) => Err(e),
+            };
+            let _ = first.reply.send(answer);
+            continue;
+        }
         let (mut count, mut bytes) = (first.batch.len(), weight(&first.batch));
         let mut jobs = vec![first];
         while let Ok(job) = rx.try_recv() {
             let w = weight(&job.batch);
-            if count + job.batch.len() > MAX_GROUP_EVENTS || bytes + w > MAX_GROUP_BYTES {
+            if job.replaces_dead.is_some() || count + job.batch.len() > MAX_GROUP_EVENTS || bytes + w > MAX_GROUP_BYTES
+            {
                 carried = Some(job);
                 break;
             }
@@ -121,7 +153,7 @@ fn write_loop(store: &dyn Store, mut rx: mpsc::Receiver<Job>, on_commit: &OnComm
                 on_commit(events, &r);
                 Ok(r.into_iter())
             }
-            Ok(r) => Err(StoreError::Write(format!("store answered {} results for {} events", r.len(), events.len()))),
+            Ok(r) => Err(mismatch(r.len(), events.len())),
             Err(e) => Err(e),
         };
         for (n, reply) in replies {
@@ -132,6 +164,10 @@ fn write_loop(store: &dyn Store, mut rx: mpsc::Receiver<Job>, on_commit: &OnComm
             });
         }
     }
+}
+
+fn mismatch(results: usize, events: usize) -> StoreError {
+    StoreError::Write(format!("store answered {results} results for {events} events"))
 }
 
 /// Roughly what an event costs to write.
@@ -191,6 +227,37 @@ mod tests {
         // Exactly one of the two copies of the deduplicated event was stored.
         let stored = [ra[1], rb[0]].iter().filter(|r| matches!(r, Appended::Stored(_))).count();
         assert_eq!(stored, 1);
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_replacement_commits_alone_in_submission_order() {
+        let (_dir, store, gc) = setup();
+        let mut unowned = ev("u", "c", b"");
+        unowned.account = String::new();
+        let info = crate::store::DeadInfo {
+            reason: "no account".into(),
+            status: None,
+            answer: Vec::new(),
+            attempts: 0,
+            died_unix_ms: 0,
+        };
+        assert_eq!(store.append_dead(&unowned, info).unwrap(), Appended::Stored(1));
+        let calls = store.append_calls();
+        let (a, r, b, again) = tokio::join!(
+            gc.append(vec![ev("a", "c", b"")]),
+            gc.append_replacing_dead(vec![ev("r", "c", b"")], 1),
+            gc.append(vec![ev("b", "c", b"")]),
+            gc.append_replacing_dead(vec![ev("r2", "c", b"")], 1),
+        );
+        assert_eq!(a.unwrap(), [Appended::Stored(2)]);
+        assert_eq!(r.unwrap(), [Appended::Stored(3)]);
+        assert_eq!(b.unwrap(), [Appended::Stored(4)]);
+        assert!(again.unwrap().is_empty(), "the dead letter was already replaced");
+        assert!(store.dead_letters().unwrap().is_empty());
+        let ids: Vec<String> = store.pending().unwrap().into_iter().map(|m| m.delivery_id).collect();
+        assert_eq!(ids, ["a", "r", "b"]);
+        // The replacement is not counted as a plain append.
+        assert_eq!(store.append_calls() - calls, 2);
     }
 
     #[tokio::test]

@@ -135,6 +135,11 @@ pub trait Store: Send + Sync + 'static {
     /// Dedup keys are checked and inserted in the same transaction (also among events of the
     /// same call). Sequence numbers are strictly increasing across calls and restarts.
     fn append(&self, batch: &[NewEvent]) -> Result<Vec<Appended>, StoreError>;
+    /// Like `append`, deleting dead letter `dead_seq` in the same transaction: a dead letter
+    /// replayed as new events (an unowned one, rerouted) can neither be lost nor sent twice by a
+    /// crash in between. Writes nothing and returns an empty list when that dead letter is gone
+    /// (already replayed or purged). Synced.
+    fn append_replacing_dead(&self, batch: &[NewEvent], dead_seq: u64) -> Result<Vec<Appended>, StoreError>;
     /// Stores an event directly as a dead letter, atomically and synced, with the same dedup
     /// rule as `append` (e.g. a Meta change for a number no account claims: it must be on disk
     /// before the 2xx, and must never be waiting for delivery, not even between two commits).
