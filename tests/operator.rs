@@ -101,6 +101,22 @@ async fn a_redelivered_event_arrives_once_but_different_events_with_the_same_tex
     assert!(String::from_utf8_lossy(&metrics.body).contains("whatsapp_relay_dedup_hits_total{motion=\"acme\"} 1"));
 }
 
+/// The dead letters once there are `n` (each is written just after Motion's answer).
+async fn wait_dead_letters(relay: &RelayProcess, n: usize) -> Vec<serde_json::Value> {
+    let mut dead = Vec::new();
+    for _ in 0..100 {
+        let (code, out, err) = queue_cli(relay, &["dead", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        dead = serde_json::from_str::<Vec<serde_json::Value>>(&out).unwrap();
+        if dead.len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(dead.len(), n, "{dead:?}");
+    dead
+}
+
 #[tokio::test]
 async fn a_refused_event_is_a_dead_letter_that_can_be_listed_replayed_and_purged() {
     let acme = FakeMotion::start().await;
@@ -111,17 +127,7 @@ async fn a_refused_event_is_a_dead_letter_that_can_be_listed_replayed_and_purged
     acme.wait_for(1, Duration::from_secs(5)).await;
 
     // Listed, with Motion's answer (the dead letter is written just after the attempt).
-    let mut dead = Vec::new();
-    for _ in 0..50 {
-        let (code, out, err) = queue_cli(&relay, &["dead", "--json"]);
-        assert_eq!(code, 0, "{err}");
-        dead = serde_json::from_str::<Vec<serde_json::Value>>(&out).unwrap();
-        if !dead.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(dead.len(), 1);
+    let dead = wait_dead_letters(&relay, 1).await;
     let id = dead[0]["id"].as_str().unwrap().to_string();
     assert_eq!(dead[0]["status"], 404);
     assert_eq!(dead[0]["account"], "13");
@@ -143,10 +149,26 @@ async fn a_refused_event_is_a_dead_letter_that_can_be_listed_replayed_and_purged
     acme.script([Answer::status(400)]);
     post_meta(&relay.url(META), SECRET, meta_message("1", "16505559999", "wamid.d2", "x")).await;
     acme.wait_for(3, Duration::from_secs(5)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let dead = wait_dead_letters(&relay, 1).await;
     let (code, _, err) = queue_cli(&relay, &["purge", "--dead"]);
     assert_eq!(code, 2, "no --yes, no purge");
     assert!(err.contains("--yes"));
+    // By id: another id deletes nothing, its own deletes it.
+    let id = dead[0]["id"].as_str().unwrap().to_string();
+    let (code, out, _) = queue_cli(&relay, &["purge", "--dead", "no-such-id", "--yes", "--json"]);
+    assert_eq!(code, 0);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["count"], 0);
+    let (code, out, _) = queue_cli(&relay, &["purge", "--dead", &id, "--yes", "--json"]);
+    assert_eq!(code, 0);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["count"], 1);
+    let (_, out, _) = queue_cli(&relay, &["dead", "--json"]);
+    assert_eq!(out.trim(), "[]");
+
+    // And all of them.
+    acme.script([Answer::status(400)]);
+    post_meta(&relay.url(META), SECRET, meta_message("1", "16505559999", "wamid.d3", "y")).await;
+    acme.wait_for(4, Duration::from_secs(5)).await;
+    wait_dead_letters(&relay, 1).await;
     let (code, out, _) = queue_cli(&relay, &["purge", "--dead", "--yes", "--json"]);
     assert_eq!(code, 0);
     assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["count"], 1);

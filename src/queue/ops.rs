@@ -146,9 +146,15 @@ impl Queue {
     /// change for an unknown number) goes to the account that claims the number now, if any;
     /// otherwise it stays and is not counted.
     pub async fn replay(&self, id: Option<String>) -> Result<usize, StoreError> {
-        let dead = self.blocking(|s| s.dead_letters()).await?;
+        // By id, only that dead letter is read whole, not every one.
+        let dead = self
+            .blocking(move |s| match id {
+                None => s.dead_letters(),
+                Some(id) => s.dead_seqs_of(&id)?.into_iter().filter_map(|seq| s.dead_letter(seq).transpose()).collect(),
+            })
+            .await?;
         let mut n = 0;
-        for d in dead.into_iter().filter(|d| id.as_deref().is_none_or(|id| id == d.ev.delivery_id)) {
+        for d in dead {
             if d.ev.account.is_empty() {
                 n += self.reroute(d).await? as usize;
                 continue;
@@ -214,8 +220,8 @@ impl Queue {
             None => s.purge_dead(None),
             Some(id) => {
                 let mut n = 0;
-                for d in s.dead_letters()?.into_iter().filter(|d| d.ev.delivery_id == id) {
-                    n += s.purge_dead(Some(d.seq))?;
+                for seq in s.dead_seqs_of(&id)? {
+                    n += s.purge_dead(Some(seq))?;
                 }
                 Ok(n)
             }

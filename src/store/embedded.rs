@@ -305,6 +305,23 @@ fn decode_dead(seq: u64, bytes: &[u8]) -> DbResult<DeadLetter> {
     Ok(DeadLetter { seq, ev: decode(rest)?, info })
 }
 
+/// A dead letter's delivery id, read in place: Motion's answer and the event's body are
+/// skipped, not copied (the id is the event's first field).
+fn dead_delivery_id(bytes: &[u8]) -> DbResult<&str> {
+    #[derive(serde::Deserialize)]
+    #[allow(dead_code)] // read only to skip past it
+    struct InfoRef<'a> {
+        reason: &'a str,
+        status: Option<u16>,
+        answer: &'a [u8],
+        attempts: u32,
+        died_unix_ms: u64,
+    }
+    let (_, ev) = postcard::take_from_bytes::<InfoRef<'_>>(bytes).map_err(codec)?;
+    let (id, _) = postcard::take_from_bytes::<&str>(ev).map_err(codec)?;
+    Ok(id)
+}
+
 fn encode_info(mut info: DeadInfo) -> DbResult<Vec<u8>> {
     info.answer.truncate(MAX_ANSWER);
     encode(&info)
@@ -461,6 +478,19 @@ impl Store for EmbeddedStore {
             let dead = txn.open_table(DEAD)?;
             let row = dead.get(seq)?;
             row.map(|bytes| decode_dead(seq, bytes.value())).transpose()
+        })
+    }
+
+    fn dead_seqs_of(&self, delivery_id: &str) -> Result<Vec<u64>, StoreError> {
+        self.read(|txn| {
+            let mut out = Vec::new();
+            for row in txn.open_table(DEAD)?.iter()? {
+                let (seq, bytes) = row?;
+                if dead_delivery_id(bytes.value())? == delivery_id {
+                    out.push(seq.value());
+                }
+            }
+            Ok(out)
         })
     }
 
@@ -745,6 +775,21 @@ mod tests {
         assert!(store.revive(1).unwrap().is_none());
         drop(store);
         assert_eq!(seqs(&open(&dir)), [2, 3, 4]);
+    }
+
+    #[test]
+    fn dead_seqs_of_finds_dead_letters_by_delivery_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        store.append(&[ev("a", "c", &[7; 10_000]), ev("b", "c", b""), ev("a", "d", b"x")]).unwrap();
+        for seq in [1, 3] {
+            store.kill(seq, info(vec![1; 5000])).unwrap();
+        }
+        assert_eq!(store.dead_seqs_of("a").unwrap(), [1, 3]);
+        assert!(store.dead_seqs_of("b").unwrap().is_empty(), "b is waiting, not dead");
+        store.kill(2, info(vec![])).unwrap();
+        assert_eq!(store.dead_seqs_of("b").unwrap(), [2]);
+        assert!(store.dead_seqs_of("nope").unwrap().is_empty());
     }
 
     #[test]

@@ -92,6 +92,9 @@ impl Store for FaultyStore {
     fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
         self.inner.dead_letters()
     }
+    fn dead_seqs_of(&self, delivery_id: &str) -> Result<Vec<u64>, StoreError> {
+        self.inner.dead_seqs_of(delivery_id)
+    }
     fn dead_letter(&self, seq: u64) -> Result<Option<DeadLetter>, StoreError> {
         self.inner.dead_letter(seq)
     }

@@ -157,6 +157,11 @@ pub trait Store: Send + Sync + 'static {
     /// All dead letters, in seq order.
     fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError>;
     fn dead_letter(&self, seq: u64) -> Result<Option<DeadLetter>, StoreError>;
+    /// The seqs of the dead letters with this delivery id (normally one), in seq order. A store
+    /// should find them without decoding every body; this default does not.
+    fn dead_seqs_of(&self, delivery_id: &str) -> Result<Vec<u64>, StoreError> {
+        Ok(self.dead_letters()?.into_iter().filter(|d| d.ev.delivery_id == delivery_id).map(|d| d.seq).collect())
+    }
     /// Moves a dead letter back to the waiting events under a NEW seq (so it orders after what
     /// is waiting now), keeping its delivery_id, with attempts reset to 0; returns its new meta.
     /// None if there is no such dead letter. Synced.
