@@ -268,18 +268,23 @@ fn on_path(cmd: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
 }
 
-async fn wait_listening(addr: std::net::SocketAddr, what: &str) {
-    let start = Instant::now();
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(start.elapsed() < Duration::from_secs(20), "{what} did not start listening on {addr}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 impl Pebble {
     /// Starts Pebble validating TLS-ALPN-01 on `tls_port` of whatever its DNS stub answers for
-    /// any name (127.0.0.1).
+    /// any name (127.0.0.1). Its four ports are picked free just before it starts; another test
+    /// can take one in between, so a Pebble that exits at start is started again on new ports.
     async fn start(tls_port: u16) -> Pebble {
+        for _ in 0..3 {
+            let mut p = Pebble::start_once(tls_port).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if p.children.iter_mut().all(|c| matches!(c.try_wait(), Ok(None))) {
+                return p;
+            }
+            eprintln!("pebble exited at start (a port taken?), starting it again:\n{}", p.logs());
+        }
+        panic!("pebble would not start three times in a row");
+    }
+
+    async fn start_once(tls_port: u16) -> Pebble {
         let dir = tempfile::tempdir().unwrap();
         // Debian's pebble ships no certificate for its own https: make one.
         let ca = TestCa::new("pebble https test CA");
@@ -319,9 +324,20 @@ impl Pebble {
             .stderr(log("pebble.err"))
             .spawn()
             .expect("start pebble");
-        let p = Pebble { children: vec![dns_stub, pebble], dir, acme, management, ca };
-        wait_listening(acme, "pebble").await;
-        wait_listening(management, "pebble management").await;
+        let mut p = Pebble { children: vec![dns_stub, pebble], dir, acme, management, ca };
+        // Until both listen, or one of the two processes exited (the caller then retries).
+        let start = Instant::now();
+        loop {
+            let up = |a| async move { tokio::net::TcpStream::connect(a).await.is_ok() };
+            if up(acme).await && up(management).await {
+                break;
+            }
+            if p.children.iter_mut().any(|c| !matches!(c.try_wait(), Ok(None))) {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "pebble did not start listening:\n{}", p.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         p
     }
 
