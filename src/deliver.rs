@@ -118,6 +118,8 @@ pub async fn send(a: Attempt<'_>) -> Result<Response<Incoming>, AttemptError> {
 /// Motion's URL with `path_and_query` appended to its path. Built from the parts of the URL
 /// parsed once at config load (scheme and authority are shared, not re-parsed per request).
 fn motion_uri(base: &http::Uri, path_and_query: &str) -> Result<http::Uri, AttemptError> {
+    // Every caller passes a path below the relay's prefix, which starts with '/'.
+    debug_assert!(path_and_query.starts_with('/'), "{path_and_query:?}");
     let prefix = base.path().trim_end_matches('/');
     let pq = if prefix.is_empty() {
         PathAndQuery::try_from(path_and_query)
@@ -164,6 +166,8 @@ mod tests {
         assert_eq!(uri("https://m.example/", "/a/b"), "https://m.example/a/b");
         assert_eq!(uri("http://m.example/motion/", "/a?b=c"), "http://m.example/motion/a?b=c");
         assert_eq!(uri("http://m.example/motion", "/a"), "http://m.example/motion/a");
+        assert_eq!(uri("http://[::1]:9000", "/a?b"), "http://[::1]:9000/a?b");
+        assert_eq!(uri("https://m.example:443/x/", "/a"), "https://m.example:443/x/a");
     }
 
     #[test]

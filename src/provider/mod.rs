@@ -790,6 +790,14 @@ mod tests {
             let mut r = Req::post(url, ct, body.clone())
                 .headers(sign_request(&c, url, Some(ct), &body, 1_750_000_000).unwrap());
             assert_eq!(outcome(v.verify(&r.inbound())), "ok", "{kind}");
+            // The caller builds the URL only for checks that read it, and passes "" otherwise:
+            // a check that does read it must say so, or it would refuse every webhook.
+            assert_eq!(v.reads_url(), kind == ProviderKind::Twilio, "{kind}");
+            if !v.reads_url() {
+                let blank = Req::post("", ct, body.clone())
+                    .headers(sign_request(&c, url, Some(ct), &body, 1_750_000_000).unwrap());
+                assert_eq!(outcome(v.verify(&blank.inbound())), "ok", "{kind} without the URL");
+            }
             r.body.push(b' ');
             let expect = if kind == ProviderKind::Kaleyra { "ok" } else { "mismatch" };
             assert_eq!(outcome(v.verify(&r.inbound())), expect, "{kind} tampered");

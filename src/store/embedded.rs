@@ -317,6 +317,11 @@ fn dead_delivery_id(bytes: &[u8]) -> DbResult<&str> {
         attempts: u32,
         died_unix_ms: u64,
     }
+    // InfoRef mirrors DeadInfo field for field, in order: this stops compiling when DeadInfo
+    // changes, so the two cannot drift apart silently.
+    let _mirror = |d: DeadInfo| {
+        let DeadInfo { reason: _, status: _, answer: _, attempts: _, died_unix_ms: _ } = d;
+    };
     let (_, ev) = postcard::take_from_bytes::<InfoRef<'_>>(bytes).map_err(codec)?;
     let (id, _) = postcard::take_from_bytes::<&str>(ev).map_err(codec)?;
     Ok(id)
@@ -790,6 +795,13 @@ mod tests {
         store.kill(2, info(vec![])).unwrap();
         assert_eq!(store.dead_seqs_of("b").unwrap(), [2]);
         assert!(store.dead_seqs_of("nope").unwrap().is_empty());
+        // Written straight as a dead letter (no account), with an answer and a status.
+        let mut unowned = ev("u", "c", &[1; 300]);
+        unowned.account = String::new();
+        let mut with_status = info(vec![2; 70_000]);
+        with_status.status = Some(503);
+        assert_eq!(store.append_dead(&unowned, with_status).unwrap(), Appended::Stored(4));
+        assert_eq!(store.dead_seqs_of("u").unwrap(), [4]);
     }
 
     #[test]

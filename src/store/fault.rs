@@ -1,7 +1,8 @@
 //! [`FaultyStore`]: a [`Store`] wrapper for tests that makes every write fail on demand (a
 //! failing disk: tests run as root, so a read-only directory cannot simulate one), makes
 //! appends slow on demand (a slow fsync), and counts the underlying `append` calls (how many
-//! commits a [`super::GroupCommit`] made).
+//! commits a [`super::GroupCommit`] made). `append_replacing_dead` (a rare operator replay) can
+//! fail like any write but is neither slowed nor counted.
 //!
 //! Must never: alter what passes through while no fault is set, or be used outside tests and
 //! benchmarks' setup.

@@ -258,6 +258,21 @@ mod tests {
         assert_eq!(ids, ["a", "r", "b"]);
         // The replacement is not counted as a plain append.
         assert_eq!(store.append_calls() - calls, 2);
+
+        // A failing store fails the replacement and leaves the dead letter where it was.
+        let info = crate::store::DeadInfo {
+            reason: "x".into(),
+            status: None,
+            answer: Vec::new(),
+            attempts: 0,
+            died_unix_ms: 0,
+        };
+        assert_eq!(store.append_dead(&unowned, info).unwrap(), Appended::Stored(5));
+        store.set_fail_writes(true);
+        assert!(matches!(gc.append_replacing_dead(vec![ev("r3", "c", b"")], 5).await, Err(StoreError::Write(_))));
+        store.set_fail_writes(false);
+        assert_eq!(store.dead_letters().unwrap().len(), 1);
+        assert_eq!(gc.append_replacing_dead(vec![ev("r3", "c", b"")], 5).await.unwrap(), [Appended::Stored(6)]);
     }
 
     #[tokio::test]
