@@ -102,6 +102,15 @@ pub async fn handle(
     info: &mut AccessInfo<'_>,
 ) -> Response<Body> {
     let account = t.account;
+    if let Some(app) = &account.app {
+        // Its app's secret verifies this account: on this path a batch signed for the app (for
+        // another tenant's number, say) would reach this tenant unchecked. Meta posts an app's
+        // events to the app's URL, which routes each change by its number.
+        return error(
+            ErrorCode::NotFound,
+            format!("account {} receives its webhooks on the Meta app's URL, /meta/{app}", account.id),
+        );
+    }
     let checks = Checks {
         verifier: &account.verifier,
         provider: account.provider,
@@ -174,6 +183,7 @@ impl Part<'_> {
             motion: self.motion.to_string(),
             account: self.account.to_string(),
             dedup_key: Some(dedup_key(
+                self.motion,
                 self.account,
                 keys.event_id.as_deref(),
                 &[method.as_bytes(), self.path_and_query.as_bytes(), &self.body],

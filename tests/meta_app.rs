@@ -248,3 +248,50 @@ async fn a_360dialog_partner_app_routes_the_same_cloud_api_shape() {
     assert_eq!(reply.status, 401);
     assert_eq!(a.count(), 0);
 }
+
+#[tokio::test]
+async fn an_app_account_takes_nothing_on_its_own_path_not_even_a_batch_signed_for_the_app() {
+    let (a, b) = (FakeMotion::start().await, FakeMotion::start().await);
+    let relay = RelayProcess::start(&config(&a.url(), &b.url(), ""));
+    // Tenant A's own batch, validly signed by Meta for the app, replayed by A to B's account path:
+    // the app's secret verifies it, so only refusing the path keeps it out of B's Motion.
+    let body = batch(vec![("W1", vec![change("111", "16505550001", "wamid.from-a")])]);
+    let reply = post_meta(&relay.url("/tenant-b/api/whatsapp/accounts/b1/notify"), APP_SECRET, body.clone()).await;
+    assert_eq!(reply.status, 404, "{:?}", reply.body);
+    assert!(String::from_utf8_lossy(&reply.body).contains("/meta/main"), "{:?}", reply.body);
+    // The app's URL still routes it, to its owner only.
+    assert_eq!(post_meta(&relay.url("/meta/main"), APP_SECRET, body).await.status, 200);
+    a.wait_for(1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!((a.count(), b.count()), (1, 0));
+}
+
+#[tokio::test]
+async fn an_apps_shared_token_never_reaches_its_tenants() {
+    let (a, b) = (FakeMotion::start().await, FakeMotion::start().await);
+    let account = |id: &str, phone: &str| {
+        format!(
+            "  [[motion.account]]\n  id = \"{id}\"\n  provider = \"360dialog\"\n  app = \"bsp\"\n  phone_number_id = \"{phone}\"\n"
+        )
+    };
+    let cfg = config(&a.url(), &b.url(), &account("b9", "999"))
+        .replace(
+            "[[meta_app]]\nname = \"main\"",
+            "[[meta_app]]\nname = \"bsp\"\nprovider = \"360dialog\"\nshared_token = \"app-wide-token\"\n\n[[meta_app]]\nname = \"main\"",
+        )
+        .replace("[[motion]]\nname = \"tenant-b\"", &format!("{}\n[[motion]]\nname = \"tenant-b\"", account("a9", "998")));
+    let relay = RelayProcess::start(&cfg);
+    // Whole (one account) and split (two accounts) batches alike.
+    let whole = batch(vec![("W9", vec![change("999", "1650009", "wamid.t1")])]);
+    let split = batch(vec![("W9", vec![change("999", "1650009", "wamid.t2"), change("998", "1650008", "wamid.t3")])]);
+    for body in [whole, split] {
+        let reply = post(&relay.url("/meta/bsp"), &[("x-webhook-token", "app-wide-token")], body).await;
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+    }
+    let got_b = b.wait_for(2, Duration::from_secs(10)).await;
+    let got_a = a.wait_for(1, Duration::from_secs(10)).await;
+    for r in got_b.iter().chain(&got_a) {
+        assert!(!r.headers.contains_key("x-webhook-token"), "{} got the app's token", r.uri);
+    }
+    assert!(got_b.iter().any(|r| r.headers.contains_key("x-relay-split")), "one of them was split");
+}

@@ -101,6 +101,49 @@ async fn a_redelivered_event_arrives_once_but_different_events_with_the_same_tex
     assert!(String::from_utf8_lossy(&metrics.body).contains("whatsapp_relay_dedup_hits_total{motion=\"acme\"} 1"));
 }
 
+#[tokio::test]
+async fn dedup_never_spans_motions_whose_accounts_share_an_id() {
+    // Account ids are unique only within one Motion: two tenants may both have account "1".
+    let (acme, globex) = (FakeMotion::start().await, FakeMotion::start().await);
+    let text = format!(
+        r#"
+[server]
+http = "127.0.0.1:0"
+[storage]
+path = "{{DATA}}"
+[delivery]
+mode = "queue"
+[[motion]]
+name = "acme"
+url = "{}"
+  [[motion.account]]
+  id = "1"
+  provider = "kaleyra"
+  shared_token = "acme-token"
+[[motion]]
+name = "globex"
+url = "{}"
+  [[motion.account]]
+  id = "1"
+  provider = "kaleyra"
+  shared_token = "globex-token"
+"#,
+        acme.url(),
+        globex.url()
+    );
+    let relay = RelayProcess::start(&text);
+    // The same bytes, each tenant's with its own token: one tenant cannot make the relay drop
+    // the other's webhook as a "redelivery" by sending it first.
+    let body = br#"{"id":"evt-1","from":"+393001234567","type":"text","text":"hi"}"#.to_vec();
+    for (motion, token) in [("acme", "acme-token"), ("globex", "globex-token")] {
+        let url = relay.url(&format!("/{motion}/api/whatsapp/accounts/1/notify"));
+        let reply = post(&url, &[("x-webhook-token", token), ("content-type", "application/json")], body.clone()).await;
+        assert_eq!(reply.status, 200, "{motion}");
+    }
+    assert_eq!(acme.wait_for(1, Duration::from_secs(10)).await[0].body, body);
+    assert_eq!(globex.wait_for(1, Duration::from_secs(10)).await[0].body, body);
+}
+
 /// The dead letters once there are `n` (each is written just after Motion's answer).
 async fn wait_dead_letters(relay: &RelayProcess, n: usize) -> Vec<serde_json::Value> {
     let mut dead = Vec::new();

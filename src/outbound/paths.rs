@@ -144,7 +144,12 @@ impl AllowList {
     ) -> Result<AllowList, String> {
         match &creds.outbound_paths {
             Some(list) => Ok(AllowList { patterns: list.iter().map(|p| Pattern::parse(p)).collect::<Result<_, _>>()? }),
-            None => Ok(AllowList { patterns: defaults(provider, creds, phone_number_id) }),
+            None => {
+                if let Some(msg) = unconfined_credentials(provider, creds, phone_number_id) {
+                    return Err(msg);
+                }
+                Ok(AllowList { patterns: defaults(provider, creds, phone_number_id) })
+            }
         }
     }
 
@@ -164,6 +169,25 @@ impl AllowList {
         }
         self.patterns.iter().any(|p| p.matches(method, &segs))
     }
+}
+
+/// A free id segment means "the client's own credentials decide" (SPEC "Outbound"). Where the
+/// relay holds the credentials, a free segment would let a Motion send with them as any number,
+/// project or sid they can reach, another tenant's included: the id must be named, or the
+/// endpoints listed explicitly (`outbound_paths`).
+fn unconfined_credentials(provider: ProviderKind, c: &OutboundCreds, phone_number_id: Option<&str>) -> Option<String> {
+    let (creds, id) = match provider {
+        ProviderKind::Meta if c.access_token.is_some() && phone_number_id.is_none() => {
+            ("access_token", "phone_number_id")
+        }
+        ProviderKind::Sinch if c.key_id.is_some() && c.project_id.is_none() => ("key_id/key_secret", "project_id"),
+        ProviderKind::Kaleyra if c.api_key.is_some() && c.sid.is_none() => ("api_key", "sid"),
+        _ => return None,
+    };
+    Some(format!(
+        "{creds} without {id}: the relay would send with these credentials for any {id} they reach, another \
+         tenant's included; set {id}, or list the allowed endpoints in outbound_paths"
+    ))
 }
 
 /// SPEC "Outbound": each provider's messaging endpoints for the account. Where the account does
@@ -279,6 +303,24 @@ mod tests {
         assert!(a.allows(&Method::GET, "/whatsapp_business/attachments/"));
         assert!(a.allows(&Method::GET, "/1234567"));
         assert!(!a.allows(&Method::POST, "/v1/configs/webhook"));
+    }
+
+    #[test]
+    fn held_credentials_need_the_id_they_are_for() {
+        let secret = || crate::config::secret::resolve("s").unwrap().0;
+        let meta = OutboundCreds { access_token: Some(secret()), ..creds() };
+        let err = AllowList::for_account(ProviderKind::Meta, &meta, None).unwrap_err();
+        assert!(err.contains("access_token without phone_number_id"), "{err}");
+        assert!(AllowList::for_account(ProviderKind::Meta, &meta, Some("106")).is_ok());
+        let sinch = OutboundCreds { key_id: Some("k".into()), key_secret: Some(secret()), ..creds() };
+        assert!(AllowList::for_account(ProviderKind::Sinch, &sinch, None).unwrap_err().contains("project_id"));
+        let kaleyra = OutboundCreds { api_key: Some(secret()), ..creds() };
+        assert!(AllowList::for_account(ProviderKind::Kaleyra, &kaleyra, None).unwrap_err().contains("sid"));
+        // Explicit endpoints are the operator's decision.
+        let listed = OutboundCreds { outbound_paths: Some(vec!["POST /v*/*/messages".into()]), ..meta };
+        assert!(AllowList::for_account(ProviderKind::Meta, &listed, None).is_ok());
+        // Without held credentials the client's own decide, as before.
+        assert!(AllowList::for_account(ProviderKind::Meta, &creds(), None).is_ok());
     }
 
     #[test]

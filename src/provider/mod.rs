@@ -171,6 +171,12 @@ pub trait Verify: Send + Sync {
     fn reads_url(&self) -> bool {
         false
     }
+
+    /// A header carrying a reusable secret (a shared token, not a per-message signature): never
+    /// forwarded where the webhook's receiver is not the secret's only owner (a Meta app's tenants).
+    fn secret_header(&self) -> Option<&http::HeaderName> {
+        None
+    }
 }
 
 /// All checks of one account, combined: every configured check must pass.
@@ -241,6 +247,11 @@ impl AccountVerifier {
             ));
         }
         Ok(AccountVerifier { checks })
+    }
+
+    /// The headers that carry this account's (or app's) reusable secrets.
+    pub fn secret_headers(&self) -> impl Iterator<Item = &http::HeaderName> + '_ {
+        self.checks.iter().filter_map(|(_, c)| c.secret_header())
     }
 
     /// Whether any check reads [`Inbound::url`] (Twilio signs the URL it called).

@@ -44,6 +44,10 @@ impl SharedToken {
 }
 
 impl Verify for SharedToken {
+    fn secret_header(&self) -> Option<&http::HeaderName> {
+        Some(&self.header)
+    }
+
     fn verify(&self, req: &Inbound<'_>) -> Result<(), Rejection> {
         // The header wins when both are present: it is what a provider configured on purpose.
         let from_header = req.headers.get(&self.header).map(|v| sha2::Sha256::digest(v.as_bytes().trim_ascii()));

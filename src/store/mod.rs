@@ -183,14 +183,17 @@ pub trait Store: Send + Sync + 'static {
     fn sync(&self) -> Result<(), StoreError>;
 }
 
-/// The dedup key of an event: the account plus the provider's event id where the payload has
-/// one, else the SHA-256 of the request (`request`: method, path and query, then the body), so
-/// callbacks that carry their data in the query (GET, empty body) do not all look alike.
-/// Domain-separated so an id can never equal a body hash.
-pub fn dedup_key(account: &str, provider_event_id: Option<&str>, request: &[&[u8]]) -> [u8; 32] {
+/// The dedup key of an event: the Motion and account (account ids are unique only within one
+/// Motion: two tenants may both have an account "1") plus the provider's event id where the
+/// payload has one, else the SHA-256 of the request (`request`: method, path and query, then the
+/// body), so callbacks that carry their data in the query (GET, empty body) do not all look
+/// alike. Domain-separated so an id can never equal a body hash.
+pub fn dedup_key(motion: &str, account: &str, provider_event_id: Option<&str>, request: &[&[u8]]) -> [u8; 32] {
     let mut h = Sha256::new();
-    h.update((account.len() as u64).to_le_bytes());
-    h.update(account.as_bytes());
+    for part in [motion, account] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
     match provider_event_id {
         Some(id) => {
             h.update(b"id\0");
@@ -283,13 +286,18 @@ pub(crate) mod tests {
 
     #[test]
     fn dedup_key_separates_accounts_ids_and_bodies() {
-        let k = dedup_key("12", Some("SM1"), &[b"x"]);
-        assert_eq!(k, dedup_key("12", Some("SM1"), &[b"other body"]));
-        assert_ne!(k, dedup_key("13", Some("SM1"), &[b"x"]));
-        assert_ne!(k, dedup_key("1", Some("2SM1"), &[b"x"]));
-        assert_eq!(dedup_key("12", None, &[b"x"]), dedup_key("12", None, &[b"x"]));
-        assert_ne!(dedup_key("12", None, &[b"x"]), dedup_key("12", None, &[b"y"]));
-        // GET callbacks: the query tells them apart.
-        assert_ne!(dedup_key("12", None, &[b"GET", b"/n?a=1", b""]), dedup_key("12", None, &[b"GET", b"/n?a=2", b""]));
+        let k = dedup_key("m", "12", Some("SM1"), &[b"x"]);
+        assert_eq!(k, dedup_key("m", "12", Some("SM1"), &[b"other body"]));
+        assert_ne!(k, dedup_key("m", "13", Some("SM1"), &[b"x"]));
+        assert_ne!(k, dedup_key("m", "1", Some("2SM1"), &[b"x"]));
+        // The same account id under another Motion is another tenant's account.
+        assert_ne!(k, dedup_key("n", "12", Some("SM1"), &[b"x"]));
+        assert_ne!(dedup_key("m1", "2", None, &[b"x"]), dedup_key("m", "12", None, &[b"x"]));
+        assert_eq!(dedup_key("m", "12", None, &[b"x"]), dedup_key("m", "12", None, &[b"x"]));
+        assert_ne!(dedup_key("m", "12", None, &[b"x"]), dedup_key("m", "12", None, &[b"y"]));
+        assert_ne!(
+            dedup_key("m", "12", None, &[b"GET", b"/n?a=1", b""]),
+            dedup_key("m", "12", None, &[b"GET", b"/n?a=2", b""])
+        );
     }
 }
