@@ -27,13 +27,14 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// Turns the provider's request headers into the headers Motion receives (before the per-attempt
 /// `X-Relay-*` ones): hop-by-hop headers go, and so does anything a caller sent as `X-Relay-*`
 /// (a provider must not be able to forge the relay's own signature or ids), `Host` (the client
-/// sets the Motion's), and the `X-Forwarded-*` set is written by the relay.
+/// sets the Motion's), `Forwarded` and `X-Real-IP`, and the `X-Forwarded-*` set is written by
+/// the relay.
 pub fn forwarded_headers(mut headers: HeaderMap, client_ip: IpAddr, proto: &'static str) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
     let host = headers.remove(HOST);
-    if headers.keys().any(is_relay_header) {
-        let relay: Vec<HeaderName> = headers.keys().filter(|k| is_relay_header(k)).cloned().collect();
-        for k in relay {
+    if headers.keys().any(is_replaced) {
+        let replaced: Vec<HeaderName> = headers.keys().filter(|k| is_replaced(k)).cloned().collect();
+        for k in replaced {
             headers.remove(k);
         }
     }
@@ -52,8 +53,10 @@ pub fn forwarded_headers(mut headers: HeaderMap, client_ip: IpAddr, proto: &'sta
     headers
 }
 
-fn is_relay_header(name: &HeaderName) -> bool {
-    name.as_str().starts_with("x-relay-")
+/// Headers the relay writes itself (`X-Relay-*`), and other spellings of the client's address
+/// (`Forwarded`, `X-Real-IP`) that would contradict the `X-Forwarded-For` it writes.
+fn is_replaced(name: &HeaderName) -> bool {
+    name.as_str().starts_with("x-relay-") || name == http::header::FORWARDED || name.as_str() == "x-real-ip"
 }
 
 /// `t=UNIX,v1=HEX(HMAC-SHA256(secret, "{t}.{body}"))`.
@@ -177,6 +180,8 @@ mod tests {
         h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
         h.insert("x-relay-signature", HeaderValue::from_static("forged"));
         h.insert("x-relay-token", HeaderValue::from_static("secret"));
+        h.insert("forwarded", HeaderValue::from_static("for=198.51.100.1"));
+        h.insert("x-real-ip", HeaderValue::from_static("198.51.100.1"));
         h.insert("connection", HeaderValue::from_static("keep-alive"));
         let out = forwarded_headers(h, "10.0.0.1".parse().unwrap(), "https");
         assert_eq!(out["x-forwarded-for"], "203.0.113.9, 10.0.0.1");
@@ -186,5 +191,6 @@ mod tests {
             !out.contains_key("host") && !out.contains_key("x-relay-signature") && !out.contains_key("x-relay-token")
         );
         assert!(!out.contains_key("connection"));
+        assert!(!out.contains_key("forwarded") && !out.contains_key("x-real-ip"));
     }
 }

@@ -259,16 +259,33 @@ fn host_only(host: &str) -> String {
 }
 
 /// The client's address: the peer, or, when the peer is a trusted proxy, the right-most
-/// `X-Forwarded-For` hop that is not itself a trusted proxy.
+/// `X-Forwarded-For` hop that is not itself a trusted proxy. Hops are read from the right and
+/// the walk stops at one that is not an address (`ip:port` and `[v6]:port` are read as their
+/// address): what lies left of it was not written by a proxy we trust, so the last trusted hop
+/// reached stands in for the client (and fails an `allow_from` that lists providers only).
 pub fn client_ip(peer: IpAddr, headers: &http::HeaderMap, trusted: &[IpNet]) -> IpAddr {
     let peer = peer.to_canonical();
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
     if !is_trusted(&peer) {
         return peer;
     }
-    let hops = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','));
-    let hops: Vec<IpAddr> = hops.filter_map(|h| h.trim().parse::<IpAddr>().ok()).map(|ip| ip.to_canonical()).collect();
-    hops.iter().rev().find(|ip| !is_trusted(ip)).copied().unwrap_or(peer)
+    let values: Vec<Option<&str>> = headers.get_all("x-forwarded-for").iter().map(|v| v.to_str().ok()).collect();
+    let mut last = peer;
+    for value in values.iter().rev() {
+        let Some(value) = value else { return last };
+        for hop in value.rsplit(',') {
+            let hop = hop.trim();
+            let Some(ip) = hop.parse::<IpAddr>().ok().or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip())) else {
+                return last;
+            };
+            let ip = ip.to_canonical();
+            if !is_trusted(&ip) {
+                return ip;
+            }
+            last = ip;
+        }
+    }
+    last
 }
 
 #[cfg(test)]
@@ -293,5 +310,20 @@ mod tests {
         // An untrusted peer's header is ignored.
         assert_eq!(client_ip(ip("192.0.2.1"), &h, &trusted), ip("192.0.2.1"));
         assert_eq!(client_ip(ip("::ffff:192.0.2.1"), &h, &trusted), ip("192.0.2.1"));
+        // A trusted proxy that writes ports.
+        h.insert("x-forwarded-for", "198.51.100.7, 203.0.113.5:4711, 10.1.1.1".parse().unwrap());
+        assert_eq!(client_ip(ip("10.0.0.2"), &h, &trusted), ip("203.0.113.5"));
+        // Something that is not an address: the walk stops there, at the last trusted hop, and
+        // never reaches the caller-supplied address on its left.
+        h.insert("x-forwarded-for", "198.51.100.7, unknown, 10.1.1.1".parse().unwrap());
+        assert_eq!(client_ip(ip("10.0.0.2"), &h, &trusted), ip("10.1.1.1"));
+        // Several headers read as one list, in order.
+        let mut h = http::HeaderMap::new();
+        h.append("x-forwarded-for", "198.51.100.7".parse().unwrap());
+        h.append("x-forwarded-for", "203.0.113.5, 10.1.1.1".parse().unwrap());
+        assert_eq!(client_ip(ip("10.0.0.2"), &h, &trusted), ip("203.0.113.5"));
+        h.remove("x-forwarded-for");
+        h.insert("x-forwarded-for", "10.9.9.9".parse().unwrap());
+        assert_eq!(client_ip(ip("10.0.0.2"), &h, &trusted), ip("10.9.9.9"), "all trusted");
     }
 }

@@ -43,6 +43,14 @@ impl Verify for Twilio {
         if !signed(req.url) && !alternate_port_url(req.url).is_some_and(|u| signed(&u)) {
             return Err(HEADER.mismatch("the URL and parameters"));
         }
+        // Twilio signs a form's parameters, or the body's hash in the URL (bodySHA256); any other
+        // body would pass on the URL's signature alone, so anything could be sent in its place.
+        if body_sha.is_none() && !is_form(req.content_type()) && !req.body.is_empty() {
+            return Err(Rejection::unauthorized(
+                "unsigned_body",
+                "a Twilio webhook whose body is not a form must carry bodySHA256 in its URL",
+            ));
+        }
         // Checked after the signature, which is what makes the bodySHA256 in the URL trustworthy.
         if let Some(expected) = body_sha {
             let actual = Sha256::digest(req.body);
@@ -223,6 +231,19 @@ mod tests {
 
         let r = vector_request(v, url).header("X-Twilio-Signature", "not*base64");
         assert_eq!(outcome(t.verify(&r.inbound())), "bad_encoding");
+    }
+
+    #[test]
+    fn a_body_that_is_not_a_form_needs_body_sha256() {
+        // Signed on the URL alone (no form parameters, no bodySHA256): the body is not covered.
+        let url = "https://chat.example.com/acme/api/whatsapp/accounts/12/notify";
+        let headers = sign(b"12345", url, Some("application/json"), b"{\"any\":\"thing\"}");
+        let r = Req::post(url, "application/json", &b"{\"any\":\"thing\"}"[..]).headers(headers);
+        assert_eq!(outcome(verifier("12345").verify(&r.inbound())), "unsigned_body");
+        // An empty body has nothing to sign: a signed URL is the whole request.
+        let headers = sign(b"12345", url, Some("application/json"), b"");
+        let r = Req::post(url, "application/json", &b""[..]).headers(headers);
+        assert_eq!(outcome(verifier("12345").verify(&r.inbound())), "ok");
     }
 
     #[test]
