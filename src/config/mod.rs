@@ -179,8 +179,15 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let loc = Locator::new(path, text);
     let file: schema::File = toml::from_str(text).map_err(|e| loc.error(e.span(), e.message().to_string()))?;
-    Validator { loc, warnings: Vec::new(), apps: HashMap::new(), phone_ids: HashMap::new(), inline_secrets: (0, None) }
-        .config(file)
+    Validator {
+        loc,
+        warnings: Vec::new(),
+        apps: HashMap::new(),
+        phone_ids: HashMap::new(),
+        secrets_seen: HashMap::new(),
+        inline_secrets: (0, None),
+    }
+    .config(file)
 }
 
 struct Validator<'a> {
@@ -190,6 +197,8 @@ struct Validator<'a> {
     apps: HashMap<String, (VerifierConfig, Option<Secret>)>,
     /// `phone_number_id` -> the account (motion/id) that claims it.
     phone_ids: HashMap<String, String>,
+    /// (setting, SHA-256 of a verification secret) -> the first (motion, account) using it.
+    secrets_seen: HashMap<(&'static str, [u8; 32]), (String, String)>,
     /// Inline secrets: how many, and where the first is (one warning for all of them).
     inline_secrets: (usize, Option<std::ops::Range<usize>>),
 }
@@ -450,6 +459,7 @@ impl Validator<'_> {
         let mut accounts = Vec::with_capacity(m.account.len());
         for a in &m.account {
             let acc = self.account(a)?;
+            self.shared_secrets(&name, &acc, a.id.span());
             if !ids.insert(acc.id.clone()) {
                 return self.err(a.id.span(), format!("duplicate account id {:?} in motion {name:?}", acc.id));
             }
@@ -469,6 +479,44 @@ impl Validator<'_> {
             url,
             accounts,
         })
+    }
+
+    /// Warns when an account of another Motion verifies with the same secret: signatures do not
+    /// name the account, so each would accept webhooks signed for the other (one tenant could
+    /// replay its own into the other's Motion). App accounts share their app's on purpose.
+    fn shared_secrets(&mut self, motion: &str, acc: &Account, span: std::ops::Range<usize>) {
+        use sha2::Digest;
+        if acc.app.is_some() {
+            return;
+        }
+        let v = &acc.verification;
+        let secrets = [
+            ("auth_token", &v.auth_token),
+            ("app_secret", &v.app_secret),
+            ("platform_secret", &v.platform_secret),
+            ("webhook_secret", &v.webhook_secret),
+            ("hmac_secret", &v.hmac_secret),
+            ("shared_token", &v.shared_token),
+        ];
+        for (field, value) in secrets {
+            let Some(value) = value else { continue };
+            let key = (field, sha2::Sha256::digest(value.as_bytes()).into());
+            let here = (motion.to_string(), acc.id.clone());
+            match self.secrets_seen.get(&key) {
+                Some((m, other)) if m != motion => {
+                    let msg = format!(
+                        "account {:?} of motion {motion:?} has the same {field} as account {other:?} of motion {m:?}: \
+                         each accepts webhooks signed for the other; give each tenant its own secret",
+                        acc.id
+                    );
+                    self.warn(span.clone(), msg);
+                }
+                Some(_) => {}
+                None => {
+                    self.secrets_seen.insert(key, here);
+                }
+            }
+        }
     }
 
     fn account(&mut self, a: &schema::Account) -> R<Account> {

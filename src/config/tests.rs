@@ -182,3 +182,39 @@ fn certificates_without_an_https_listener_are_pointed_out() {
         c.warnings
     );
 }
+
+#[test]
+fn a_secret_shared_by_two_tenants_is_a_warning() {
+    let text = |b_secret: &str, b_motion: &str| {
+        format!(
+            r#"
+[[motion]]
+name = "acme"
+url = "http://127.0.0.1:9000"
+  [[motion.account]]
+  id = "1"
+  provider = "meta"
+  app_secret = "same"
+  [[motion.account]]
+  id = "2"
+  provider = "meta"
+  app_secret = "same"
+[[motion]]
+name = "{b_motion}"
+url = "http://127.0.0.1:9001"
+  [[motion.account]]
+  id = "1"
+  provider = "meta"
+  app_secret = "{b_secret}"
+"#
+        )
+    };
+    let shared = |c: &Config| c.warnings.iter().filter(|w| w.contains("has the same app_secret")).count();
+    let c = parse_str(&text("same", "globex")).unwrap();
+    assert_eq!(shared(&c), 1, "{:?}", c.warnings);
+    let w = c.warnings.iter().find(|w| w.contains("has the same")).unwrap();
+    assert!(w.starts_with("relay.toml:17:8: account \"1\" of motion \"globex\""), "{w}");
+    assert!(!w.contains("\"same\""), "the secret itself is never shown: {w}");
+    // Within one Motion (one tenant) reuse is the operator's business.
+    assert_eq!(shared(&parse_str(&text("own", "globex")).unwrap()), 0);
+}
