@@ -127,7 +127,11 @@ async fn queue_api(relay: &Relay, method: &Method, rest: &str, query: Option<&st
     };
     match result {
         Ok(Ok(v)) => {
-            if v.get("count").and_then(|c| c.as_u64()) == Some(0) && segs.len() == 3 {
+            let by_id = matches!(
+                (method, segs.as_slice()),
+                (&Method::DELETE, ["dead", _]) | (&Method::POST, ["dead", _, "replay"])
+            );
+            if v.get("count").and_then(|c| c.as_u64()) == Some(0) && by_id {
                 return error(
                     ErrorCode::NotFound,
                     "no dead letter with that id could be replayed or deleted (an unowned one needs an account that claims its number)",

@@ -198,9 +198,9 @@ async fn a_refused_event_is_a_dead_letter_that_can_be_listed_replayed_and_purged
     assert!(err.contains("--yes"));
     // By id: another id deletes nothing, its own deletes it.
     let id = dead[0]["id"].as_str().unwrap().to_string();
-    let (code, out, _) = queue_cli(&relay, &["purge", "--dead", "no-such-id", "--yes", "--json"]);
-    assert_eq!(code, 0);
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["count"], 0);
+    let (code, _, err) = queue_cli(&relay, &["purge", "--dead", "no-such-id", "--yes", "--json"]);
+    assert_eq!(code, 1, "an id that names nothing is an error: {err}");
+    assert!(err.contains("no dead letter with that id"), "{err}");
     let (code, out, _) = queue_cli(&relay, &["purge", "--dead", &id, "--yes", "--json"]);
     assert_eq!(code, 0);
     assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["count"], 1);
@@ -307,4 +307,30 @@ async fn a_motion_added_by_a_reload_gets_its_queue() {
     assert_eq!(reply.status, 200);
     globex.wait_for(1, Duration::from_secs(10)).await;
     assert!(!relay.logs().contains("panicked"), "{}", relay.logs());
+}
+
+#[tokio::test]
+async fn a_replayed_dead_letter_gets_a_whole_give_up_after_again() {
+    let acme = FakeMotion::start().await;
+    acme.answer_always(Answer::status(503));
+    let text = config(&acme.url(), "queue").replace("auto_budget = \"500ms\"", "give_up_after = \"1s\"");
+    let relay = RelayProcess::start(&text);
+    post_meta(&relay.url(META), SECRET, meta_message("1", "16505551234", "wamid.late", "x")).await;
+    let dead = wait_dead_letters(&relay, 1).await;
+    assert!(dead[0]["reason"].as_str().unwrap().starts_with("gave up"), "{dead:?}");
+    let before = acme.count();
+
+    // Motion recovers slowly: two more 503s, then it takes the event. Counted from the replay,
+    // the event has a second to get there, as it had the first time.
+    acme.script([Answer::status(503), Answer::status(503)]);
+    acme.answer_always(Answer::ok());
+    let (code, out, err) = queue_cli(&relay, &["replay", "--all"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("replayed 1"), "{out}");
+    acme.wait_for(before + 3, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, out, _) = queue_cli(&relay, &["dead", "--json"]);
+    assert_eq!(out.trim(), "[]", "delivered on its third attempt after the replay");
+    let (_, out, _) = queue_cli(&relay, &["stats", "--json"]);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["motions"], serde_json::json!([]), "{out}");
 }

@@ -13,18 +13,22 @@ use std::process::ExitCode;
 pub enum QueueCommand {
     /// Depth and oldest age per Motion and account.
     Stats {
+        /// Print the admin API's JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
-    /// The waiting events.
+    /// The waiting events (the oldest first).
     List {
+        /// Print the admin API's JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// At most this many events.
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
     /// The dead letters, one per line.
     Dead {
+        /// Print the admin API's JSON instead of a table.
         #[arg(long)]
         json: bool,
     },

@@ -707,7 +707,7 @@ impl Config {
         );
         let _ = writeln!(out, "public_url: {}", s.public_url.as_deref().unwrap_or("-"));
         let _ = writeln!(out, "storage: {}", self.storage_path.display());
-        let _ = writeln!(out, "delivery: mode {:?}, timeout {:?}", self.delivery.mode, self.delivery.timeout);
+        let _ = writeln!(out, "delivery: mode {}, timeout {:?}", self.delivery.mode, self.delivery.timeout);
         let accounts: usize = self.motions.iter().map(|m| m.accounts.len()).sum();
         let _ = writeln!(
             out,
@@ -727,7 +727,7 @@ impl Config {
             let providers: Vec<String> = by.iter().map(|(p, n)| format!("{p} {n}")).collect();
             let _ = writeln!(
                 out,
-                "  {:<16} {:<36} {:?} accounts: {}",
+                "  {:<16} {:<36} {:<6} accounts: {}",
                 m.name,
                 m.url.to_string(),
                 m.mode,

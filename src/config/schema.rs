@@ -83,6 +83,17 @@ pub enum Mode {
     Auto,
 }
 
+impl std::fmt::Display for Mode {
+    /// The config spelling.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Queue => "queue",
+            Mode::Direct => "direct",
+            Mode::Auto => "auto",
+        })
+    }
+}
+
 #[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum WindowPolicy {

@@ -160,7 +160,7 @@ impl Queue {
                 continue;
             }
             let seq = d.seq;
-            if let Some(meta) = self.blocking(move |s| s.revive(seq)).await? {
+            if let Some(meta) = self.blocking(move |s| s.revive(seq, super::scheduler::now_ms())).await? {
                 if let Some(r) = self.relay.upgrade() {
                     r.metrics.replays.get_or_create(&MotionLabels { motion: meta.motion.clone() }).inc();
                 }

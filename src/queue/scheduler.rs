@@ -93,6 +93,7 @@ impl MotionQueue {
             timers: BinaryHeap::new(),
             in_flight: 0,
             delivered: Vec::new(),
+            cached_bytes: 0,
         };
         runtime.spawn(s.run(rx));
         MotionQueue { tx, depth }
@@ -129,6 +130,17 @@ struct Scheduler {
     in_flight: usize,
     /// Delivered seqs not yet removed from the store (removed in batches).
     delivered: Vec<u64>,
+    /// What the bodies kept in memory for waiting events weigh (see [`CACHE_BUDGET`]).
+    cached_bytes: usize,
+}
+
+/// Bodies kept in memory per Motion, for the heads of its conversations only: events behind a
+/// head, and any beyond this budget, are read back from the store when their turn comes. A
+/// Motion down for hours must not hold its whole backlog in memory.
+const CACHE_BUDGET: usize = 64 << 20;
+
+fn weight(ev: &NewEvent) -> usize {
+    ev.body.len() + ev.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
 }
 
 impl Scheduler {
@@ -163,7 +175,16 @@ impl Scheduler {
             // Events of this conversation are waiting: an `auto` request must not overtake them,
             // so it is acknowledged now (dropping the waiter tells it) and delivered in turn.
             e.waiter = None;
+            // Its body is read back from the store when its turn comes.
+            e.cached = None;
         }
+        e.cached = e.cached.take().filter(|ev| {
+            let w = weight(ev);
+            let keep = self.cached_bytes + w <= CACHE_BUDGET;
+            self.cached_bytes += if keep { w } else { 0 };
+            keep
+        });
+        let conv = self.convs.get_mut(&key).expect("just inserted");
         conv.queue.push_back(e);
         if conv.queue.len() == 1 && !conv.busy && !conv.waiting {
             self.ready.push_back(key);
@@ -226,6 +247,7 @@ impl Scheduler {
             Outcome::Delivered | Outcome::Gone => {
                 metric("delivered");
                 if let Some(e) = conv.queue.pop_front() {
+                    self.cached_bytes -= e.cached.as_deref().map_or(0, weight);
                     self.delivered.push(e.meta.seq);
                     self.depth.fetch_sub(1, Ordering::Relaxed);
                 }
@@ -242,7 +264,12 @@ impl Scheduler {
                 let head = conv.queue.front_mut().expect("a conversation in flight has a head");
                 head.meta.attempts += 1;
                 if head.cached.is_none() {
-                    head.cached = loaded;
+                    // Kept for the next attempt while the budget allows.
+                    let w = loaded.as_deref().map_or(0, weight);
+                    if self.cached_bytes + w <= CACHE_BUDGET {
+                        head.cached = loaded;
+                        self.cached_bytes += w;
+                    }
                 }
                 let (seq, attempts) = (head.meta.seq, head.meta.attempts);
                 let store = self.store.clone();
@@ -273,7 +300,9 @@ impl Scheduler {
                             r.metrics.dead_letters.get_or_create(&labels).inc();
                         }
                         tracing::warn!(motion = %self.name, seq, "event moved to the dead letters: {reason}");
-                        conv.queue.pop_front();
+                        if let Some(e) = conv.queue.pop_front() {
+                            self.cached_bytes -= e.cached.as_deref().map_or(0, weight);
+                        }
                         self.depth.fetch_sub(1, Ordering::Relaxed);
                     }
                     _ => {
@@ -328,6 +357,22 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
+/// Motion's answer body, up to [`MAX_ANSWER`] bytes (read to its end when shorter, which lets
+/// the connection go back to the pool; a longer one is cut and its connection dropped).
+async fn read_answer(mut body: hyper::body::Incoming) -> Result<Bytes, hyper::Error> {
+    let mut out = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            let room = MAX_ANSWER - out.len();
+            out.extend_from_slice(&data[..data.len().min(room)]);
+            if out.len() == MAX_ANSWER {
+                break;
+            }
+        }
+    }
+    Ok(out.freeze())
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -380,6 +425,9 @@ impl Job {
             }
         }
         let provider = crate::provider::ProviderKind::parse(&ev.provider).map_or("unknown", |p| p.as_str());
+        // `timeout` bounds the whole attempt, the answer's body included: a Motion that sends its
+        // headers and then stalls must not hold the conversation (and a delivery slot) forever.
+        let deadline = tokio::time::Instant::now() + route.motion.timeout;
         let result = deliver::send(Attempt {
             motion: &route.motion,
             client: &route.client(),
@@ -399,10 +447,12 @@ impl Job {
                 let retry_after =
                     resp.headers().get(http::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(String::from);
                 let (mut parts, body) = resp.into_parts();
-                // Reading the answer to its end lets the connection go back to the pool.
-                let body = http_body_util::Limited::new(body, MAX_ANSWER).collect().await;
-                let answer =
-                    body.map(|c| c.to_bytes()).unwrap_or_else(|_| Bytes::from_static(b"(answer larger than 64 KiB)"));
+                // The status decides; the answer is kept for a dead letter (its first 64 KiB).
+                let answer = match tokio::time::timeout_at(deadline, read_answer(body)).await {
+                    Ok(Ok(answer)) => answer,
+                    Ok(Err(_)) => Bytes::from_static(b"(the answer broke off)"),
+                    Err(_) => Bytes::from_static(b"(the answer's body did not arrive within the delivery timeout)"),
+                };
                 crate::http_util::strip_hop_by_hop(&mut parts.headers);
                 (Some(status), retry_after, answer, None, Some(parts.headers))
             }

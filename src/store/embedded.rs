@@ -499,17 +499,18 @@ impl Store for EmbeddedStore {
         })
     }
 
-    fn revive(&self, seq: u64) -> Result<Option<EventMeta>, StoreError> {
+    fn revive(&self, seq: u64, now_unix_ms: u64) -> Result<Option<EventMeta>, StoreError> {
         self.write(Commit::Synced, |txn| {
             let mut dead = txn.open_table(DEAD)?;
             let Some(bytes) = dead.remove(seq)? else {
                 return Ok(None);
             };
             let (_, raw) = postcard::take_from_bytes::<DeadInfo>(bytes.value()).map_err(codec)?;
-            let ev: NewEvent = decode(raw)?;
+            let mut ev: NewEvent = decode(raw)?;
+            ev.received_unix_ms = now_unix_ms;
             let seq = take_seq(&mut txn.open_table(META)?)?;
             let meta = EventMeta::of(seq, 0, &ev);
-            txn.open_table(EVENTS)?.insert(seq, raw)?;
+            insert_event(&mut txn.open_table(EVENTS)?, seq, &[], &ev)?;
             txn.open_table(WAITING)?.insert(seq, encode(&meta)?.as_slice())?;
             Ok(Some(meta))
         })
@@ -771,13 +772,16 @@ mod tests {
         store.kill(1, info(vec![])).unwrap();
         store.append(&[ev("c", "c", b"")]).unwrap();
 
-        let meta = store.revive(1).unwrap().unwrap();
+        let meta = store.revive(1, 123_456).unwrap().unwrap();
         assert_eq!((meta.seq, meta.delivery_id.as_str(), meta.attempts), (4, "a", 0));
         assert!(store.dead_letters().unwrap().is_empty());
         assert_eq!(seqs(&store), [2, 3, 4]);
         assert_eq!(store.pending().unwrap()[2], meta);
-        assert_eq!(store.load(4).unwrap().unwrap().ev, ev("a", "c", b"body"));
-        assert!(store.revive(1).unwrap().is_none());
+        // Back in the queue now: give_up_after counts from the replay, not the first receipt.
+        assert_eq!(meta.received_unix_ms, 123_456);
+        let revived = ev("a", "c", b"body");
+        assert_eq!(store.load(4).unwrap().unwrap().ev, NewEvent { received_unix_ms: 123_456, ..revived });
+        assert!(store.revive(1, 123_456).unwrap().is_none());
         drop(store);
         assert_eq!(seqs(&open(&dir)), [2, 3, 4]);
     }

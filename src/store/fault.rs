@@ -99,9 +99,9 @@ impl Store for FaultyStore {
     fn dead_letter(&self, seq: u64) -> Result<Option<DeadLetter>, StoreError> {
         self.inner.dead_letter(seq)
     }
-    fn revive(&self, seq: u64) -> Result<Option<EventMeta>, StoreError> {
+    fn revive(&self, seq: u64, now_unix_ms: u64) -> Result<Option<EventMeta>, StoreError> {
         self.check()?;
-        self.inner.revive(seq)
+        self.inner.revive(seq, now_unix_ms)
     }
     fn purge_dead(&self, seq: Option<u64>) -> Result<usize, StoreError> {
         self.check()?;
@@ -156,7 +156,7 @@ mod tests {
         assert!(is_fault(store.set_attempts(seq, 2)));
         assert!(is_fault(store.delivered(&[seq])));
         assert!(is_fault(store.kill(seq, info)));
-        assert!(is_fault(store.revive(seq).map(drop)));
+        assert!(is_fault(store.revive(seq, 0).map(drop)));
         assert!(is_fault(store.purge_dead(None).map(drop)));
         assert!(is_fault(store.prune_dedup(0).map(drop)));
         assert!(is_fault(store.prune_window(0).map(drop)));

@@ -62,6 +62,8 @@ pub struct NewEvent {
     pub headers: Vec<(String, Vec<u8>)>,
     #[serde(with = "body_bytes")]
     pub body: Bytes,
+    /// When it entered the queue: received, or replayed from the dead letters (`give_up_after`
+    /// counts from here).
     pub received_unix_ms: u64,
     /// If Some and present and unexpired (at `received_unix_ms`) in the dedup table, the event
     /// is not stored: see [`dedup_key`].
@@ -163,9 +165,10 @@ pub trait Store: Send + Sync + 'static {
         Ok(self.dead_letters()?.into_iter().filter(|d| d.ev.delivery_id == delivery_id).map(|d| d.seq).collect())
     }
     /// Moves a dead letter back to the waiting events under a NEW seq (so it orders after what
-    /// is waiting now), keeping its delivery_id, with attempts reset to 0; returns its new meta.
+    /// is waiting now), keeping its delivery_id, with attempts reset to 0 and its queue time set
+    /// to `now_unix_ms` (a replay gets a whole `give_up_after` again); returns its new meta.
     /// None if there is no such dead letter. Synced.
-    fn revive(&self, seq: u64) -> Result<Option<EventMeta>, StoreError>;
+    fn revive(&self, seq: u64, now_unix_ms: u64) -> Result<Option<EventMeta>, StoreError>;
     /// Deletes one dead letter (Some) or all (None); returns how many were deleted. Synced.
     fn purge_dead(&self, seq: Option<u64>) -> Result<usize, StoreError>;
     /// Deletes dedup entries that expired before `now_unix_ms`. Returns how many.
