@@ -159,10 +159,10 @@ impl Queue {
     }
 }
 
-/// Deletes expired dedup keys every few minutes, for as long as the queue lives, so the dedup
-/// table holds one `dedup_window` of keys and no more.
+/// Deletes expired dedup keys, a slice of the table a minute, for as long as the queue lives, so
+/// the dedup table holds about one `dedup_window` of keys (plus one sweep's time) and no more.
 async fn prune_dedup(queue: Weak<Queue>) {
-    let mut every = tokio::time::interval(std::time::Duration::from_secs(300));
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
     loop {
         every.tick().await;
         let Some(q) = queue.upgrade() else { return };

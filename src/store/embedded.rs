@@ -109,7 +109,16 @@ pub struct EmbeddedStore {
     cheap_commits: AtomicU32,
     /// Whether the last open found the file not cleanly closed and repaired it.
     repaired: AtomicBool,
+    /// Where the next `prune_dedup` resumes its sweep of the dedup table (`None`: the start).
+    prune_from: Mutex<Option<[u8; 32]>>,
+    /// Keys one `prune_dedup` looks at ([`PRUNE_SLICE`]; tests make it small).
+    prune_slice: usize,
 }
+
+/// Dedup keys one `prune_dedup` call looks at: the sweep holds the writer, so it goes in slices
+/// (a few milliseconds each) instead of one pass over millions of keys that stalls every
+/// acknowledgement meanwhile.
+const PRUNE_SLICE: usize = 50_000;
 
 impl EmbeddedStore {
     /// Opens (creating if needed) `dir/queue.redb`, repairing it first if the last run did not
@@ -125,6 +134,8 @@ impl EmbeddedStore {
             last_reopen: Mutex::new(None),
             cheap_commits: AtomicU32::new(0),
             repaired: AtomicBool::new(repaired),
+            prune_from: Mutex::new(None),
+            prune_slice: PRUNE_SLICE,
         };
         let format = store.write(Commit::Synced, |txn| {
             let mut meta = txn.open_table(META)?;
@@ -534,14 +545,36 @@ impl Store for EmbeddedStore {
     }
 
     fn prune_dedup(&self, now_unix_ms: u64) -> Result<usize, StoreError> {
-        self.write(Commit::Cheap, |txn| {
-            let mut n = 0;
-            txn.open_table(DEDUP)?.retain(|_, expiry| {
-                n += usize::from(expiry < now_unix_ms);
-                expiry >= now_unix_ms
-            })?;
-            Ok(n)
-        })
+        let mut from = self.prune_from.lock().unwrap_or_else(PoisonError::into_inner);
+        let start = *from;
+        let (pruned, next) = self.write(Commit::Cheap, |txn| {
+            let mut dedup = txn.open_table(DEDUP)?;
+            let mut expired = Vec::new();
+            let (mut last, mut seen) = (None, 0);
+            {
+                let rows = match &start {
+                    Some(k) => dedup.range::<&[u8; 32]>((std::ops::Bound::Excluded(k), std::ops::Bound::Unbounded))?,
+                    None => dedup.range::<&[u8; 32]>(..)?,
+                };
+                for row in rows.take(self.prune_slice) {
+                    let (key, expiry) = row?;
+                    let key = key.value();
+                    if expiry.value() < now_unix_ms {
+                        expired.push(key);
+                    }
+                    last = Some(key);
+                    seen += 1;
+                }
+            }
+            for key in &expired {
+                dedup.remove(key)?;
+            }
+            // A short slice reached the end: the next call starts the sweep over.
+            let next = if seen < self.prune_slice { None } else { last };
+            Ok((expired.len(), next))
+        })?;
+        *from = next;
+        Ok(pruned)
     }
 
     fn window_touch(&self, entries: &[(String, u64)]) -> Result<(), StoreError> {
@@ -651,6 +684,24 @@ mod tests {
         assert!(!store.repaired(), "a dropped store needs no repair");
         assert!(store.pending().unwrap().is_empty());
         assert_eq!(stored(&store.append(&[ev("c", "c", b"")]).unwrap()), [3]);
+    }
+
+    #[test]
+    fn prune_sweeps_the_dedup_table_in_slices_and_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(&dir);
+        store.prune_slice = 4;
+        // Ten keys: the odd ones expire at 1,000, the even ones never.
+        let batch: Vec<NewEvent> =
+            (0..10).map(|i| deduped(&format!("e{i}"), i, 0, if i % 2 == 1 { 1_000 } else { u64::MAX })).collect();
+        store.append(&batch).unwrap();
+        let pruned: Vec<usize> = (0..4).map(|_| store.prune_dedup(2_000).unwrap()).collect();
+        // Slices of 4, 4 and 2 keys cover the table; the fourth call starts over and finds none.
+        assert_eq!(pruned.iter().sum::<usize>(), 5, "{pruned:?}");
+        assert!(pruned.iter().all(|&n| n <= 4), "{pruned:?}");
+        assert_eq!(pruned[3], 0, "{pruned:?}");
+        // The unexpired keys still deduplicate.
+        assert_eq!(store.append(&[deduped("again", 2, 3_000, u64::MAX)]).unwrap(), [Appended::Duplicate]);
     }
 
     #[test]

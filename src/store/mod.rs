@@ -171,7 +171,9 @@ pub trait Store: Send + Sync + 'static {
     fn revive(&self, seq: u64, now_unix_ms: u64) -> Result<Option<EventMeta>, StoreError>;
     /// Deletes one dead letter (Some) or all (None); returns how many were deleted. Synced.
     fn purge_dead(&self, seq: Option<u64>) -> Result<usize, StoreError>;
-    /// Deletes dedup entries that expired before `now_unix_ms`. Returns how many.
+    /// Deletes dedup entries that expired before `now_unix_ms`, returning how many. May look at
+    /// a bounded slice of the table per call, resuming where the last call stopped, so that no
+    /// call holds the writer long; called periodically, it sweeps the whole table.
     fn prune_dedup(&self, now_unix_ms: u64) -> Result<usize, StoreError>;
     /// The 24-hour customer-service window: last inbound time per key (account+customer).
     /// Keeps the latest time seen for each key. One transaction for the whole batch. Not synced.
