@@ -225,8 +225,15 @@ impl Scheduler {
                 waiter: head.waiter.take(),
             };
             let tx = self.tx.clone();
+            let motion = self.name.clone();
             tokio::spawn(async move {
-                let outcome = job.attempt().await;
+                use futures_util::FutureExt;
+                // A panic in an attempt (a bug) must not leave its conversation in flight for
+                // good: it counts as a failed attempt, retried later like any other.
+                let outcome = std::panic::AssertUnwindSafe(job.attempt()).catch_unwind().await.unwrap_or_else(|_| {
+                    tracing::error!(%motion, "a delivery attempt panicked; it will be retried");
+                    Outcome::Retry { at_least: Some(Duration::from_secs(30)), loaded: None }
+                });
                 let _ = tx.send(Msg::Done { conv: key, outcome });
             });
         }
