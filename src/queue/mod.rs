@@ -114,9 +114,10 @@ impl Queue {
         let (tx, rx) = oneshot::channel();
         let id = ev.delivery_id.clone();
         self.waiters.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone(), tx);
+        // Taken by `schedule_stored` when stored; anything left here was not, and goes when
+        // this returns, or when the request is cancelled midway (the guard's drop).
+        let _forget = ForgetWaiter { queue: self, id };
         let result = self.commit.append(vec![ev]).await;
-        // Taken by `schedule_stored` when stored; anything left here was not.
-        self.waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         let appended = result?.pop().ok_or(StoreError::Closed)?;
         Ok((appended, rx))
     }
@@ -174,5 +175,17 @@ async fn prune_dedup(queue: Weak<Queue>) {
             Ok(Err(e)) => tracing::warn!("could not prune dedup keys: {e}"),
             _ => {}
         }
+    }
+}
+
+/// Removes an `auto` request's waiter from [`Queue::waiters`] when dropped.
+struct ForgetWaiter<'a> {
+    queue: &'a Queue,
+    id: String,
+}
+
+impl Drop for ForgetWaiter<'_> {
+    fn drop(&mut self) {
+        self.queue.waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
     }
 }
