@@ -7,8 +7,77 @@ use http::{Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-/// Responses either carry bytes we made or stream an upstream's body through untouched.
-pub type Body = Either<Full<Bytes>, Incoming>;
+/// Responses either carry bytes we made or stream an upstream's body through untouched (within
+/// the upstream call's deadline).
+pub type Body = Either<Full<Bytes>, Deadline<Incoming>>;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An upstream's body streamed through until a deadline: one that sends its headers and then
+/// stalls cannot hold the client's connection past the call's timeout (the stream then fails
+/// and the connection is cut, as headers are already out). The timer is armed only when the
+/// body is not there at once, so a small body costs nothing.
+pub struct Deadline<B> {
+    inner: B,
+    at: tokio::time::Instant,
+    /// With `idle`, every frame that arrives moves the deadline that far ahead: a long download
+    /// that keeps flowing is not cut, one that stops is.
+    idle: Option<std::time::Duration>,
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> Deadline<B> {
+    /// The whole body by `at`.
+    pub fn new(inner: B, at: tokio::time::Instant) -> Self {
+        Deadline { inner, at, idle: None, sleep: None }
+    }
+
+    /// The first frame by `at`, then each next one within `idle` of the last.
+    pub fn idle(inner: B, at: tokio::time::Instant, idle: std::time::Duration) -> Self {
+        Deadline { inner, at, idle: Some(idle), sleep: None }
+    }
+}
+
+impl<B> hyper::body::Body for Deadline<B>
+where
+    B: hyper::body::Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let this = &mut *self;
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            if let Some(idle) = this.idle {
+                this.at = tokio::time::Instant::now() + idle;
+                if let Some(sleep) = this.sleep.as_mut() {
+                    sleep.as_mut().reset(this.at);
+                }
+            }
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let at = this.at;
+        let sleep = this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err("the upstream's body did not arrive within its timeout".into()))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Either::Left(Full::new(bytes.into()))

@@ -4,7 +4,7 @@
 
 use crate::config::{Account, Mode, Motion, Secret};
 use crate::deliver::{self, Attempt, AttemptError};
-use crate::http_util::{Body, ErrorCode, error, full, read_body, strip_hop_by_hop, text};
+use crate::http_util::{Body, Deadline, ErrorCode, error, full, read_body, strip_hop_by_hop, text};
 use crate::metrics::{MotionLabels, VerifyLabels};
 use crate::provider::{self, AccountVerifier, Inbound, ProviderKind};
 use crate::queue::Queue;
@@ -284,11 +284,13 @@ async fn direct(
         provider,
         timeout: motion.motion.timeout,
     };
+    // `timeout` bounds the whole exchange, Motion's answer body included.
+    let deadline = tokio::time::Instant::now() + motion.motion.timeout;
     match deliver::send(attempt).await {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, Either::Right(body))
+            Response::from_parts(parts, Either::Right(Deadline::new(body, deadline)))
         }
         Err(e @ AttemptError::Unreachable(_)) => {
             tracing::warn!(motion = %motion.motion.name, delivery = delivery_id, "{e}");

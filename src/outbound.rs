@@ -156,6 +156,9 @@ pub async fn handle(
     let timeout = snap.config.outbound_timeout;
     let client = &relay.upstream.client();
     let mut rejected: Option<String> = None;
+    // `timeout` bounds the call up to the answer's first bytes, then each pause in its body (a
+    // large media download that keeps flowing is not cut; one that stalls is).
+    let deadline = tokio::time::Instant::now() + timeout;
     let resp = loop {
         let mut h = headers.clone();
         let sinch_token = match &auth {
@@ -222,7 +225,7 @@ pub async fn handle(
         head.headers.insert(X_RELAY_WINDOW, HeaderValue::from_static("closed"));
     }
     count(head.status.as_u16());
-    Response::from_parts(head, Either::Right(body))
+    Response::from_parts(head, Either::Right(crate::http_util::Deadline::idle(body, deadline, timeout)))
 }
 
 /// 401 unless the request carries the Motion's outbound token; the message says what to fix.

@@ -240,3 +240,24 @@ async fn admin_listener_serves_health_readiness_and_metrics() {
     let reply = send(Method::POST, &format!("http://{admin}/admin/reload"), &[], "").await;
     assert_eq!(reply.status, 401);
 }
+
+#[tokio::test]
+async fn a_motion_that_stalls_mid_answer_is_cut_off_at_the_timeout() {
+    let (acme, _) = stalling_motion().await;
+    let globex = FakeMotion::start().await;
+    let relay = RelayProcess::start(&two_motions(&acme, &globex.url(), ""));
+    let body = r#"{"id":"evt-1","from":"+393001234567","type":"text","text":"hi"}"#;
+    let request = format!(
+        "POST /acme/api/whatsapp/accounts/12/notify HTTP/1.1\r\nhost: x\r\nx-webhook-token: acme-token\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // Motion sends `200`, a 100-byte length and 7 bytes, then nothing: the relay passes on what
+    // came and closes the connection once the 500 ms timeout passes, not whenever Motion wakes.
+    let start = std::time::Instant::now();
+    let answer = raw(relay.http, request.as_bytes()).await;
+    let took = start.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("partial"), "{answer}");
+    assert!(took < Duration::from_millis(1500), "the provider's connection was held {took:?}");
+}

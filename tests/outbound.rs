@@ -363,6 +363,25 @@ async fn sinch_token_is_fetched_once_reused_and_refreshed_once_on_401() {
     assert!(reply.json()["message"].as_str().unwrap().contains("key_id"));
 }
 
+#[tokio::test]
+async fn a_hanging_sinch_token_endpoint_holds_no_send_past_the_outbound_timeout() {
+    let provider = FakeMotion::start().await;
+    let auth = FakeMotion::start().await;
+    auth.answer_always(Answer { status: 200, body: r#"{"access_token":"late"}"#, delay: Duration::from_secs(20) });
+    let relay = RelayProcess::start(&config(&provider.url(), &auth.url(), "", "[outbound]\ntimeout = \"1s\""));
+    let url = relay.url("/acme/outbound/14/v1/projects/P1/messages:send");
+    let headers = [("x-relay-token", ACME_TOKEN), ("content-type", "application/json")];
+    // Five sends at once: each waits at most the timeout, not its place in line times it.
+    let start = std::time::Instant::now();
+    let sends: Vec<_> = (0..5).map(|_| post(&url, &headers, "{}")).collect();
+    let replies = futures_util::future::join_all(sends).await;
+    let took = start.elapsed();
+    assert!(replies.iter().all(|r| r.status == 504), "{:?}", replies.iter().map(|r| r.status).collect::<Vec<_>>());
+    assert!(took < Duration::from_secs(4), "five sends took {took:?}");
+    assert_eq!(auth.count(), 1, "one fetch for all five");
+    assert_eq!(provider.count(), 0);
+}
+
 /// The real server in-process with a manual clock: the customer's message opens the window, a
 /// day later only a template may go out under `enforce`, and a new message opens it again.
 #[tokio::test]

@@ -3,7 +3,8 @@
 //! Sinch answers 401 to a token the cache still believed in.
 //!
 //! One fetch at a time per access key: concurrent sends wait for the same answer instead of
-//! stampeding the token endpoint. The cache lives on the relay, so reloads keep it; its key
+//! stampeding the token endpoint, a failed fetch is their answer for a few seconds, and no send
+//! waits longer than `[outbound] timeout` in all. The cache lives on the relay, so reloads keep it; its key
 //! includes a digest of the secret, so a rotated secret gets a fresh token.
 
 use crate::deliver::error_chain;
@@ -23,7 +24,7 @@ const MARGIN: Duration = Duration::from_secs(60);
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
 const MAX_ANSWER: usize = 64 * 1024;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum TokenError {
     #[error("cannot reach the Sinch token endpoint {url}: {cause}")]
     Unreachable { url: String, cause: String },
@@ -40,7 +41,18 @@ struct Cached {
     fresh_until: Instant,
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<Cached>>>;
+/// What one access key's slot holds: its token, and the last failed fetch, which the sends
+/// queued behind it get at once instead of each fetching again.
+#[derive(Default)]
+struct State {
+    cached: Option<Cached>,
+    failed: Option<(Instant, TokenError)>,
+}
+
+/// How long a failed fetch is the answer before the next send tries again.
+const FAILED_FOR: Duration = Duration::from_secs(5);
+
+type Slot = Arc<tokio::sync::Mutex<State>>;
 
 /// The cache, one slot per (auth_url, key_id, secret digest).
 #[derive(Default)]
@@ -72,20 +84,47 @@ impl SinchTokens {
         timeout: Duration,
         rejected: Option<&str>,
     ) -> Result<String, TokenError> {
+        // `timeout` bounds the whole call, the wait for another send's fetch included.
+        match tokio::time::timeout(timeout, self.get_within(client, key, timeout, rejected)).await {
+            Ok(answer) => answer,
+            Err(_) => Err(TokenError::Timeout { url: key.auth_url.to_string(), timeout }),
+        }
+    }
+
+    async fn get_within(
+        &self,
+        client: &Client,
+        key: &KeyRef<'_>,
+        timeout: Duration,
+        rejected: Option<&str>,
+    ) -> Result<String, TokenError> {
         let slot = self.slot(key);
-        let mut cached = slot.lock().await;
-        if let Some(c) = cached.as_ref() {
+        let mut state = slot.lock().await;
+        if let Some(c) = state.cached.as_ref() {
             let stale = rejected.is_some_and(|r| r == c.token);
             if !stale && Instant::now() < c.fresh_until {
                 return Ok(c.token.clone());
             }
         }
-        *cached = None;
-        let (token, lifetime) = self.fetch(client, key, timeout).await?;
-        self.fetches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let margin = MARGIN.min(lifetime / 2);
-        *cached = Some(Cached { token: token.clone(), fresh_until: Instant::now() + lifetime - margin });
-        Ok(token)
+        if let Some((at, e)) = &state.failed {
+            if at.elapsed() < FAILED_FOR {
+                return Err(e.clone());
+            }
+        }
+        state.cached = None;
+        match self.fetch(client, key, timeout).await {
+            Ok((token, lifetime)) => {
+                self.fetches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let margin = MARGIN.min(lifetime / 2);
+                state.failed = None;
+                state.cached = Some(Cached { token: token.clone(), fresh_until: Instant::now() + lifetime - margin });
+                Ok(token)
+            }
+            Err(e) => {
+                state.failed = Some((Instant::now(), e.clone()));
+                Err(e)
+            }
+        }
     }
 
     fn slot(&self, key: &KeyRef<'_>) -> Slot {
