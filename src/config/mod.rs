@@ -501,7 +501,6 @@ impl Validator<'_> {
         for (field, value) in secrets {
             let Some(value) = value else { continue };
             let key = (field, sha2::Sha256::digest(value.as_bytes()).into());
-            let here = (motion.to_string(), acc.id.clone());
             match self.secrets_seen.get(&key) {
                 Some((m, other)) if m != motion => {
                     let msg = format!(
@@ -513,7 +512,7 @@ impl Validator<'_> {
                 }
                 Some(_) => {}
                 None => {
-                    self.secrets_seen.insert(key, here);
+                    self.secrets_seen.insert(key, (motion.to_string(), acc.id.clone()));
                 }
             }
         }

@@ -4,8 +4,8 @@
 //!
 //! One fetch at a time per access key: concurrent sends wait for the same answer instead of
 //! stampeding the token endpoint, a failed fetch is their answer for a few seconds, and no send
-//! waits longer than `[outbound] timeout` in all. The cache lives on the relay, so reloads keep it; its key
-//! includes a digest of the secret, so a rotated secret gets a fresh token.
+//! waits longer than `[outbound] timeout` in all. The cache lives on the relay, so reloads keep
+//! it; its key includes a digest of the secret, so a rotated secret gets a fresh token.
 
 use crate::deliver::error_chain;
 use crate::upstream::Client;

@@ -143,6 +143,22 @@ fn weight(ev: &NewEvent) -> usize {
     ev.body.len() + ev.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
 }
 
+/// `ev` if [`CACHE_BUDGET`] has room for it (then counted in `used`), else `None`: the event is
+/// read back from the store when its turn comes.
+fn keep_cached(used: &mut usize, ev: Option<Arc<NewEvent>>) -> Option<Arc<NewEvent>> {
+    let ev = ev?;
+    let w = weight(&ev);
+    (*used + w <= CACHE_BUDGET).then(|| {
+        *used += w;
+        ev
+    })
+}
+
+/// What an entry's kept body counts against [`CACHE_BUDGET`].
+fn cached_weight(e: &Entry) -> usize {
+    e.cached.as_deref().map_or(0, weight)
+}
+
 impl Scheduler {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -178,13 +194,7 @@ impl Scheduler {
             // Its body is read back from the store when its turn comes.
             e.cached = None;
         }
-        e.cached = e.cached.take().filter(|ev| {
-            let w = weight(ev);
-            let keep = self.cached_bytes + w <= CACHE_BUDGET;
-            self.cached_bytes += if keep { w } else { 0 };
-            keep
-        });
-        let conv = self.convs.get_mut(&key).expect("just inserted");
+        e.cached = keep_cached(&mut self.cached_bytes, e.cached.take());
         conv.queue.push_back(e);
         if conv.queue.len() == 1 && !conv.busy && !conv.waiting {
             self.ready.push_back(key);
@@ -254,7 +264,7 @@ impl Scheduler {
             Outcome::Delivered | Outcome::Gone => {
                 metric("delivered");
                 if let Some(e) = conv.queue.pop_front() {
-                    self.cached_bytes -= e.cached.as_deref().map_or(0, weight);
+                    self.cached_bytes -= cached_weight(&e);
                     self.delivered.push(e.meta.seq);
                     self.depth.fetch_sub(1, Ordering::Relaxed);
                 }
@@ -272,11 +282,7 @@ impl Scheduler {
                 head.meta.attempts += 1;
                 if head.cached.is_none() {
                     // Kept for the next attempt while the budget allows.
-                    let w = loaded.as_deref().map_or(0, weight);
-                    if self.cached_bytes + w <= CACHE_BUDGET {
-                        head.cached = loaded;
-                        self.cached_bytes += w;
-                    }
+                    head.cached = keep_cached(&mut self.cached_bytes, loaded);
                 }
                 let (seq, attempts) = (head.meta.seq, head.meta.attempts);
                 let store = self.store.clone();
@@ -308,7 +314,7 @@ impl Scheduler {
                         }
                         tracing::warn!(motion = %self.name, seq, "event moved to the dead letters: {reason}");
                         if let Some(e) = conv.queue.pop_front() {
-                            self.cached_bytes -= e.cached.as_deref().map_or(0, weight);
+                            self.cached_bytes -= cached_weight(&e);
                         }
                         self.depth.fetch_sub(1, Ordering::Relaxed);
                     }
