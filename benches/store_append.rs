@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use whatsapp_relay::store::{EmbeddedStore, FaultyStore, GroupCommit, NewEvent, Store};
+use whatsapp_relay::store::{EmbeddedStore, FaultyStore, GroupCommit, NewEvent, QueueStore};
 
 fn event(i: u64) -> NewEvent {
     NewEvent {
@@ -19,15 +19,15 @@ fn event(i: u64) -> NewEvent {
         motion: "acme".into(),
         account: "12".into(),
         conversation: format!("12:+39{}", i % 100),
-        provider: "twilio".into(),
-        method: "POST".into(),
+        provider: whatsapp_relay::provider::twilio::KIND,
+        method: http::Method::POST,
         path_and_query: "/api/whatsapp/accounts/12/notify".into(),
         headers: vec![("x-twilio-signature".into(), b"0123456789abcdef".to_vec())],
         body: Bytes::from(vec![b'x'; 1024]),
         received_unix_ms: i,
         dedup_key: None,
         dedup_expires_unix_ms: 0,
-        note: String::new(),
+        unowned: None,
     }
 }
 
@@ -92,10 +92,10 @@ fn single_commit(c: &mut Criterion) {
     // One cheap (Durability::None) commit, with every 32nd made durable.
     let seq = store.pending().unwrap()[0].seq;
     let mut attempts = 0;
-    g.bench_function("set_attempts_cheap", |b| {
+    g.bench_function("progress_attempts_cheap", |b| {
         b.iter(|| {
             attempts += 1;
-            store.set_attempts(seq, attempts).unwrap()
+            store.progress(&[], &[(seq, attempts)]).unwrap()
         })
     });
     g.finish();

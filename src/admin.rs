@@ -1,38 +1,22 @@
 //! The admin listener: `/healthz`, `/readyz`, `/metrics` (no auth; keep the listener on
-//! loopback), and `/admin/*` behind `Authorization: Bearer {admin.token}`.
+//! loopback), and `/admin/*` behind `Authorization: Bearer {admin.token}`. Handed the
+//! [`Control`] (reload, readiness) and, through it, the services it reports on.
 
+use crate::control::Control;
 use crate::http_util::{Body, ErrorCode, error, json, text};
+use crate::queue::Queue;
 use crate::queue::ops::Count;
-use crate::relay::Relay;
-use crate::server::Control;
+use crate::services::Services;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use std::sync::atomic::{AtomicBool, Ordering};
-
-/// Readiness inputs the admin listener reports on.
-#[derive(Default)]
-pub struct Readiness {
-    pub listeners_bound: AtomicBool,
-}
 
 pub async fn handle(control: &Control, req: Request<Incoming>) -> Response<Body> {
-    let (relay, ready) = (&control.relay, &control.ready);
+    let services = &control.services;
     let path = req.uri().path();
     match (req.method(), path) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/readyz") => {
-            let mut problems = Vec::new();
-            if !ready.listeners_bound.load(Ordering::Acquire) {
-                problems.push("listeners not bound".to_string());
-            }
-            if relay.queue().is_some_and(|q| !q.store().writable()) {
-                problems.push("storage not writable".to_string());
-            }
-            let mut warnings = Vec::new();
-            if let Some(tls) = &control.tls {
-                problems.extend(tls.problems());
-                warnings.extend(tls.warnings());
-            }
+            let (mut problems, warnings) = control.readiness();
             if problems.is_empty() {
                 // Still ready (the https listener has a valid certificate), but say what is wrong.
                 let mut body = String::from("ready\n");
@@ -46,14 +30,14 @@ pub async fn handle(control: &Control, req: Request<Incoming>) -> Response<Body>
             }
         }
         (&Method::GET, "/metrics") => {
-            text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", relay.metrics.encode())
+            text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", services.metrics.encode())
         }
         (_, p) if p.starts_with("/admin/") => {
-            if let Err(why) = authorize(relay, &req) {
+            if let Err(why) = authorize(services, &req) {
                 return error(ErrorCode::Unauthorized, why);
             }
             if let Some(rest) = p.strip_prefix("/admin/queue/") {
-                return queue_api(relay, req.method(), rest, req.uri().query()).await;
+                return queue_api(&services.queue, req.method(), rest, req.uri().query()).await;
             }
             match (req.method(), p) {
                 // Logged inside; the caller gets the same message.
@@ -81,8 +65,8 @@ pub async fn handle(control: &Control, req: Request<Incoming>) -> Response<Body>
 
 /// Bearer-token check, with the secret comparison every token check shares (constant time,
 /// length included). Without a configured token the admin API is closed.
-fn authorize(relay: &Relay, req: &Request<Incoming>) -> Result<(), &'static str> {
-    let snap = relay.snapshot();
+fn authorize(services: &Services, req: &Request<Incoming>) -> Result<(), &'static str> {
+    let snap = services.snapshot();
     let Some(token) = &snap.config.admin.token else {
         return Err("the admin API is disabled: set [admin] token");
     };
@@ -98,10 +82,7 @@ fn authorize(relay: &Relay, req: &Request<Incoming>) -> Result<(), &'static str>
 }
 
 /// `/admin/queue/...`: see the README's "Admin API".
-async fn queue_api(relay: &Relay, method: &Method, rest: &str, query: Option<&str>) -> Response<Body> {
-    let Some(q) = relay.queue() else {
-        return error(ErrorCode::Unavailable, "the queue is not running");
-    };
+async fn queue_api(q: &Queue, method: &Method, rest: &str, query: Option<&str>) -> Response<Body> {
     let param = |name: &str| {
         query.and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned()))
     };

@@ -3,12 +3,14 @@
 //! deliver through here, so the two can never disagree on headers or signatures.
 
 use crate::config::{Motion, Secret};
-use crate::http_util::strip_hop_by_hop;
+use crate::http_util::{error_chain, strip_hop_by_hop};
+use crate::provider::ProviderKind;
+use crate::request::Scheme;
 use crate::upstream::Client;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use http::header::{HOST, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -28,10 +30,12 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// `X-Relay-*` ones): hop-by-hop headers go, and so does anything a caller sent as `X-Relay-*`
 /// (a provider must not be able to forge the relay's own signature or ids), `Host` (the client
 /// sets the Motion's), `Forwarded` and `X-Real-IP`, and the `X-Forwarded-*` set is written by
-/// the relay.
-pub fn forwarded_headers(mut headers: HeaderMap, client_ip: IpAddr, proto: &'static str) -> HeaderMap {
+/// the relay. `X-Forwarded-Host` is the host the provider called: the URI's authority (HTTP/2's
+/// `:authority`) or else its `Host` header.
+pub fn forwarded_headers(mut headers: HeaderMap, uri: &http::Uri, client_ip: IpAddr, scheme: Scheme) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
-    let host = headers.remove(HOST);
+    let host_header = headers.remove(HOST);
+    let host = uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()).or(host_header);
     if headers.keys().any(is_replaced) {
         let replaced: Vec<HeaderName> = headers.keys().filter(|k| is_replaced(k)).cloned().collect();
         for k in replaced {
@@ -45,7 +49,7 @@ pub fn forwarded_headers(mut headers: HeaderMap, client_ip: IpAddr, proto: &'sta
     };
     headers
         .insert(X_FORWARDED_FOR, HeaderValue::from_str(&xff).unwrap_or_else(|_| HeaderValue::from_static("unknown")));
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme.as_str()));
     match host {
         Some(h) => headers.insert(X_FORWARDED_HOST, h),
         None => headers.remove(X_FORWARDED_HOST),
@@ -88,8 +92,10 @@ pub struct Attempt<'a> {
     pub body: Bytes,
     pub delivery_id: &'a str,
     pub attempt: u32,
-    pub provider: &'static str,
+    pub provider: ProviderKind,
     pub timeout: Duration,
+    /// Unix seconds, for `X-Relay-Signature` (from the relay's clock).
+    pub now_unix: u64,
 }
 
 /// Sends one attempt; the answer's body is left streaming for the caller.
@@ -101,10 +107,9 @@ pub async fn send(a: Attempt<'_>) -> Result<Response<Incoming>, AttemptError> {
         HeaderValue::from_str(a.delivery_id).unwrap_or_else(|_| HeaderValue::from_static("invalid")),
     );
     headers.insert(X_RELAY_ATTEMPT, HeaderValue::from(a.attempt));
-    headers.insert(X_RELAY_PROVIDER, HeaderValue::from_static(a.provider));
+    headers.insert(X_RELAY_PROVIDER, HeaderValue::from_static(a.provider.as_str()));
     if let Some(secret) = &a.motion.signing_secret {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
-        let sig = relay_signature(secret, now, &a.body);
+        let sig = relay_signature(secret, a.now_unix, &a.body);
         headers.insert(X_RELAY_SIGNATURE, HeaderValue::from_str(&sig).expect("ascii"));
     }
     let mut req = Request::new(Full::new(a.body));
@@ -131,22 +136,10 @@ fn motion_uri(base: &http::Uri, path_and_query: &str) -> Result<http::Uri, Attem
     };
     let bad = |e: &dyn std::fmt::Display| AttemptError::Unreachable(format!("bad Motion URL {base}: {e}"));
     let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(base.scheme().cloned().unwrap_or(Scheme::HTTP));
+    parts.scheme = Some(base.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP));
     parts.authority = base.authority().cloned();
     parts.path_and_query = Some(pq.map_err(|e| bad(&e))?);
     http::Uri::from_parts(parts).map_err(|e| bad(&e))
-}
-
-/// The error with its causes, which is where hyper keeps the useful part ("connection refused").
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]
@@ -183,7 +176,8 @@ mod tests {
         h.insert("forwarded", HeaderValue::from_static("for=198.51.100.1"));
         h.insert("x-real-ip", HeaderValue::from_static("198.51.100.1"));
         h.insert("connection", HeaderValue::from_static("keep-alive"));
-        let out = forwarded_headers(h, "10.0.0.1".parse().unwrap(), "https");
+        let origin: http::Uri = "/acme/api/whatsapp/accounts/1/notify".parse().unwrap();
+        let out = forwarded_headers(h, &origin, "10.0.0.1".parse().unwrap(), Scheme::Https);
         assert_eq!(out["x-forwarded-for"], "203.0.113.9, 10.0.0.1");
         assert_eq!(out["x-forwarded-proto"], "https");
         assert_eq!(out["x-forwarded-host"], "chat.example.com");
@@ -192,5 +186,16 @@ mod tests {
         );
         assert!(!out.contains_key("connection"));
         assert!(!out.contains_key("forwarded") && !out.contains_key("x-real-ip"));
+    }
+
+    /// Over HTTP/2 the host comes as `:authority` (the request URI's), and there is no `Host`.
+    #[test]
+    fn forwarded_host_from_the_http2_authority() {
+        let absolute: http::Uri = "https://chat.example.com/acme/api/whatsapp/accounts/1/notify".parse().unwrap();
+        let out = forwarded_headers(HeaderMap::new(), &absolute, "10.0.0.1".parse().unwrap(), Scheme::Https);
+        assert_eq!(out["x-forwarded-host"], "chat.example.com");
+        let origin: http::Uri = "/x".parse().unwrap();
+        let out = forwarded_headers(HeaderMap::new(), &origin, "10.0.0.1".parse().unwrap(), Scheme::Http);
+        assert!(!out.contains_key("x-forwarded-host"));
     }
 }

@@ -1,5 +1,6 @@
-//! Small HTTP pieces every handler shares: the response body type, the SPEC's JSON errors,
-//! and hop-by-hop header removal.
+//! Small HTTP pieces every handler shares: the response body type, the SPEC's JSON errors (a
+//! [`Failure`] is what a pipeline returns instead of an answer), bounded body reads, hop-by-hop
+//! header removal and error chains for log lines.
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -95,7 +96,6 @@ pub enum ErrorCode {
     RequestTimeout,
     TooLarge,
     OutsideWindow,
-    RateLimited,
     UpstreamUnreachable,
     Unavailable,
     UpstreamTimeout,
@@ -113,7 +113,6 @@ impl ErrorCode {
             RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             OutsideWindow => StatusCode::UNPROCESSABLE_ENTITY,
-            RateLimited => StatusCode::TOO_MANY_REQUESTS,
             UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -132,12 +131,39 @@ impl ErrorCode {
             RequestTimeout => "request_timeout",
             TooLarge => "too_large",
             OutsideWindow => "outside_customer_service_window",
-            RateLimited => "rate_limited",
             UpstreamUnreachable => "upstream_unreachable",
             Unavailable => "unavailable",
             UpstreamTimeout => "upstream_timeout",
         }
     }
+}
+
+/// A request refused with one of the SPEC's errors: what a pipeline returns instead of an
+/// answer. The relay's one exit turns it into the JSON answer, counts it and logs the access
+/// line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Failure {
+        Failure { code, message: message.into() }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.code.status()
+    }
+
+    pub fn response(&self) -> Response<Body> {
+        error(self.code, &self.message)
+    }
+}
+
+/// `Err(Failure)`, for `return fail(..)`.
+pub fn fail<T>(code: ErrorCode, message: impl Into<String>) -> Result<T, Failure> {
+    Err(Failure::new(code, message))
 }
 
 /// `{"error": CODE, "message": TEXT}` with the code's status.
@@ -162,14 +188,15 @@ pub fn text(status: StatusCode, content_type: &'static str, body: impl Into<Byte
 
 /// Reads a request's body within `max_body` and `request_timeout`. A declared length over the
 /// limit is refused before anything is read, a chunked body as soon as it passes it. `Err` is
-/// the answer to send (413, 408 or 400).
+/// why not (413, 408 or 400).
 pub async fn read_body(
     req: http::Request<Incoming>,
     max_body: u64,
     request_timeout: std::time::Duration,
-) -> Result<(http::request::Parts, Bytes), Response<Body>> {
+) -> Result<(http::request::Parts, Bytes), Failure> {
     use http_body_util::{BodyExt, Limited};
-    let too_large = || error(ErrorCode::TooLarge, format!("the body is larger than max_body ({max_body} bytes)"));
+    let too_large =
+        || Failure::new(ErrorCode::TooLarge, format!("the body is larger than max_body ({max_body} bytes)"));
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max_body) {
         return Err(too_large());
@@ -179,8 +206,8 @@ pub async fn read_body(
     match tokio::time::timeout(request_timeout, Limited::new(body, limit).collect()).await {
         Ok(Ok(c)) => Ok((parts, c.to_bytes())),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Ok(Err(e)) => Err(error(ErrorCode::BadRequest, format!("could not read the request body: {e}"))),
-        Err(_) => Err(error(ErrorCode::RequestTimeout, "the request body did not arrive within request_timeout")),
+        Ok(Err(e)) => fail(ErrorCode::BadRequest, format!("could not read the request body: {e}")),
+        Err(_) => fail(ErrorCode::RequestTimeout, "the request body did not arrive within request_timeout"),
     }
 }
 
@@ -214,6 +241,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(n);
     }
+}
+
+/// The error with its causes, which is where hyper keeps the useful part ("connection refused").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 #[cfg(test)]

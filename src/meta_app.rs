@@ -11,13 +11,14 @@
 //! dead letters, never guessed. Everything goes through the queue, whatever the Motion's mode,
 //! and the acknowledgement waits until every part is stored.
 
-use crate::http_util::{Body, ErrorCode, error, text};
-use crate::inbound::{self, Checks, Part, Verified};
+use crate::event::{Part, app_part, new_delivery_id};
+use crate::http_util::{Body, ErrorCode, Failure, fail, text};
+use crate::inbound::{self, Checks, Stop, Verified};
 use crate::metrics::AppLabels;
-use crate::provider::ProviderKind;
-use crate::relay::{AccessInfo, Conn, Relay, Snapshot};
-use crate::routing::{AppRoute, AppTarget};
-use crate::store::{DeadInfo, NewEvent};
+use crate::request::{AccessInfo, Conn};
+use crate::routing::{AppRoute, AppTarget, Snapshot};
+use crate::services::Services;
+use crate::store::{DeadInfo, DeadReason, Unowned, UnownedKey};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -69,8 +70,8 @@ struct MetadataProbe<'a> {
 #[derive(Clone)]
 pub(crate) enum Dest {
     Account(AppTarget),
-    /// No account claims it: kept as a dead letter with this note (`meta_app=… phone_number_id=…`).
-    Unknown(String),
+    /// No account claims it: kept as a dead letter that says where it came from.
+    Unknown(Unowned),
 }
 
 impl Dest {
@@ -110,19 +111,17 @@ pub(crate) fn route(app: &AppRoute, body: &[u8]) -> Result<Routed, String> {
                 Some(p) => match app.by_phone(&p) {
                     Some(t) => push(&mut groups, Dest::Account(t.clone()), (i, change)),
                     None => {
-                        let note = format!("meta_app={} phone_number_id={p}", app.app.name);
-                        push(&mut groups, Dest::Unknown(note), (i, change))
+                        let from =
+                            Unowned { app: app.app.name.clone(), key: UnownedKey::PhoneNumberId(p.into_owned()) };
+                        push(&mut groups, Dest::Unknown(from), (i, change))
                     }
                 },
                 None => {
                     let id = entry_id.clone().unwrap_or_default();
                     let targets = app.by_waba(&id);
                     if targets.is_empty() {
-                        push(
-                            &mut groups,
-                            Dest::Unknown(format!("meta_app={} waba_id={id}", app.app.name)),
-                            (i, change),
-                        );
+                        let from = Unowned { app: app.app.name.clone(), key: UnownedKey::WabaId(id) };
+                        push(&mut groups, Dest::Unknown(from), (i, change));
                     }
                     for t in targets {
                         push(&mut groups, Dest::Account(t.clone()), (i, change));
@@ -188,15 +187,15 @@ fn envelope(env: &Envelope, changes: &[(usize, &RawValue)]) -> String {
 
 /// `POST /meta/{app}` and its GET handshake.
 pub async fn handle(
-    relay: &Relay,
+    services: &Services,
     snap: &Snapshot,
     app_name: &str,
     req: Request<Incoming>,
     conn: Conn,
     info: &mut AccessInfo<'_>,
-) -> Response<Body> {
+) -> Result<Response<Body>, Failure> {
     let Some(app) = snap.table.app(app_name) else {
-        return error(ErrorCode::NotFound, "no such meta_app");
+        return fail(ErrorCode::NotFound, "no such meta_app");
     };
     info.account = Some(format!("meta_app:{}", app.app.name).into());
     info.provider = app.app.provider.as_str();
@@ -210,28 +209,25 @@ pub async fn handle(
         let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         format!("{}{pq}", snap.config.server.public_url.as_deref().unwrap_or(""))
     };
-    let Verified { parts, body, client_ip, now_unix } =
-        match inbound::receive(relay, snap, req, conn, checks, url).await {
-            Ok(v) => v,
-            Err(resp) => return resp,
-        };
+    let Verified { parts, body, client_ip } = match inbound::receive(services, snap, req, conn, checks, url).await {
+        Ok(v) => v,
+        Err(Stop::Answer(resp)) => return Ok(resp),
+        Err(Stop::Refused(f)) => return Err(f),
+    };
     if parts.method != Method::POST {
-        return error(ErrorCode::MethodNotAllowed, "a Meta app takes POST webhooks and the GET handshake");
+        return fail(ErrorCode::MethodNotAllowed, "a Meta app takes POST webhooks and the GET handshake");
     }
-    let routed = match route(app, &body) {
-        Ok(r) => r,
-        Err(msg) => return error(ErrorCode::BadRequest, msg),
-    };
-    let Some(queue) = relay.queue() else {
-        return error(ErrorCode::Unavailable, "the durable queue is not running");
-    };
-    let mut headers = crate::deliver::forwarded_headers(parts.headers, client_ip, conn.proto);
+    let routed = route(app, &body).map_err(|msg| Failure::new(ErrorCode::BadRequest, msg))?;
+    let queue = &services.queue;
+    let mut headers = crate::deliver::forwarded_headers(parts.headers, &parts.uri, client_ip, conn.scheme);
     // The app's shared token is every tenant's key to this URL: one tenant that learnt it could
     // post batches for another's numbers. Its tenants get the batch, never the token.
     for name in app.app.verifier.secret_headers() {
         headers.remove(name);
     }
     let split = split_headers(&headers);
+    let (now, dedup_window) = (services.now_unix_ms(), snap.config.delivery.dedup_window);
+    let kind = app.app.provider;
     let mut events = Vec::new();
     let mut dead = Vec::new();
     for (dest, payload) in routed.parts {
@@ -239,59 +235,59 @@ pub async fn handle(
             None => (body.clone(), &headers),
             Some(p) => (Bytes::from(p), &split),
         };
+        // Read once: for the event's keys and the customers who open their window.
+        let payload = kind.payload(Some("application/json"), &body);
         match dest {
             Dest::Account(t) => {
-                if let Some(full) = inbound::over_max_queued(queue, &t.motion.motion) {
-                    return full;
-                }
+                inbound::over_max_queued(queue, &t.motion.motion)?;
                 if t.motion.motion.tracks_window() {
-                    relay.window.record_inbound(&t.motion.motion.name, &t.account, Some("application/json"), &body);
+                    services.window.record_inbound(&t.motion.motion.name, &t.account.id, &payload.senders);
                 }
-                events.push(part_event(snap, &t, app.app.provider, headers, body, now_unix));
+                events.push(app_part(&t, kind, headers, body, &payload, dedup_window, now));
             }
-            Dest::Unknown(note) => {
-                let path = "/api/whatsapp/accounts/-/notify";
-                let part =
-                    Part { motion: "", account: "", kind: app.app.provider, path_and_query: path, headers, body, note };
-                dead.push(part.into_event(
-                    uuid::Uuid::now_v7().to_string(),
-                    "POST",
-                    Some("application/json"),
-                    snap,
-                    now_unix,
-                ));
+            Dest::Unknown(from) => {
+                let part = Part {
+                    motion: "",
+                    account: "",
+                    kind,
+                    method: Method::POST,
+                    path_and_query: "/api/whatsapp/accounts/-/notify",
+                    headers,
+                    body,
+                    payload: &payload,
+                    unowned: Some(from),
+                };
+                dead.push(part.into_event(new_delivery_id(), dedup_window, now));
             }
         }
     }
     // Unknown numbers first: if the relay dies between the two writes, Meta gets no
     // acknowledgement and redelivers; dedup keys make the second try store each part once.
     for ev in dead {
-        let note = ev.note.clone();
+        let from = ev.unowned.as_ref().map(|u| u.to_string()).unwrap_or_default();
         let store = queue.store().clone();
         let info = DeadInfo {
-            reason: "no account claims this number".into(),
+            reason: DeadReason::NoAccount,
             status: None,
             answer: Vec::new(),
             attempts: 0,
-            died_unix_ms: now_unix as u64 * 1000,
+            died_unix_ms: now,
         };
         match tokio::task::spawn_blocking(move || store.append_dead(&ev, info)).await {
             Ok(Ok(_)) => {
-                relay.metrics.unknown_numbers.get_or_create(&AppLabels { app: app.app.name.clone() }).inc();
-                tracing::warn!(meta_app = %app.app.name, "changes for an unknown number kept as a dead letter ({note})");
+                services.metrics.unknown_numbers.get_or_create(&AppLabels { app: app.app.name.clone() }).inc();
+                tracing::warn!(meta_app = %app.app.name, "changes for an unknown number kept as a dead letter ({from})");
             }
-            Ok(Err(e)) => return inbound::store_failed("", &e),
-            Err(e) => return error(ErrorCode::Unavailable, e.to_string()),
+            Ok(Err(e)) => return Err(inbound::store_failed("", &e)),
+            Err(e) => return fail(ErrorCode::Unavailable, e.to_string()),
         }
     }
     // Every account's part in one atomic write: a crash can never half-deliver a batch.
     if !events.is_empty() {
-        if let Err(e) = queue.accept(events).await {
-            return inbound::store_failed("", &e);
-        }
+        queue.accept(events).await.map_err(|e| inbound::store_failed("", &e))?;
     }
-    let (content_type, ack) = crate::provider::ack(app.app.provider);
-    text(StatusCode::OK, content_type, ack)
+    let (content_type, ack) = kind.ack();
+    Ok(text(StatusCode::OK, content_type, ack))
 }
 
 /// The headers of a split part: Meta's signature no longer applies to the new body.
@@ -302,26 +298,4 @@ fn split_headers(headers: &HeaderMap) -> HeaderMap {
     }
     h.insert(X_RELAY_SPLIT, HeaderValue::from_static("true"));
     h
-}
-
-/// The stored event for one account's part of a batch.
-pub(crate) fn part_event(
-    snap: &Snapshot,
-    t: &AppTarget,
-    kind: ProviderKind,
-    headers: &HeaderMap,
-    body: Bytes,
-    now_unix: i64,
-) -> NewEvent {
-    let path = format!("/api/whatsapp/accounts/{}/notify", t.account.id);
-    let part = Part {
-        motion: &t.motion.motion.name,
-        account: &t.account.id,
-        kind,
-        path_and_query: &path,
-        headers,
-        body,
-        note: String::new(),
-    };
-    part.into_event(uuid::Uuid::now_v7().to_string(), "POST", Some("application/json"), snap, now_unix)
 }

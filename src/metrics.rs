@@ -1,7 +1,8 @@
 //! Prometheus metrics (prometheus-client). Every series the relay exports is registered here,
 //! so `/metrics` is the one place an operator's dashboards depend on.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use crate::provider::ProviderKind;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -24,43 +25,111 @@ pub struct AppLabels {
     pub app: String,
 }
 
+/// A closed set of label values: an enum whose variants print as the given strings.
+macro_rules! label_values {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant),+
+        }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+        }
+
+        impl EncodeLabelValue for $name {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                EncodeLabelValue::encode(&self.as_str(), encoder)
+            }
+        }
+    };
+}
+
+/// A provider as a label value: its config name.
+impl EncodeLabelValue for ProviderKind {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VerifyLabels {
-    pub provider: String,
-    pub reason: String,
+    pub provider: ProviderKind,
+    /// A [`crate::provider::Rejection`]'s reason.
+    pub reason: &'static str,
+}
+
+label_values! {
+    /// What one delivery attempt came to.
+    DeliveryOutcome { Delivered => "delivered", Retry => "retry", Dead => "dead" }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub motion: String,
-    pub outcome: String,
+    pub outcome: DeliveryOutcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeadLabels {
+    pub motion: String,
+    /// [`crate::store::DeadReason::label`]: refused, gave_up, no_account, recorded.
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutboundLabels {
     pub motion: String,
-    pub provider: String,
+    pub provider: ProviderKind,
     pub status: u16,
+}
+
+label_values! {
+    /// What the relay did with a free-form send outside the 24-hour window.
+    WindowAction {
+        /// Policy `warn`: sent, with `X-Relay-Window: closed`.
+        Warned => "warned",
+        /// Policy `enforce`: 422.
+        Refused => "refused",
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WindowLabels {
     pub motion: String,
-    pub provider: String,
-    /// `warned` (policy warn: sent with `X-Relay-Window: closed`) or `refused` (policy enforce: 422).
-    pub action: String,
+    pub provider: ProviderKind,
+    pub action: WindowAction,
+}
+
+label_values! {
+    /// How a configuration reload ended.
+    ReloadResult { Ok => "ok", Refused => "refused" }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
-    pub result: String,
+    pub result: ReloadResult,
+}
+
+label_values! {
+    /// Where the https listener's certificate comes from.
+    CertSourceLabel { Files => "files", Acme => "acme" }
+}
+
+label_values! {
+    /// How loading a certificate went.
+    CertResult { Ok => "ok", Refused => "refused", Error => "error" }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CertLabels {
-    /// `files` or `acme`.
-    pub source: String,
-    pub result: String,
+    pub source: CertSourceLabel,
+    pub result: CertResult,
 }
 
 fn latency_histogram() -> Histogram {
@@ -78,7 +147,7 @@ pub struct Metrics {
     pub queue_depth: Family<MotionLabels, Gauge>,
     pub queue_oldest_seconds: Family<MotionLabels, Gauge>,
     pub ack_latency: Family<MotionLabels, Histogram>,
-    pub dead_letters: Family<OutcomeLabels, Counter>,
+    pub dead_letters: Family<DeadLabels, Counter>,
     pub dedup_hits: Family<MotionLabels, Counter>,
     pub replays: Family<MotionLabels, Counter>,
     pub unknown_numbers: Family<AppLabels, Counter>,
@@ -109,7 +178,7 @@ impl Metrics {
         let queue_oldest_seconds = Family::<MotionLabels, Gauge>::default();
         let ack_latency =
             Family::<MotionLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
-        let dead_letters = Family::<OutcomeLabels, Counter>::default();
+        let dead_letters = Family::<DeadLabels, Counter>::default();
         let dedup_hits = Family::<MotionLabels, Counter>::default();
         let replays = Family::<MotionLabels, Counter>::default();
         let unknown_numbers = Family::<AppLabels, Counter>::default();

@@ -12,30 +12,23 @@
 //! The token check is per Motion: a route names one Motion, and only that Motion's token is
 //! compared, so one Motion's token can never send for another Motion's accounts.
 
-pub mod paths;
-pub mod sinch_token;
-
 use crate::config::{Account, Motion, WindowPolicy};
-use crate::deliver::error_chain;
-use crate::http_util::{Body, ErrorCode, error, read_body, strip_hop_by_hop};
-use crate::metrics::{OutboundLabels, WindowLabels};
-use crate::provider::{ProviderKind, ct_eq};
-use crate::relay::{AccessInfo, Conn, Relay, Snapshot, client_ip};
-use crate::routing::MotionRoute;
+use crate::http_util::{Body, Deadline, ErrorCode, Failure, error_chain, fail, read_body, strip_hop_by_hop};
+use crate::metrics::{OutboundLabels, WindowAction, WindowLabels};
+use crate::provider::sinch::oauth::TokenError;
+use crate::provider::{OutboundAuth, ct_eq};
+use crate::request::{AccessInfo, Conn, client_ip};
+use crate::routing::{MotionRoute, Snapshot};
+use crate::services::Services;
 use crate::window::{self, State};
-use base64::Engine;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use sinch_token::{KeyRef, TokenError};
 use std::sync::Arc;
 
 pub const X_RELAY_TOKEN: HeaderName = HeaderName::from_static("x-relay-token");
 pub const X_RELAY_WINDOW: HeaderName = HeaderName::from_static("x-relay-window");
-const D360_API_KEY: HeaderName = HeaderName::from_static("d360-api-key");
-const KALEYRA_API_KEY: HeaderName = HeaderName::from_static("api-key");
-const SINCH_AUTH_URL: &str = "https://auth.sinch.com/oauth2/token";
 
 /// Where a route sends.
 pub struct Target<'a> {
@@ -45,37 +38,46 @@ pub struct Target<'a> {
     pub rest_at: usize,
 }
 
+/// A send from a Motion, counted in `outbound_requests` by the status it got, whoever answered.
 pub async fn handle(
-    relay: &Relay,
+    services: &Services,
     snap: &Snapshot,
     t: Target<'_>,
     req: Request<Incoming>,
     conn: Conn,
     _info: &mut AccessInfo<'_>,
-) -> Response<Body> {
+) -> Result<Response<Body>, Failure> {
+    let result = send(services, snap, &t, req, conn).await;
+    let status = match &result {
+        Ok(resp) => resp.status().as_u16(),
+        Err(f) => f.status().as_u16(),
+    };
+    let labels = OutboundLabels { motion: t.motion.motion.name.clone(), provider: t.account.provider, status };
+    services.metrics.outbound_requests.get_or_create(&labels).inc();
+    result
+}
+
+async fn send(
+    services: &Services,
+    snap: &Snapshot,
+    t: &Target<'_>,
+    req: Request<Incoming>,
+    conn: Conn,
+) -> Result<Response<Body>, Failure> {
     let motion = &t.motion.motion;
     let account = t.account;
     let provider = account.provider.as_str();
     let server = &snap.config.server;
-    let count = |status: u16| {
-        relay
-            .metrics
-            .outbound_requests
-            .get_or_create(&OutboundLabels { motion: motion.name.clone(), provider: provider.to_string(), status })
-            .inc();
-    };
 
     // Who may call: the network first (cheap, and says nothing about the token to strangers).
     let ip = client_ip(conn.peer.ip(), req.headers(), &server.trusted_proxies);
     if !motion.allow_from.is_empty() && !motion.allow_from.iter().any(|n| n.contains(&ip)) {
         tracing::warn!(motion = %motion.name, %ip, "outbound send refused: address not in the motion's allow_from");
-        count(403);
-        return error(ErrorCode::Forbidden, format!("{ip} may not send for motion {} (allow_from)", motion.name));
+        return fail(ErrorCode::Forbidden, format!("{ip} may not send for motion {} (allow_from)", motion.name));
     }
     if let Err(msg) = check_token(motion, req.headers()) {
         tracing::warn!(motion = %motion.name, %ip, "outbound send refused: {msg}");
-        count(401);
-        return error(ErrorCode::Unauthorized, msg);
+        return fail(ErrorCode::Unauthorized, msg);
     }
 
     // Where to: the account's endpoints under its provider base, and nothing else.
@@ -83,8 +85,7 @@ pub async fn handle(
     if !account.outbound.paths.allows(req.method(), path) {
         tracing::warn!(motion = %motion.name, account = %account.id, method = %req.method(), "outbound send refused: not one of the account's endpoints");
         tracing::debug!(path, "refused outbound path");
-        count(403);
-        return error(
+        return fail(
             ErrorCode::Forbidden,
             format!(
                 "{} {path} is not one of account {}'s {provider} messaging endpoints; an operator may widen them with outbound_paths",
@@ -93,9 +94,8 @@ pub async fn handle(
             ),
         );
     }
-    let Some(base) = api_base(account) else {
-        count(403);
-        return error(
+    let Some(base) = account.outbound.api_base(account.provider) else {
+        return fail(
             ErrorCode::Forbidden,
             format!("account {} ({provider}) has no api_base: set one to send through the relay", account.id),
         );
@@ -104,44 +104,29 @@ pub async fn handle(
         Some(q) => format!("{base}{path}?{q}"),
         None => format!("{base}{path}"),
     };
-    let uri: http::Uri = match uri.parse() {
-        Ok(u) => u,
-        Err(e) => {
-            count(400);
-            return error(ErrorCode::BadRequest, format!("cannot build the provider URL: {e}"));
-        }
-    };
+    let uri: http::Uri =
+        uri.parse().map_err(|e| Failure::new(ErrorCode::BadRequest, format!("cannot build the provider URL: {e}")))?;
 
     // The body, bounded: the window check reads it, and it is sent in one piece.
-    let (parts, body) = match read_body(req, server.max_body, server.request_timeout).await {
-        Ok(x) => x,
-        Err(resp) => {
-            count(resp.status().as_u16());
-            return resp;
-        }
-    };
+    let (parts, body) = read_body(req, server.max_body, server.request_timeout).await?;
 
     // The 24-hour window, for free-form sends to a number the relay can read.
     let mut window_closed = false;
     if motion.window_policy != WindowPolicy::Off && parts.method == http::Method::POST {
         let ct = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
         if let Some(send) = window::classify(account.provider, ct, &body).filter(|s| !s.template) {
-            if relay.window.state(&motion.name, &account.id, &send.recipient).await == State::Closed {
+            if services.window.state(&motion.name, &account.id, &send.recipient).await == State::Closed {
                 window_closed = true;
-                let action = if motion.window_policy == WindowPolicy::Enforce { "refused" } else { "warned" };
-                relay
-                    .metrics
-                    .window_closed
-                    .get_or_create(&WindowLabels {
-                        motion: motion.name.clone(),
-                        provider: provider.to_string(),
-                        action: action.to_string(),
-                    })
-                    .inc();
-                tracing::info!(motion = %motion.name, account = %account.id, action, "free-form send outside the customer service window");
-                if motion.window_policy == WindowPolicy::Enforce {
-                    count(422);
-                    return error(
+                let action = if motion.window_policy == WindowPolicy::Enforce {
+                    WindowAction::Refused
+                } else {
+                    WindowAction::Warned
+                };
+                let labels = WindowLabels { motion: motion.name.clone(), provider: account.provider, action };
+                services.metrics.window_closed.get_or_create(&labels).inc();
+                tracing::info!(motion = %motion.name, account = %account.id, action = action.as_str(), "free-form send outside the customer service window");
+                if action == WindowAction::Refused {
+                    return fail(
                         ErrorCode::OutsideWindow,
                         "the customer has not written in the last 24 hours (as far as the relay has seen), so WhatsApp allows only an approved template message; send a template instead",
                     );
@@ -151,18 +136,18 @@ pub async fn handle(
     }
 
     // The call, with the relay's credentials where it holds them.
-    let auth = Auth::of(account);
+    let auth = account.provider.outbound_auth(&account.outbound);
     let headers = forwarded_headers(parts.headers, &auth);
     let timeout = snap.config.outbound_timeout;
-    let client = &relay.upstream.client();
+    let client = &services.upstream.client();
     let mut rejected: Option<String> = None;
     // `timeout` bounds the call up to the answer's first bytes, then each pause in its body (a
     // large media download that keeps flowing is not cut; one that stalls is).
     let deadline = tokio::time::Instant::now() + timeout;
     let resp = loop {
         let mut h = headers.clone();
-        let sinch_token = match &auth {
-            Auth::Sinch(key) => match relay.sinch_tokens.get(client, key, timeout, rejected.as_deref()).await {
+        let oauth_token = match &auth {
+            OutboundAuth::OAuth(key) => match services.tokens.get(client, key, timeout, rejected.as_deref()).await {
                 Ok(tok) => {
                     let mut v = HeaderValue::from_str(&format!("Bearer {tok}")).unwrap_or(HeaderValue::from_static(""));
                     v.set_sensitive(true);
@@ -171,19 +156,18 @@ pub async fn handle(
                 }
                 Err(e) => {
                     tracing::warn!(motion = %motion.name, account = %account.id, "{e}");
-                    let (code, status) = match e {
-                        TokenError::Timeout { .. } => (ErrorCode::UpstreamTimeout, 504),
-                        _ => (ErrorCode::UpstreamUnreachable, 502),
+                    let code = match e {
+                        TokenError::Timeout { .. } => ErrorCode::UpstreamTimeout,
+                        _ => ErrorCode::UpstreamUnreachable,
                     };
-                    count(status);
-                    return error(code, e.to_string());
+                    return fail(code, e.to_string());
                 }
             },
-            Auth::Header(name, value) => {
+            OutboundAuth::Header(name, value) => {
                 h.insert(name.clone(), value.clone());
                 None
             }
-            Auth::Client => None,
+            OutboundAuth::Client => None,
         };
         let mut out = Request::new(Full::new(body.clone()));
         *out.method_mut() = parts.method.clone();
@@ -193,25 +177,23 @@ pub async fn handle(
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 tracing::warn!(motion = %motion.name, account = %account.id, provider, "provider API unreachable: {}", error_chain(&e));
-                count(502);
-                return error(
+                return fail(
                     ErrorCode::UpstreamUnreachable,
                     format!("the {provider} API at {base} is unreachable; retry later"),
                 );
             }
             Err(_) => {
                 tracing::warn!(motion = %motion.name, account = %account.id, provider, "provider API did not answer within {timeout:?}");
-                count(504);
-                return error(
+                return fail(
                     ErrorCode::UpstreamTimeout,
                     format!("the {provider} API did not answer within {timeout:?} ([outbound] timeout)"),
                 );
             }
         };
-        // A Sinch token can be revoked or expire early: fetch a new one and try once more.
+        // An OAuth token can be revoked or expire early: fetch a new one and try once more.
         if resp.status() == StatusCode::UNAUTHORIZED && rejected.is_none() {
-            if let Some(tok) = sinch_token {
-                tracing::info!(motion = %motion.name, account = %account.id, "Sinch refused the cached access token; fetching a new one");
+            if let Some(tok) = oauth_token {
+                tracing::info!(motion = %motion.name, account = %account.id, "the provider refused the cached access token; fetching a new one");
                 rejected = Some(tok);
                 continue;
             }
@@ -224,8 +206,7 @@ pub async fn handle(
     if window_closed {
         head.headers.insert(X_RELAY_WINDOW, HeaderValue::from_static("closed"));
     }
-    count(head.status.as_u16());
-    Response::from_parts(head, Either::Right(crate::http_util::Deadline::idle(body, deadline, timeout)))
+    Ok(Response::from_parts(head, Either::Right(Deadline::idle(body, deadline, timeout))))
 }
 
 /// 401 unless the request carries the Motion's outbound token; the message says what to fix.
@@ -246,87 +227,11 @@ fn check_token(motion: &Motion, headers: &HeaderMap) -> Result<(), String> {
     }
 }
 
-/// How the relay authenticates an account's calls.
-enum Auth<'a> {
-    /// The relay holds nothing: the client's own `Authorization` (or key header) passes.
-    Client,
-    /// A fixed header from the account's credentials.
-    Header(HeaderName, HeaderValue),
-    /// A Sinch OAuth2 token for this access key.
-    Sinch(KeyRef<'a>),
-}
-
-impl<'a> Auth<'a> {
-    fn of(account: &'a Account) -> Auth<'a> {
-        let c = &account.outbound;
-        let header = |name: HeaderName, value: String| match HeaderValue::from_str(&value) {
-            Ok(mut v) => {
-                v.set_sensitive(true);
-                Auth::Header(name, v)
-            }
-            // Config secrets are text; one that is not a valid header value cannot be sent, and
-            // the operator has to fix it: the client's own credentials stand in meanwhile.
-            Err(_) => {
-                tracing::warn!(account = %account.id, "the account's outbound credential is not a valid header value; passing the client's credentials instead");
-                Auth::Client
-            }
-        };
-        match account.provider {
-            ProviderKind::Twilio => match (&c.account_sid, &c.auth_token) {
-                (Some(sid), Some(token)) => {
-                    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{sid}:{}", token.expose()));
-                    header(header::AUTHORIZATION, format!("Basic {basic}"))
-                }
-                _ => Auth::Client,
-            },
-            ProviderKind::Meta => match &c.access_token {
-                Some(t) => header(header::AUTHORIZATION, format!("Bearer {}", t.expose())),
-                None => Auth::Client,
-            },
-            ProviderKind::Dialog360 => match &c.api_key {
-                Some(k) => header(D360_API_KEY, k.expose().to_string()),
-                None => Auth::Client,
-            },
-            ProviderKind::Kaleyra => match &c.api_key {
-                Some(k) => header(KALEYRA_API_KEY, k.expose().to_string()),
-                None => Auth::Client,
-            },
-            ProviderKind::Sinch => match (&c.key_id, &c.key_secret) {
-                (Some(id), Some(secret)) => Auth::Sinch(KeyRef {
-                    auth_url: c.auth_url.as_deref().unwrap_or(SINCH_AUTH_URL),
-                    key_id: id,
-                    key_secret: secret.expose(),
-                }),
-                _ => Auth::Client,
-            },
-            ProviderKind::Generic => Auth::Client,
-        }
-    }
-}
-
-/// The account's API base: `api_base`, or the provider's public API.
-pub fn api_base(account: &Account) -> Option<String> {
-    let c = &account.outbound;
-    if let Some(b) = &c.api_base {
-        return Some(b.trim_end_matches('/').to_string());
-    }
-    let eu = c.region.as_deref() == Some("eu");
-    Some(match account.provider {
-        ProviderKind::Twilio => "https://api.twilio.com".into(),
-        ProviderKind::Meta => "https://graph.facebook.com".into(),
-        ProviderKind::Dialog360 => "https://waba-v2.360dialog.io".into(),
-        ProviderKind::Sinch => format!("https://{}.conversation.api.sinch.com", if eu { "eu" } else { "us" }),
-        ProviderKind::Kaleyra if eu => "https://api.eu.kaleyra.io".into(),
-        ProviderKind::Kaleyra => "https://api.kaleyra.io".into(),
-        ProviderKind::Generic => return None,
-    })
-}
-
 /// The client's headers as the provider receives them: hop-by-hop headers, `Host` (the client
 /// sets the provider's), framing (the body is re-sent whole), the relay's own `X-Relay-*` (the
 /// token above all) and forwarding headers (the provider need not learn the Motion's network)
 /// are dropped; where the relay authenticates, so are the client's credentials.
-fn forwarded_headers(mut headers: HeaderMap, auth: &Auth<'_>) -> HeaderMap {
+fn forwarded_headers(mut headers: HeaderMap, auth: &OutboundAuth<'_>) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
     for h in [header::HOST, header::CONTENT_LENGTH, header::EXPECT, header::FORWARDED] {
         headers.remove(h);
@@ -344,10 +249,8 @@ fn forwarded_headers(mut headers: HeaderMap, auth: &Auth<'_>) -> HeaderMap {
     for k in drop {
         headers.remove(k);
     }
-    if !matches!(auth, Auth::Client) {
-        for h in [header::AUTHORIZATION, D360_API_KEY, KALEYRA_API_KEY] {
-            headers.remove(h);
-        }
+    for h in auth.replaces() {
+        headers.remove(h);
     }
     headers
 }
@@ -367,10 +270,10 @@ mod tests {
         h.insert("connection", HeaderValue::from_static("x-hop"));
         h.insert("x-hop", HeaderValue::from_static("1"));
         h.insert("x-http-method-override", HeaderValue::from_static("DELETE"));
-        let kept = forwarded_headers(h.clone(), &Auth::Client);
+        let kept = forwarded_headers(h.clone(), &OutboundAuth::Client);
         assert_eq!(kept["authorization"], "Bearer client");
         assert_eq!(kept.len(), 2, "{kept:?}");
-        let held = forwarded_headers(h, &Auth::Header(header::AUTHORIZATION, HeaderValue::from_static("x")));
+        let held = forwarded_headers(h, &OutboundAuth::Header(header::AUTHORIZATION, HeaderValue::from_static("x")));
         assert!(!held.contains_key("authorization"));
         assert_eq!(held.len(), 1);
     }

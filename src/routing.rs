@@ -7,11 +7,29 @@
 //! Lookups are hash-map probes: the cost does not grow with the number of accounts.
 
 use crate::config::{Account, Config, MetaApp, Motion};
+use crate::request::{decode_segment, host_without_port};
 use crate::upstream::{Client, Upstream, UpstreamError};
-use percent_encoding::percent_decode_str;
+use arc_swap::ArcSwap;
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
+
+/// A config and the routing table built from it: what one request sees from start to end.
+pub struct Snapshot {
+    pub config: Config,
+    pub table: RouteTable,
+}
+
+impl Snapshot {
+    pub fn build(config: Config, upstream: &Upstream) -> Result<Snapshot, UpstreamError> {
+        let table = RouteTable::build(&config, upstream)?;
+        Ok(Snapshot { config, table })
+    }
+}
+
+/// The current snapshot: loaded on every request without locks, replaced whole by a reload
+/// (requests in flight keep the one they started with).
+pub type Snapshots = ArcSwap<Snapshot>;
 
 /// One Motion server and its accounts, as routes see them.
 pub struct MotionRoute {
@@ -148,7 +166,7 @@ impl RouteTable {
     /// request path without the query. `None` means 404.
     pub fn lookup(&self, host: Option<&str>, path: &str) -> Option<Route<'_>> {
         let mut segs = Segments::new(path)?;
-        if let Some(motion) = host.and_then(|h| self.by_host.get(strip_port(h).as_ref())) {
+        if let Some(motion) = host.and_then(|h| self.by_host.get(host_without_port(h).as_ref())) {
             return Self::under_motion(motion, &mut segs, true);
         }
         let first = segs.next()?;
@@ -186,15 +204,6 @@ impl RouteTable {
             _ => None,
         }
     }
-}
-
-/// `host:port` -> `host`, lowercased only when needed (IPv6 literals keep their brackets).
-fn strip_port(host: &str) -> Cow<'_, str> {
-    let h = match host.rfind(':') {
-        Some(i) if !host[i..].contains(']') => &host[..i],
-        _ => host,
-    };
-    if h.bytes().any(|b| b.is_ascii_uppercase()) { Cow::Owned(h.to_ascii_lowercase()) } else { Cow::Borrowed(h) }
 }
 
 /// Iterates the decoded segments of an absolute path, refusing traversal.
@@ -237,19 +246,6 @@ impl<'a> Segments<'a> {
         }
         self.path[self.pos..].split('/').all(|s| s.is_empty() || decode_segment(s).is_some()).then_some(())
     }
-}
-
-/// Decodes one segment once; `None` for dot segments and smuggled separators. Shared with the
-/// outbound endpoint allow-list, so both read a path the same way.
-pub(crate) fn decode_segment(seg: &str) -> Option<Cow<'_, str>> {
-    // Most segments hold no escapes: no decoding, no UTF-8 check (a &str is valid UTF-8).
-    if !seg.contains('%') {
-        let bad = seg == "." || seg == ".." || seg.bytes().any(|b| matches!(b, b'\\' | 0));
-        return (!bad).then_some(Cow::Borrowed(seg));
-    }
-    let d = percent_decode_str(seg).decode_utf8().ok()?;
-    let bad = d == "." || d == ".." || d.bytes().any(|b| matches!(b, b'/' | b'\\' | 0));
-    (!bad).then_some(d)
 }
 
 #[cfg(test)]

@@ -25,11 +25,18 @@ pub enum UpstreamError {
     CaEmpty(PathBuf),
 }
 
-/// The pooled clients: one per thread for the public roots, one per Motion `ca_file`.
+/// A `ca_file`'s client and the digest of the contents it was built from.
+type CaClient = ([u8; 32], Client);
+
+/// The pooled clients: one per thread for the public roots, one per Motion `ca_file` content.
 #[derive(Clone)]
 pub struct Upstream {
-    // Touched only when a routing table is built (start, reload), never per request.
-    by_ca: Arc<Mutex<HashMap<PathBuf, Client>>>,
+    // Touched only when a routing table is built (start, reload), never per request. Keyed by
+    // the file's path with the digest of what it held: a reload re-reads every `ca_file`, and
+    // a file whose contents changed gets a new client (the old one goes with the old table).
+    by_ca: Arc<Mutex<HashMap<PathBuf, CaClient>>>,
+    #[cfg(test)]
+    built: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Default for Upstream {
@@ -40,7 +47,11 @@ impl Default for Upstream {
 
 impl Upstream {
     pub fn new() -> Upstream {
-        Upstream { by_ca: Default::default() }
+        Upstream {
+            by_ca: Default::default(),
+            #[cfg(test)]
+            built: Default::default(),
+        }
     }
 
     /// The client for the public roots, one per thread: each serving thread keeps its own
@@ -56,30 +67,46 @@ impl Upstream {
     /// The client for a Motion with its own `ca_file` (one shared pool per file); `None` for the
     /// public roots, where [`Upstream::client`] gives the calling thread's.
     pub fn client_for(&self, ca_file: Option<&Path>) -> Result<Option<Client>, UpstreamError> {
+        use sha2::Digest;
         let Some(path) = ca_file else { return Ok(None) };
+        let pem = std::fs::read(path).map_err(|source| UpstreamError::CaFile { path: path.into(), source })?;
+        let digest: [u8; 32] = sha2::Sha256::digest(&pem).into();
         let mut cache = self.by_ca.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = cache.get(path) {
-            return Ok(Some(c.clone()));
+        if let Some((d, c)) = cache.get(path) {
+            if *d == digest {
+                return Ok(Some(c.clone()));
+            }
         }
-        let client = build(root_store(Some(path))?);
-        cache.insert(path.to_path_buf(), client.clone());
+        let client = build(roots_with(path, &pem)?);
+        #[cfg(test)]
+        self.built.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        cache.insert(path.to_path_buf(), (digest, client.clone()));
         Ok(Some(client))
     }
 }
 
+/// The public roots, plus those of the PEM file `extra`.
 pub(crate) fn root_store(extra: Option<&Path>) -> Result<rustls::RootCertStore, UpstreamError> {
+    match extra {
+        None => Ok(rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() }),
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|source| UpstreamError::CaFile { path: path.into(), source })?;
+            roots_with(path, &pem)
+        }
+    }
+}
+
+/// The public roots plus the certificates of `pem` (read from `path`, which errors name).
+fn roots_with(path: &Path, pem: &[u8]) -> Result<rustls::RootCertStore, UpstreamError> {
     let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-    if let Some(path) = extra {
-        let pem = std::fs::read(path).map_err(|source| UpstreamError::CaFile { path: path.into(), source })?;
-        let mut added = 0;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()).flatten() {
-            if roots.add(cert).is_ok() {
-                added += 1;
-            }
+    let mut added = 0;
+    for cert in rustls_pemfile::certs(&mut &pem[..]).flatten() {
+        if roots.add(cert).is_ok() {
+            added += 1;
         }
-        if added == 0 {
-            return Err(UpstreamError::CaEmpty(path.into()));
-        }
+    }
+    if added == 0 {
+        return Err(UpstreamError::CaEmpty(path.into()));
     }
     Ok(roots)
 }
@@ -107,4 +134,36 @@ fn build(roots: rustls::RootCertStore) -> Client {
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .build(https)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    fn ca_pem() -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).unwrap().pem()
+    }
+
+    /// A reload rebuilds the routing table, which asks for each Motion's client again: a CA
+    /// file that changed since must give a client that trusts the new CA.
+    #[test]
+    fn a_changed_ca_file_gets_a_new_client_an_unchanged_one_keeps_its_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, ca_pem()).unwrap();
+        let up = Upstream::new();
+        assert!(up.client_for(Some(&path)).unwrap().is_some());
+        assert!(up.client_for(Some(&path)).unwrap().is_some());
+        assert_eq!(up.built.load(Ordering::Relaxed), 1, "same contents, same pool");
+        std::fs::write(&path, ca_pem()).unwrap();
+        up.client_for(Some(&path)).unwrap();
+        assert_eq!(up.built.load(Ordering::Relaxed), 2, "new contents, new client");
+        std::fs::write(&path, "not a certificate").unwrap();
+        assert!(matches!(up.client_for(Some(&path)), Err(UpstreamError::CaEmpty(_))));
+        assert!(up.client_for(None).unwrap().is_none());
+    }
 }

@@ -19,11 +19,10 @@
 //! Never logs a phone number or a body.
 
 use crate::clock::Clock;
-use crate::config::Account;
-use crate::provider::{self, ProviderKind};
-use crate::store::Store;
+use crate::provider::{Outgoing, ProviderKind};
+use crate::store::WindowStore;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -52,41 +51,34 @@ pub struct Window {
     clock: Arc<dyn Clock>,
     /// Last inbound time per key (0: looked up, nothing recorded).
     recent: Recent,
-    store: OnceLock<Arc<dyn Store>>,
-    writer: OnceLock<mpsc::Sender<(String, u64)>>,
+    store: Arc<dyn WindowStore>,
+    writer: mpsc::Sender<(String, u64)>,
 }
 
 impl Window {
-    pub fn new(clock: Arc<dyn Clock>) -> Window {
-        Window { clock, recent: Default::default(), store: OnceLock::new(), writer: OnceLock::new() }
+    /// The window over `store`, with its writer and pruning tasks started on the current
+    /// runtime (they end when the window is dropped).
+    pub fn start(clock: Arc<dyn Clock>, store: Arc<dyn WindowStore>) -> Window {
+        let (writer, rx) = mpsc::channel(WRITE_QUEUE);
+        let recent: Recent = Default::default();
+        tokio::spawn(write_loop(rx, store.clone()));
+        tokio::spawn(prune_loop(Arc::downgrade(&recent), store.clone(), clock.clone()));
+        Window { clock, recent, store, writer }
     }
 
     pub fn now_unix_ms(&self) -> u64 {
         self.clock.now_unix_ms()
     }
 
-    /// Connects the durable store and starts the writer and pruning tasks (once, at start,
-    /// inside the runtime). Before this, the window lives in memory only.
-    pub fn attach(&self, store: Arc<dyn Store>) {
-        if self.store.set(store.clone()).is_err() {
-            return;
-        }
-        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
-        let _ = self.writer.set(tx);
-        tokio::spawn(write_loop(rx, store.clone()));
-        tokio::spawn(prune_loop(Arc::downgrade(&self.recent), store, self.clock.clone()));
-    }
-
-    /// Records that the customers of an inbound payload wrote now. Called after verification,
-    /// for every delivery mode.
-    pub fn record_inbound(&self, motion: &str, account: &Account, content_type: Option<&str>, body: &[u8]) {
-        let senders = provider::inbound_senders(account.provider, content_type, body);
+    /// Records that `senders` (the customers who wrote in a verified inbound payload, see
+    /// [`crate::provider::Payload`]) wrote now, to this Motion's account. Every delivery mode.
+    pub fn record_inbound(&self, motion: &str, account: &str, senders: &[String]) {
         if senders.is_empty() {
             return;
         }
         let now = self.now_unix_ms();
         for s in senders {
-            if let Some(k) = key(motion, &account.id, &s) {
+            if let Some(k) = key(motion, account, s) {
                 self.touch(k, now);
             }
         }
@@ -98,10 +90,8 @@ impl Window {
             let e = recent.entry(key.clone()).or_insert(0);
             *e = (*e).max(at_ms);
         }
-        if let Some(tx) = self.writer.get() {
-            if tx.try_send((key, at_ms)).is_err() {
-                tracing::warn!("window writes are backed up; this touch is kept in memory only");
-            }
+        if self.writer.try_send((key, at_ms)).is_err() {
+            tracing::warn!("window writes are backed up; this touch is kept in memory only");
         }
     }
 
@@ -110,7 +100,7 @@ impl Window {
         if let Some(&t) = self.recent.lock().unwrap_or_else(|e| e.into_inner()).get(key) {
             return Ok((t > 0).then_some(t));
         }
-        let Some(store) = self.store.get().cloned() else { return Ok(None) };
+        let store = self.store.clone();
         let k = key.to_string();
         let found = tokio::task::spawn_blocking(move || store.window_last(&k))
             .await
@@ -151,7 +141,7 @@ pub fn normalise(customer: &str) -> Option<String> {
     (!digits.is_empty()).then_some(digits)
 }
 
-async fn write_loop(mut rx: mpsc::Receiver<(String, u64)>, store: Arc<dyn Store>) {
+async fn write_loop(mut rx: mpsc::Receiver<(String, u64)>, store: Arc<dyn WindowStore>) {
     let mut batch: HashMap<String, u64> = HashMap::new();
     while let Some((k, t)) = rx.recv().await {
         batch.insert(k, t);
@@ -176,7 +166,7 @@ async fn write_loop(mut rx: mpsc::Receiver<(String, u64)>, store: Arc<dyn Store>
     }
 }
 
-async fn prune_loop(recent: Weak<Mutex<HashMap<String, u64>>>, store: Arc<dyn Store>, clock: Arc<dyn Clock>) {
+async fn prune_loop(recent: Weak<Mutex<HashMap<String, u64>>>, store: Arc<dyn WindowStore>, clock: Arc<dyn Clock>) {
     let mut tick = tokio::time::interval(PRUNE_EVERY);
     tick.tick().await;
     loop {
@@ -196,83 +186,17 @@ async fn prune_loop(recent: Weak<Mutex<HashMap<String, u64>>>, store: Arc<dyn St
     }
 }
 
-/// What an outbound request body says about the 24-hour window: who it goes to, as the client
-/// spelled it, and whether it is a template (allowed at any time).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Send {
-    pub recipient: String,
-    pub template: bool,
-}
-
-/// Reads a send's recipient and template flag. None when the body is not a send to a known
-/// number (a mark-as-read, a Sinch `contact_id`, an unreadable body): then nothing is checked.
-pub fn classify(kind: ProviderKind, content_type: Option<&str>, body: &[u8]) -> Option<Send> {
-    let ct = content_type.unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    let fields = || -> Option<HashMap<String, String>> {
-        match ct.as_str() {
-            "application/x-www-form-urlencoded" | "" => Some(form_urlencoded::parse(body).into_owned().collect()),
-            "multipart/form-data" => multipart_fields(content_type?, body),
-            _ => None,
-        }
-    };
-    let json = || serde_json::from_slice::<serde_json::Value>(body).ok();
-    let s = |v: &serde_json::Value| v.as_str().map(str::to_string);
-    let send = match kind {
-        ProviderKind::Twilio => {
-            let f = fields()?;
-            Send { recipient: f.get("To")?.clone(), template: f.get("ContentSid").is_some_and(|c| !c.is_empty()) }
-        }
-        ProviderKind::Meta | ProviderKind::Dialog360 => {
-            let v = json()?;
-            Send { recipient: s(&v["to"])?, template: v["type"] == "template" }
-        }
-        ProviderKind::Sinch => {
-            let v = json()?;
-            let ids = v["recipient"]["identified_by"]["channel_identities"].as_array()?;
-            let id = ids.iter().find(|i| i["channel"] == "WHATSAPP").or_else(|| ids.first())?;
-            Send { recipient: s(&id["identity"])?, template: !v["message"]["template_message"].is_null() }
-        }
-        ProviderKind::Kaleyra => {
-            if ct == "application/json" {
-                let v = json()?;
-                // v2 wraps the Cloud API message in `messaging_object`.
-                let m = if v["messaging_object"].is_object() { &v["messaging_object"] } else { &v };
-                Send { recipient: s(&m["to"])?, template: m["type"] == "template" || !m["template_name"].is_null() }
-            } else {
-                let f = fields()?;
-                Send {
-                    recipient: f.get("to")?.clone(),
-                    template: f.get("type").is_some_and(|t| t == "template") || f.contains_key("template_name"),
-                }
-            }
-        }
-        ProviderKind::Generic => return None,
-    };
-    normalise(&send.recipient).map(|_| send)
-}
-
-/// The text fields of a `multipart/form-data` body (what `curl --form` sends, as in Kaleyra's
-/// examples). Only names and values are read; file parts are skipped by their `filename`.
-fn multipart_fields(content_type: &str, body: &[u8]) -> Option<HashMap<String, String>> {
-    let boundary = content_type.split(';').find_map(|p| p.trim().strip_prefix("boundary="))?.trim_matches('"');
-    let delim = format!("--{boundary}");
-    let text = String::from_utf8_lossy(body);
-    let mut out = HashMap::new();
-    for part in text.split(delim.as_str()).skip(1) {
-        let Some((head, value)) = part.split_once("\r\n\r\n") else { continue };
-        let disp = head.lines().find(|l| l.to_ascii_lowercase().starts_with("content-disposition:"))?;
-        if disp.contains("filename=") {
-            continue;
-        }
-        let Some(name) = disp.split(';').find_map(|p| p.trim().strip_prefix("name=")) else { continue };
-        out.insert(name.trim_matches('"').to_string(), value.strip_suffix("\r\n").unwrap_or(value).to_string());
-    }
-    Some(out)
+/// Reads a send's recipient and template flag (the provider's [`send`](crate::provider::Provider::send)).
+/// None when the body is not a send to a known number (a mark-as-read, a Sinch `contact_id`, an
+/// unreadable body): then nothing is checked.
+pub fn classify(kind: ProviderKind, content_type: Option<&str>, body: &[u8]) -> Option<Outgoing> {
+    kind.send(content_type, body).filter(|s| normalise(&s.recipient).is_some())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provider::{dialog360, generic, kaleyra, meta, sinch, twilio};
 
     #[test]
     fn numbers_meet_across_spellings() {
@@ -286,69 +210,66 @@ mod tests {
     #[test]
     fn recipients_and_templates_per_provider() {
         let form = Some("application/x-www-form-urlencoded");
-        let tw = |b: &str| classify(ProviderKind::Twilio, form, b.as_bytes());
+        let tw = |b: &str| classify(twilio::KIND, form, b.as_bytes());
         assert_eq!(
             tw("To=whatsapp%3A%2B1650&Body=hi"),
-            Some(Send { recipient: "whatsapp:+1650".into(), template: false })
+            Some(Outgoing { recipient: "whatsapp:+1650".into(), template: false })
         );
         assert!(tw("To=whatsapp%3A%2B1650&ContentSid=HX1").unwrap().template);
         assert_eq!(tw("Body=&Status=canceled"), None, "an update is not a send");
 
         let json = Some("application/json");
-        let meta = |b: &str| classify(ProviderKind::Meta, json, b.as_bytes());
+        let meta = |b: &str| classify(meta::KIND, json, b.as_bytes());
         assert!(!meta(r#"{"messaging_product":"whatsapp","to":"1650","type":"text"}"#).unwrap().template);
         assert!(meta(r#"{"to":"1650","type":"template","template":{}}"#).unwrap().template);
         assert_eq!(meta(r#"{"messaging_product":"whatsapp","status":"read","message_id":"wamid.X"}"#), None);
-        assert!(classify(ProviderKind::Dialog360, json, br#"{"to":"1650","type":"template"}"#).unwrap().template);
+        assert!(classify(dialog360::KIND, json, br#"{"to":"1650","type":"template"}"#).unwrap().template);
 
-        let sinch = |b: &str| classify(ProviderKind::Sinch, json, b.as_bytes());
+        let sinch = |b: &str| classify(sinch::KIND, json, b.as_bytes());
         let to = r#""recipient":{"identified_by":{"channel_identities":[{"channel":"SMS","identity":"1"},{"channel":"WHATSAPP","identity":"46700"}]}}"#;
         let s = sinch(&format!(r#"{{"app_id":"A",{to},"message":{{"text_message":{{"text":"hi"}}}}}}"#)).unwrap();
         assert_eq!((s.recipient.as_str(), s.template), ("46700", false));
         assert!(sinch(&format!(r#"{{{to},"message":{{"template_message":{{}}}}}}"#)).unwrap().template);
         assert_eq!(sinch(r#"{"recipient":{"contact_id":"C1"},"message":{}}"#), None, "unknown number: not checked");
 
-        let k = classify(ProviderKind::Kaleyra, form, b"to=%2B1650&type=template&channel=whatsapp").unwrap();
+        let k = classify(kaleyra::KIND, form, b"to=%2B1650&type=template&channel=whatsapp").unwrap();
         assert!(k.template);
         let v2 = br#"{"messaging_object":{"to":"+1650","type":"text","text":{"body":"x"}}}"#;
-        assert!(!classify(ProviderKind::Kaleyra, json, v2).unwrap().template);
+        assert!(!classify(kaleyra::KIND, json, v2).unwrap().template);
         let mp = "multipart/form-data; boundary=XyZ";
         let body = "--XyZ\r\nContent-Disposition: form-data; name=\"to\"\r\n\r\n+1650\r\n--XyZ\r\nContent-Disposition: form-data; name=\"type\"\r\n\r\ntext\r\n--XyZ--\r\n";
         assert_eq!(
-            classify(ProviderKind::Kaleyra, Some(mp), body.as_bytes()),
-            Some(Send { recipient: "+1650".into(), template: false })
+            classify(kaleyra::KIND, Some(mp), body.as_bytes()),
+            Some(Outgoing { recipient: "+1650".into(), template: false })
         );
-        assert_eq!(classify(ProviderKind::Generic, json, br#"{"to":"1"}"#), None);
+        assert_eq!(classify(generic::KIND, json, br#"{"to":"1"}"#), None);
     }
 
     #[test]
     fn inbound_messages_open_the_window_statuses_do_not() {
+        let senders = |k: ProviderKind, ct, b: &[u8]| k.payload(ct, b).senders;
         let form = Some("application/x-www-form-urlencoded");
-        let tw = |b: &[u8]| provider::inbound_senders(ProviderKind::Twilio, form, b);
+        let tw = |b: &[u8]| senders(twilio::KIND, form, b);
         assert_eq!(tw(b"SmsStatus=received&From=whatsapp%3A%2B1650&To=whatsapp%3A%2B1415"), ["whatsapp:+1650"]);
         assert!(tw(b"MessageStatus=read&SmsStatus=read&To=whatsapp%3A%2B1650").is_empty());
         let meta = br#"{"entry":[{"changes":[{"value":{"statuses":[{"id":"s","status":"read","recipient_id":"111"}],
             "messages":[{"from":"222","id":"m1"},{"from":"333","id":"m2"},{"from":"222","id":"m3"}]}}]}]}"#;
-        assert_eq!(provider::inbound_senders(ProviderKind::Meta, None, meta), ["222", "333"]);
+        assert_eq!(senders(meta::KIND, None, meta), ["222", "333"]);
         let sinch_in = br#"{"message":{"direction":"TO_APP","channel_identity":{"identity":"46700"}}}"#;
-        assert_eq!(provider::inbound_senders(ProviderKind::Sinch, None, sinch_in), ["46700"]);
+        assert_eq!(senders(sinch::KIND, None, sinch_in), ["46700"]);
         let report = br#"{"message_delivery_report":{"status":"READ","channel_identity":{"identity":"46700"}}}"#;
-        assert!(provider::inbound_senders(ProviderKind::Sinch, None, report).is_empty());
+        assert!(senders(sinch::KIND, None, report).is_empty());
         let json = Some("application/json");
-        assert_eq!(
-            provider::inbound_senders(ProviderKind::Kaleyra, json, br#"{"from":"1650","type":"text"}"#),
-            ["1650"]
-        );
-        assert!(provider::inbound_senders(ProviderKind::Kaleyra, json, br#"{"from":"1","status":"read"}"#).is_empty());
+        assert_eq!(senders(kaleyra::KIND, json, br#"{"from":"1650","type":"text"}"#), ["1650"]);
+        assert!(senders(kaleyra::KIND, json, br#"{"from":"1","status":"read"}"#).is_empty());
     }
 
     #[tokio::test]
     async fn window_opens_closes_and_is_read_back_from_the_store() {
         let clock = Arc::new(crate::clock::ManualClock::new());
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(crate::store::EmbeddedStore::open(dir.path()).unwrap());
-        let w = Window::new(clock.clone());
-        w.attach(store.clone());
+        let store: Arc<dyn WindowStore> = Arc::new(crate::store::EmbeddedStore::open(dir.path()).unwrap());
+        let w = Window::start(clock.clone(), store.clone());
         assert_eq!(w.state("acme", "12", "+1650").await, State::Closed, "never seen");
         w.touch(key("acme", "12", "1650").unwrap(), w.now_unix_ms());
         assert_eq!(w.state("acme", "12", "whatsapp:+1650").await, State::Open);
@@ -365,8 +286,7 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let fresh = Window::new(Arc::new(crate::clock::SystemClock));
-        fresh.attach(store);
+        let fresh = Window::start(Arc::new(crate::clock::SystemClock), store);
         assert_eq!(fresh.state("acme", "12", "+1650").await, State::Open);
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use support::*;
 use whatsapp_relay::clock::ManualClock;
-use whatsapp_relay::store::{EmbeddedStore, Store};
+use whatsapp_relay::store::{EmbeddedStore, Stores};
 
 const ACME_TOKEN: &str = "acme-outbound-token";
 const GLOBEX_TOKEN: &str = "globex-outbound-token";
@@ -413,9 +413,9 @@ window_policy = "enforce"
         provider.url()
     );
     let config = whatsapp_relay::config::parse(std::path::Path::new("relay.toml"), &text).unwrap();
-    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    let stores = Stores::of(Arc::new(EmbeddedStore::open(dir.path()).unwrap()));
     let clock = Arc::new(ManualClock::new());
-    let running = whatsapp_relay::server::start_with_clock(config, store, clock.clone()).await.unwrap();
+    let running = whatsapp_relay::server::start_with(config, stores, clock.clone()).await.unwrap();
     let base = format!("http://{}", running.http.unwrap());
     let inbound = format!("{base}/acme/api/whatsapp/accounts/13/notify");
     let send_url = format!("{base}/acme/outbound/13/v21.0/106/messages");
@@ -463,7 +463,7 @@ window_policy = "enforce"
     assert_eq!(post_meta(&inbound, "s", status).await.status, 200);
     assert_eq!(post(&send_url, &headers, free_form).await.status, 422);
 
-    let text = running.relay.metrics.encode();
+    let text = running.services.metrics.encode();
     assert!(
         text.contains(
             r#"whatsapp_relay_outbound_window_closed_total{motion="acme",provider="meta",action="refused"} 3"#

@@ -126,7 +126,7 @@ async fn motion_refusing_with_a_4xx_is_not_retried() {
     assert_eq!(meta_customer_and_text(&got[1].body).1, "1");
     let metrics = get(&format!("http://{}/metrics", relay.admin.unwrap())).await;
     let text = String::from_utf8_lossy(&metrics.body);
-    assert!(text.contains("whatsapp_relay_dead_letters_total{motion=\"acme\",outcome=\"refused\"} 1"), "{text}");
+    assert!(text.contains("whatsapp_relay_dead_letters_total{motion=\"acme\",reason=\"refused\"} 1"), "{text}");
 }
 
 #[tokio::test]

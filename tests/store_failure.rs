@@ -7,7 +7,9 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 use support::*;
-use whatsapp_relay::store::{EmbeddedStore, FaultyStore, Store};
+use whatsapp_relay::clock::SystemClock;
+use whatsapp_relay::server::start_with;
+use whatsapp_relay::store::{EmbeddedStore, FaultyStore, Stores};
 
 #[tokio::test]
 async fn a_failing_store_answers_503_never_200() {
@@ -33,9 +35,8 @@ url = "{}"
         motion.url()
     );
     let config = whatsapp_relay::config::parse(std::path::Path::new("relay.toml"), &text).unwrap();
-    let inner: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
-    let faulty = Arc::new(FaultyStore::new(inner));
-    let running = whatsapp_relay::server::start_with_store(config, faulty.clone()).await.unwrap();
+    let faulty = Arc::new(FaultyStore::new(Arc::new(EmbeddedStore::open(dir.path()).unwrap())));
+    let running = start_with(config, Stores::of(faulty.clone()), Arc::new(SystemClock)).await.unwrap();
     let url = format!("http://{}/acme/api/whatsapp/accounts/13/notify", running.http.unwrap());
     let admin = running.admin.unwrap();
 
@@ -76,7 +77,7 @@ async fn an_event_stored_after_its_request_went_away_is_still_delivered() {
     );
     let config = whatsapp_relay::config::parse(std::path::Path::new("relay.toml"), &text).unwrap();
     let faulty = Arc::new(FaultyStore::new(Arc::new(EmbeddedStore::open(dir.path()).unwrap())));
-    let running = whatsapp_relay::server::start_with_store(config, faulty.clone()).await.unwrap();
+    let running = start_with(config, Stores::of(faulty.clone()), Arc::new(SystemClock)).await.unwrap();
     let url = format!("http://{}/acme/api/whatsapp/accounts/13/notify", running.http.unwrap());
     let body = meta_message("1", "1650", "wamid.slow", "slow disk");
 

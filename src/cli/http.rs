@@ -19,7 +19,7 @@ pub async fn call(
     }
     let req = req.body(Full::new(body)).map_err(|e| e.to_string())?;
     let resp = client.request(req).await.map_err(|e| {
-        format!("cannot reach the relay at {url}: {} (is it running?)", crate::deliver::error_chain(&e))
+        format!("cannot reach the relay at {url}: {} (is it running?)", crate::http_util::error_chain(&e))
     })?;
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();

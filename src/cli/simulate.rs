@@ -2,47 +2,11 @@
 //! inbound message of the account's provider to the running relay, as the provider would, and
 //! prints the relay's answer. For checking a deployment end to end without a phone.
 
+use crate::clock::{Clock, SystemClock};
 use crate::config::{Account, Config};
-use crate::provider::ProviderKind;
 use bytes::Bytes;
 use http::Method;
 use std::process::ExitCode;
-
-/// A sample inbound text message in the provider's own format: (content type, body).
-fn sample(kind: ProviderKind, text: &str, id: &str) -> (&'static str, Vec<u8>) {
-    let customer = "15550000001";
-    match kind {
-        ProviderKind::Twilio => {
-            let form = form_urlencoded::Serializer::new(String::new())
-                .append_pair("MessageSid", id)
-                .append_pair("SmsStatus", "received")
-                .append_pair("From", &format!("whatsapp:+{customer}"))
-                .append_pair("To", "whatsapp:+15550000000")
-                .append_pair("Body", text)
-                .append_pair("NumMedia", "0")
-                .finish();
-            ("application/x-www-form-urlencoded", form.into_bytes())
-        }
-        ProviderKind::Meta | ProviderKind::Dialog360 => {
-            let v = serde_json::json!({"object": "whatsapp_business_account", "entry": [{"id": "0", "changes": [{"field": "messages", "value": {
-                "messaging_product": "whatsapp",
-                "metadata": {"display_phone_number": "15550000000", "phone_number_id": "0"},
-                "contacts": [{"profile": {"name": "Simulated Customer"}, "wa_id": customer}],
-                "messages": [{"from": customer, "id": id, "timestamp": "0", "type": "text", "text": {"body": text}}]}}]}]});
-            ("application/json", v.to_string().into_bytes())
-        }
-        ProviderKind::Sinch => {
-            let v = serde_json::json!({"app_id": "simulate", "message": {"id": id, "direction": "TO_APP",
-                "contact_message": {"text_message": {"text": text}},
-                "channel_identity": {"channel": "WHATSAPP", "identity": customer, "app_id": "simulate"}}});
-            ("application/json", v.to_string().into_bytes())
-        }
-        ProviderKind::Kaleyra | ProviderKind::Generic => {
-            let v = serde_json::json!({"id": id, "from": customer, "name": "Simulated Customer", "type": "text", "body": text});
-            ("application/json", v.to_string().into_bytes())
-        }
-    }
-}
 
 pub fn run(config: &Config, account_ref: &str, text: &str) -> ExitCode {
     let fail = |msg: String| {
@@ -88,8 +52,8 @@ async fn post(
         None => format!("http://{addr}{path}"),
     };
     let id = format!("simulated-{}", uuid::Uuid::now_v7());
-    let (content_type, body) = sample(account.provider, text, &id);
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let (content_type, body) = account.provider.sample(text, &id);
+    let now = (SystemClock.now_unix_ms() / 1000) as i64;
     let mut headers =
         crate::provider::sign_request(&account.verification, &signed_url, Some(content_type), &body, now)?;
     headers.push(("content-type".into(), content_type.into()));

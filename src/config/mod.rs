@@ -11,6 +11,7 @@ pub use error::ConfigError;
 pub use schema::{Mode, WindowPolicy};
 pub use secret::Secret;
 
+pub use crate::provider::OutboundCreds;
 use crate::provider::{AccountVerifier, ProviderKind, VerifierConfig};
 use error::Locator;
 use ipnet::IpNet;
@@ -130,26 +131,6 @@ impl Motion {
     pub fn tracks_window(&self) -> bool {
         self.outbound_token.is_some() && self.window_policy != WindowPolicy::Off
     }
-}
-
-/// Credentials and endpoint settings for sends through the relay (all optional).
-#[derive(Debug, Default)]
-pub struct OutboundCreds {
-    pub account_sid: Option<String>,
-    pub auth_token: Option<Secret>,
-    pub access_token: Option<Secret>,
-    pub api_key: Option<Secret>,
-    pub project_id: Option<String>,
-    pub key_id: Option<String>,
-    pub key_secret: Option<Secret>,
-    pub region: Option<String>,
-    pub auth_url: Option<String>,
-    pub sid: Option<String>,
-    pub api_base: Option<String>,
-    pub outbound_paths: Option<Vec<String>>,
-    /// The endpoints outbound calls may reach: `outbound_paths` compiled, or the provider's
-    /// defaults (see `outbound::paths`).
-    pub paths: crate::outbound::paths::AllowList,
 }
 
 pub struct MetaApp {
@@ -523,10 +504,7 @@ impl Validator<'_> {
         let Some(provider) = ProviderKind::parse(a.provider.get_ref()) else {
             return self.err(
                 a.provider.span(),
-                format!(
-                    "unknown provider {:?}: use twilio, meta, 360dialog, sinch, kaleyra or generic",
-                    a.provider.get_ref()
-                ),
+                format!("unknown provider {:?}: use one of {}", a.provider.get_ref(), ProviderKind::names()),
             );
         };
         let s = |v: &mut Self, x: &Option<S<String>>| v.opt_secret(x);
@@ -633,11 +611,11 @@ impl Validator<'_> {
             paths: Default::default(),
         };
         let phone_number_id = a.phone_number_id.as_ref().map(|x| x.get_ref().clone());
-        outbound.paths =
-            match crate::outbound::paths::AllowList::for_account(provider, &outbound, phone_number_id.as_deref()) {
-                Ok(p) => p,
-                Err(msg) => return self.err(a.id.span(), format!("account {id:?}: {msg}")),
-            };
+        outbound.paths = match crate::provider::AllowList::for_account(provider, &outbound, phone_number_id.as_deref())
+        {
+            Ok(p) => p,
+            Err(msg) => return self.err(a.id.span(), format!("account {id:?}: {msg}")),
+        };
         Ok(Account {
             outbound,
             id,
@@ -653,12 +631,17 @@ impl Validator<'_> {
 
     fn meta_app(&mut self, a: &schema::MetaApp) -> R<MetaApp> {
         let name = self.segment(&a.name, "meta_app name")?;
+        // Any provider whose webhooks come in the Cloud API envelope (Meta, 360dialog's partner apps).
         let provider = match a.provider.as_ref().map(|p| (p.get_ref().as_str(), p.span())) {
-            None | Some(("meta", _)) => ProviderKind::Meta,
-            Some(("360dialog", _)) => ProviderKind::Dialog360,
-            Some((other, span)) => {
-                return self.err(span, format!("meta_app provider {other:?}: use \"meta\" or \"360dialog\""));
-            }
+            None => crate::provider::meta::KIND,
+            Some((name, span)) => match ProviderKind::parse(name).filter(|k| k.cloud_api()) {
+                Some(k) => k,
+                None => {
+                    let apps: Vec<_> =
+                        ProviderKind::all().filter(|k| k.cloud_api()).map(|k| format!("\"{k}\"")).collect();
+                    return self.err(span, format!("meta_app provider {name:?}: use {}", apps.join(" or ")));
+                }
+            },
         };
         let verify_token = self.opt_secret(&a.verify_token)?;
         let expose = |x: Option<Secret>| x.map(|s| s.expose().to_string());

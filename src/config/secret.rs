@@ -2,23 +2,7 @@
 //! (a systemd credential under `$CREDENTIALS_DIRECTORY`) or, discouraged, inline.
 //! Resolution happens once, at load time; a secret that cannot be read is a config error.
 
-use std::fmt;
-
-/// A resolved secret. Its `Debug` never shows the value, so it cannot leak into logs.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
+pub use crate::secret::Secret;
 
 /// Where a secret came from, for `check`'s summary and warnings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,7 +45,7 @@ pub fn resolve(reference: &str) -> Result<(Secret, Source), String> {
     if value.is_empty() {
         return Err("secret is empty".to_string());
     }
-    Ok((Secret(value), source))
+    Ok((Secret::new(value), source))
 }
 
 #[cfg(test)]

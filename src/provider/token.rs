@@ -8,7 +8,7 @@ use ipnet::IpNet;
 
 use super::{Inbound, Rejection, VerifierConfig, Verify};
 
-pub(super) const DEFAULT_HEADER: &str = "X-Webhook-Token";
+pub(crate) const DEFAULT_HEADER: &str = "X-Webhook-Token";
 const DEFAULT_PARAM: &str = "token";
 
 pub(super) struct SharedToken {
@@ -101,12 +101,12 @@ impl Verify for AllowFrom {
 #[cfg(test)]
 mod tests {
     use super::super::testkit::*;
-    use super::super::{ProviderKind, VerifierConfig};
+    use super::super::{VerifierConfig, kaleyra};
     use super::*;
 
     fn token(header: Option<&str>, param: Option<&str>) -> SharedToken {
         let cfg = VerifierConfig {
-            provider: Some(ProviderKind::Kaleyra),
+            provider: Some(kaleyra::KIND),
             shared_token: Some("s3cret".into()),
             token_header: header.map(Into::into),
             token_param: param.map(Into::into),

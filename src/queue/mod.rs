@@ -2,29 +2,50 @@
 //! through group commit (synced before the provider is acknowledged) and handed to its Motion's
 //! scheduler, which delivers per-conversation in order and retries until Motion takes it.
 //!
-//! Owns: one scheduler per Motion, created at start (from what the store still holds) and on
-//! reload; the per-Motion depth read on the request path for `max_queued` (an atomic, no lock).
+//! Owns: one scheduler per Motion, created at start (from what the store still holds), on
+//! reload and on a new Motion's first event, and ended once its Motion is gone from the config
+//! and it holds nothing; the per-Motion depth read on the request path for `max_queued` (an
+//! atomic, no lock).
+//!
+//! Takes from the rest of the relay only a [`DeliveryContext`]: the routing snapshot (each
+//! Motion's URL, client and delivery settings), the metrics and the clock.
 
 pub mod ops;
 pub mod retry;
 mod scheduler;
 
-use crate::relay::Relay;
-use crate::store::{Appended, EventMeta, GroupCommit, NewEvent, Store, StoreError};
+use crate::clock::Clock;
+use crate::metrics::Metrics;
+use crate::routing::Snapshots;
+use crate::store::{Appended, EventMeta, GroupCommit, NewEvent, QueueStore, StoreError};
 use arc_swap::ArcSwap;
 pub use scheduler::DirectAnswer;
 use scheduler::MotionQueue;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 use tokio::sync::oneshot;
 
+/// What a delivery needs: where each Motion is and how to reach it (the current snapshot),
+/// the metrics it counts into, and "now".
+pub struct DeliveryContext {
+    pub snapshots: Arc<Snapshots>,
+    pub metrics: Arc<Metrics>,
+    pub clock: Arc<dyn Clock>,
+}
+
+/// How long shutdown waits, in all, for the schedulers to prune what they delivered: a store
+/// that hangs must not hold the exit forever (worst case, a few delivered events are delivered
+/// again after the restart).
+const STOP_WAIT: Duration = Duration::from_secs(5);
+
 pub struct Queue {
-    store: Arc<dyn Store>,
+    store: Arc<dyn QueueStore>,
     commit: GroupCommit,
     motions: ArcSwap<HashMap<String, MotionQueue>>,
     // Serialises creation of schedulers only (start, reload, first event of a new Motion).
     create: Mutex<()>,
-    relay: Weak<Relay>,
+    ctx: Arc<DeliveryContext>,
     /// The runtime `start` ran on, where every scheduler lives.
     runtime: tokio::runtime::Handle,
     /// `auto` requests waiting for their event's first attempt, by delivery id (handed to the
@@ -33,8 +54,9 @@ pub struct Queue {
 }
 
 impl Queue {
-    /// Opens the queue over `store` and resumes every event it still holds, in order.
-    pub fn start(relay: &Arc<Relay>, store: Arc<dyn Store>) -> Result<Arc<Queue>, StoreError> {
+    /// Opens the queue over `store` and resumes every event it still holds, in order. Runs its
+    /// schedulers on the current runtime.
+    pub fn start(ctx: Arc<DeliveryContext>, store: Arc<dyn QueueStore>) -> Result<Arc<Queue>, StoreError> {
         let queue = Arc::new_cyclic(|me: &Weak<Queue>| {
             let me = me.clone();
             // Scheduling happens on the writer thread, in commit order, as part of the commit:
@@ -50,7 +72,7 @@ impl Queue {
                 store,
                 motions: ArcSwap::from_pointee(HashMap::new()),
                 create: Mutex::new(()),
-                relay: Arc::downgrade(relay),
+                ctx: ctx.clone(),
                 runtime: tokio::runtime::Handle::current(),
                 waiters: Mutex::new(HashMap::new()),
             }
@@ -60,7 +82,7 @@ impl Queue {
         for meta in pending {
             queue.motion(&meta.motion).enqueue(meta, None, None);
         }
-        for m in relay.snapshot().table.motions() {
+        for m in ctx.snapshots.load().table.motions() {
             queue.motion(&m.motion.name);
         }
         if resumed > 0 {
@@ -70,21 +92,25 @@ impl Queue {
         Ok(queue)
     }
 
-    pub fn store(&self) -> &Arc<dyn Store> {
+    pub fn store(&self) -> &Arc<dyn QueueStore> {
         &self.store
     }
 
-    /// The scheduler of a Motion, created on first use.
+    pub fn context(&self) -> &Arc<DeliveryContext> {
+        &self.ctx
+    }
+
+    /// The scheduler of a Motion, created on first use (or again, after the last one ended).
     fn motion(&self, name: &str) -> MotionQueue {
-        if let Some(m) = self.motions.load().get(name) {
+        if let Some(m) = self.motions.load().get(name).filter(|m| m.running()) {
             return m.clone();
         }
         let _guard = self.create.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.motions.load_full();
-        if let Some(m) = current.get(name) {
+        if let Some(m) = current.get(name).filter(|m| m.running()) {
             return m.clone();
         }
-        let m = MotionQueue::spawn(&self.runtime, name.to_string(), self.relay.clone(), self.store.clone());
+        let m = MotionQueue::spawn(&self.runtime, name.to_string(), self.ctx.clone(), self.store.clone());
         let mut next = (*current).clone();
         next.insert(name.to_string(), m.clone());
         self.motions.store(Arc::new(next));
@@ -138,20 +164,35 @@ impl Queue {
         self.motion(&meta.motion).enqueue(meta, None, None);
     }
 
-    /// Creates schedulers for Motions added by a reload.
+    /// After a reload: creates schedulers for Motions it added and forgets those that ended
+    /// (a removed Motion's scheduler ends by itself once it holds nothing).
     pub fn sync_motions(&self, names: impl Iterator<Item = String>) {
         for n in names {
             self.motion(&n);
         }
+        let _guard = self.create.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.motions.load_full();
+        if current.values().any(|m| !m.running()) {
+            let live = current.iter().filter(|(_, m)| m.running()).map(|(k, m)| (k.clone(), m.clone())).collect();
+            self.motions.store(Arc::new(live));
+        }
+    }
+
+    /// The Motions with a running scheduler.
+    pub fn scheduled_motions(&self) -> Vec<String> {
+        let mut names: Vec<String> =
+            self.motions.load().iter().filter(|(_, m)| m.running()).map(|(k, _)| k.clone()).collect();
+        names.sort();
+        names
     }
 
     /// Stops the schedulers and makes everything durable. Events not delivered stay stored.
+    /// Every scheduler is told at once, and all of them together get [`STOP_WAIT`].
     pub fn shutdown(&self) {
         let stopping: Vec<_> = self.motions.load().values().map(|m| m.stop()).collect();
+        let deadline = std::time::Instant::now() + STOP_WAIT;
         for heard in stopping {
-            // Bounded: a store that hangs must not hold the exit forever (worst case, a few
-            // delivered events are delivered again after the restart).
-            let _ = heard.recv_timeout(std::time::Duration::from_secs(5));
+            let _ = heard.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
         }
         self.commit.close();
         if let Err(e) = self.store.sync() {
@@ -168,8 +209,8 @@ async fn prune_dedup(queue: Weak<Queue>) {
         every.tick().await;
         let Some(q) = queue.upgrade() else { return };
         let store = q.store.clone();
+        let now = q.ctx.clock.now_unix_ms();
         drop(q);
-        let now = scheduler::now_ms();
         match tokio::task::spawn_blocking(move || store.prune_dedup(now)).await {
             Ok(Ok(n)) if n > 0 => tracing::debug!(pruned = n, "expired dedup keys deleted"),
             Ok(Err(e)) => tracing::warn!("could not prune dedup keys: {e}"),

@@ -4,7 +4,7 @@
 
 use super::Queue;
 use crate::metrics::MotionLabels;
-use crate::store::{NewEvent, StoreError};
+use crate::store::{NewEvent, QueueStore, StoreError, UnownedKey};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -69,7 +69,7 @@ fn age(now_ms: u64, then_ms: u64) -> u64 {
 impl Queue {
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&dyn crate::store::Store) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&dyn QueueStore) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || f(store.as_ref())).await.map_err(|e| StoreError::Read(e.to_string()))?
@@ -77,7 +77,7 @@ impl Queue {
 
     pub async fn stats(&self) -> Result<Stats, StoreError> {
         let (pending, dead) = self.blocking(|s| Ok((s.pending()?, s.dead_letters()?.len()))).await?;
-        let now = super::scheduler::now_ms();
+        let now = self.ctx.clock.now_unix_ms();
         let mut by: BTreeMap<String, BTreeMap<String, (u64, u64)>> = BTreeMap::new();
         for m in &pending {
             let e = by.entry(m.motion.clone()).or_default().entry(m.account.clone()).or_insert((0, u64::MAX));
@@ -108,7 +108,7 @@ impl Queue {
 
     pub async fn list(&self, limit: usize) -> Result<Vec<Waiting>, StoreError> {
         let pending = self.blocking(|s| s.pending()).await?;
-        let now = super::scheduler::now_ms();
+        let now = self.ctx.clock.now_unix_ms();
         Ok(pending
             .into_iter()
             .take(limit)
@@ -124,15 +124,15 @@ impl Queue {
 
     pub async fn dead(&self) -> Result<Vec<Dead>, StoreError> {
         let dead = self.blocking(|s| s.dead_letters()).await?;
-        let now = super::scheduler::now_ms();
+        let now = self.ctx.clock.now_unix_ms();
         Ok(dead
             .into_iter()
             .map(|d| Dead {
                 id: d.ev.delivery_id,
                 motion: d.ev.motion,
                 account: d.ev.account,
-                note: d.ev.note,
-                reason: d.info.reason,
+                note: d.ev.unowned.map(|u| u.to_string()).unwrap_or_default(),
+                reason: d.info.reason.to_string(),
                 status: d.info.status,
                 answer: String::from_utf8_lossy(&d.info.answer).into_owned(),
                 attempts: d.info.attempts,
@@ -155,15 +155,13 @@ impl Queue {
             .await?;
         let mut n = 0;
         for d in dead {
-            if d.ev.account.is_empty() {
+            if d.ev.unowned.is_some() {
                 n += self.reroute(d).await? as usize;
                 continue;
             }
-            let seq = d.seq;
-            if let Some(meta) = self.blocking(move |s| s.revive(seq, super::scheduler::now_ms())).await? {
-                if let Some(r) = self.relay.upgrade() {
-                    r.metrics.replays.get_or_create(&MotionLabels { motion: meta.motion.clone() }).inc();
-                }
+            let (seq, now) = (d.seq, self.ctx.clock.now_unix_ms());
+            if let Some(meta) = self.blocking(move |s| s.revive(seq, now)).await? {
+                self.ctx.metrics.replays.get_or_create(&MotionLabels { motion: meta.motion.clone() }).inc();
                 tracing::info!(motion = %meta.motion, delivery = %meta.delivery_id, "dead letter replayed");
                 self.schedule(meta);
                 n += 1;
@@ -175,14 +173,12 @@ impl Queue {
     /// Queues an unowned dead letter for the accounts that claim its number now (by the routing
     /// snapshot), then deletes it. `false` when still no account claims it.
     async fn reroute(&self, d: crate::store::DeadLetter) -> Result<bool, StoreError> {
-        let Some(relay) = self.relay.upgrade() else { return Ok(false) };
-        let snap = relay.snapshot();
-        let mut fields = d.ev.note.split(' ').filter_map(|f| f.split_once('='));
-        let (Some(("meta_app", app)), Some((kind, key))) = (fields.next(), fields.next()) else { return Ok(false) };
-        let Some(app) = snap.table.app(app) else { return Ok(false) };
-        let targets: Vec<_> = match kind {
-            "phone_number_id" => app.by_phone(key).into_iter().cloned().collect(),
-            _ => app.by_waba(key).to_vec(),
+        let snap = self.ctx.snapshots.load_full();
+        let Some(unowned) = &d.ev.unowned else { return Ok(false) };
+        let Some(app) = snap.table.app(&unowned.app) else { return Ok(false) };
+        let targets: Vec<_> = match &unowned.key {
+            UnownedKey::PhoneNumberId(id) => app.by_phone(id).into_iter().cloned().collect(),
+            UnownedKey::WabaId(id) => app.by_waba(id).to_vec(),
         };
         if targets.is_empty() {
             return Ok(false);
@@ -193,11 +189,21 @@ impl Queue {
                 headers.append(k, v);
             }
         }
-        let now = (super::scheduler::now_ms() / 1000) as i64;
+        let now = self.ctx.clock.now_unix_ms();
+        let payload = app.app.provider.payload(Some("application/json"), &d.ev.body);
+        let dedup_window = snap.config.delivery.dedup_window;
         let events = targets
             .iter()
             .map(|t| {
-                let ev = crate::meta_app::part_event(&snap, t, app.app.provider, &headers, d.ev.body.clone(), now);
+                let ev = crate::event::app_part(
+                    t,
+                    app.app.provider,
+                    &headers,
+                    d.ev.body.clone(),
+                    &payload,
+                    dedup_window,
+                    now,
+                );
                 // A replay is deliberate: it must not be taken for a provider's redelivery.
                 NewEvent { dedup_key: None, ..ev }
             })
@@ -208,7 +214,7 @@ impl Queue {
             return Ok(false);
         }
         for t in &targets {
-            relay.metrics.replays.get_or_create(&MotionLabels { motion: t.motion.motion.name.clone() }).inc();
+            self.ctx.metrics.replays.get_or_create(&MotionLabels { motion: t.motion.motion.name.clone() }).inc();
         }
         tracing::info!(delivery = %d.ev.delivery_id, "unowned dead letter replayed to the account that claims it now");
         Ok(true)

@@ -3,18 +3,18 @@
 //! one in flight per conversation (that is what keeps order), at most `delivery.concurrency`
 //! per Motion. A conversation whose head is failing waits out its backoff alone; the others go on.
 
+use super::DeliveryContext;
 use super::retry::{Verdict, backoff, classify};
 use crate::deliver::{self, Attempt, AttemptError};
-use crate::metrics::{MotionLabels, OutcomeLabels};
-use crate::relay::Relay;
-use crate::store::{DeadInfo, Event, EventMeta, MAX_ANSWER, NewEvent, Store};
+use crate::metrics::{DeadLabels, DeliveryOutcome, MotionLabels, OutcomeLabels};
+use crate::store::{DeadInfo, DeadReason, Event, EventMeta, MAX_ANSWER, NewEvent, QueueStore};
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body_util::BodyExt;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -77,14 +77,14 @@ impl MotionQueue {
     pub fn spawn(
         runtime: &tokio::runtime::Handle,
         name: String,
-        relay: Weak<Relay>,
-        store: Arc<dyn Store>,
+        ctx: Arc<DeliveryContext>,
+        store: Arc<dyn QueueStore>,
     ) -> MotionQueue {
         let (tx, rx) = mpsc::unbounded_channel();
         let depth = Arc::new(AtomicU64::new(0));
         let s = Scheduler {
             name: name.into(),
-            relay,
+            ctx,
             store,
             tx: tx.clone(),
             depth: depth.clone(),
@@ -93,6 +93,7 @@ impl MotionQueue {
             timers: BinaryHeap::new(),
             in_flight: 0,
             delivered: Vec::new(),
+            attempts: Vec::new(),
             cached_bytes: 0,
         };
         runtime.spawn(s.run(rx));
@@ -101,6 +102,12 @@ impl MotionQueue {
 
     pub fn depth(&self) -> u64 {
         self.depth.load(Ordering::Relaxed)
+    }
+
+    /// False once the scheduler ended (stopped, or its Motion left the config and it held
+    /// nothing): a new one takes its place on the next event.
+    pub fn running(&self) -> bool {
+        !self.tx.is_closed()
     }
 
     pub fn enqueue(&self, meta: EventMeta, cached: Option<Arc<NewEvent>>, waiter: Option<Waiter>) {
@@ -118,8 +125,8 @@ impl MotionQueue {
 
 struct Scheduler {
     name: Arc<str>,
-    relay: Weak<Relay>,
-    store: Arc<dyn Store>,
+    ctx: Arc<DeliveryContext>,
+    store: Arc<dyn QueueStore>,
     tx: mpsc::UnboundedSender<Msg>,
     depth: Arc<AtomicU64>,
     convs: HashMap<Arc<str>, Conv>,
@@ -128,8 +135,10 @@ struct Scheduler {
     /// Conversations waiting out a backoff, by when.
     timers: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
     in_flight: usize,
-    /// Delivered seqs not yet removed from the store (removed in batches).
+    /// Delivered seqs not yet removed from the store, and attempt counts not yet recorded
+    /// (written together, in batches, off the group commit's path).
     delivered: Vec<u64>,
+    attempts: Vec<(u64, u32)>,
     /// What the bodies kept in memory for waiting events weigh (see [`CACHE_BUDGET`]).
     cached_bytes: usize,
 }
@@ -170,18 +179,23 @@ impl Scheduler {
                     Some(Msg::Enqueue(e)) => self.enqueue(e),
                     Some(Msg::Done { conv, outcome }) => self.done(conv, outcome).await,
                     Some(Msg::Stop(done)) => {
-                        self.flush_delivered().await;
+                        self.flush().await;
                         let _ = done.send(());
                         return;
                     }
                     None => break,
                 },
                 _ = sleep_until(next_timer) => self.fire_timers(),
-                _ = tick.tick() => self.housekeeping().await,
+                _ = tick.tick() => {
+                    if self.housekeeping().await == Continue::End {
+                        tracing::debug!(motion = %self.name, "scheduler ended: its motion left the configuration");
+                        return;
+                    }
+                }
             }
             self.dispatch();
         }
-        self.flush_delivered().await;
+        self.flush().await;
     }
 
     fn enqueue(&mut self, mut e: Entry) {
@@ -218,8 +232,7 @@ impl Scheduler {
     }
 
     fn dispatch(&mut self) {
-        let Some(relay) = self.relay.upgrade() else { return };
-        let limit = relay.snapshot().config.delivery.concurrency as usize;
+        let limit = self.ctx.snapshots.load().config.delivery.concurrency as usize;
         while self.in_flight < limit {
             let Some(key) = self.ready.pop_front() else { break };
             let Some(conv) = self.convs.get_mut(&key) else { continue };
@@ -227,7 +240,7 @@ impl Scheduler {
             conv.busy = true;
             self.in_flight += 1;
             let job = Job {
-                relay: relay.clone(),
+                ctx: self.ctx.clone(),
                 store: self.store.clone(),
                 motion: self.name.clone(),
                 meta: head.meta.clone(),
@@ -251,32 +264,31 @@ impl Scheduler {
 
     async fn done(&mut self, key: Arc<str>, outcome: Outcome) {
         self.in_flight -= 1;
-        let relay = self.relay.upgrade();
-        let metric = |outcome: &str| {
-            if let Some(r) = &relay {
-                let labels = OutcomeLabels { motion: self.name.to_string(), outcome: outcome.to_string() };
-                r.metrics.deliveries.get_or_create(&labels).inc();
-            }
+        let ctx = self.ctx.clone();
+        let metric = |outcome: DeliveryOutcome| {
+            let labels = OutcomeLabels { motion: self.name.to_string(), outcome };
+            ctx.metrics.deliveries.get_or_create(&labels).inc();
         };
         let Some(conv) = self.convs.get_mut(&key) else { return };
         conv.busy = false;
         match outcome {
             Outcome::Delivered | Outcome::Gone => {
-                metric("delivered");
+                // Gone (purged or moved meanwhile) was not delivered: no attempt was made.
+                if matches!(outcome, Outcome::Delivered) {
+                    metric(DeliveryOutcome::Delivered);
+                }
                 if let Some(e) = conv.queue.pop_front() {
                     self.cached_bytes -= cached_weight(&e);
                     self.delivered.push(e.meta.seq);
                     self.depth.fetch_sub(1, Ordering::Relaxed);
                 }
                 if self.delivered.len() >= 256 {
-                    self.flush_delivered().await;
+                    self.flush().await;
                 }
             }
             Outcome::Retry { at_least, loaded } => {
-                metric("retry");
-                if let Some(r) = &relay {
-                    r.metrics.retries.get_or_create(&MotionLabels { motion: self.name.to_string() }).inc();
-                }
+                metric(DeliveryOutcome::Retry);
+                ctx.metrics.retries.get_or_create(&MotionLabels { motion: self.name.to_string() }).inc();
                 let Some(conv) = self.convs.get_mut(&key) else { return };
                 let head = conv.queue.front_mut().expect("a conversation in flight has a head");
                 head.meta.attempts += 1;
@@ -285,13 +297,11 @@ impl Scheduler {
                     head.cached = keep_cached(&mut self.cached_bytes, loaded);
                 }
                 let (seq, attempts) = (head.meta.seq, head.meta.attempts);
-                let store = self.store.clone();
-                // The count is informational (X-Relay-Attempt after a restart): not synced.
-                tokio::task::spawn_blocking(move || store.set_attempts(seq, attempts));
-                let d = relay.as_ref().map(|r| r.snapshot().config.delivery.clone());
-                let (wait, cap) = d.map_or((Duration::from_secs(1), Duration::from_secs(300)), |d| {
-                    (backoff(d.retry_initial, d.retry_max, attempts), d.retry_max)
-                });
+                // The count is informational (X-Relay-Attempt after a restart): recorded with
+                // the next batch of delivered events, not synced.
+                self.attempts.push((seq, attempts));
+                let d = &ctx.snapshots.load().config.delivery;
+                let (wait, cap) = (backoff(d.retry_initial, d.retry_max, attempts), d.retry_max);
                 // Motion's Retry-After is honoured up to retry_max: a huge value must neither
                 // overflow the clock nor hold the conversation past give_up_after.
                 let wait = at_least.map_or(wait, |a| a.min(cap).max(wait));
@@ -306,12 +316,9 @@ impl Scheduler {
                 let reason = info.reason.clone();
                 match tokio::task::spawn_blocking(move || store.kill(seq, info)).await {
                     Ok(Ok(())) => {
-                        metric("dead");
-                        if let Some(r) = &relay {
-                            let labels =
-                                OutcomeLabels { motion: self.name.to_string(), outcome: reason_label(&reason) };
-                            r.metrics.dead_letters.get_or_create(&labels).inc();
-                        }
+                        metric(DeliveryOutcome::Dead);
+                        let labels = DeadLabels { motion: self.name.to_string(), reason: reason.label() };
+                        ctx.metrics.dead_letters.get_or_create(&labels).inc();
                         tracing::warn!(motion = %self.name, seq, "event moved to the dead letters: {reason}");
                         if let Some(e) = conv.queue.pop_front() {
                             self.cached_bytes -= cached_weight(&e);
@@ -335,32 +342,42 @@ impl Scheduler {
         }
     }
 
-    async fn flush_delivered(&mut self) {
-        if self.delivered.is_empty() {
+    /// Removes delivered events from the store and records attempt counts, in one write.
+    async fn flush(&mut self) {
+        if self.delivered.is_empty() && self.attempts.is_empty() {
             return;
         }
-        let seqs = std::mem::take(&mut self.delivered);
+        let (seqs, attempts) = (std::mem::take(&mut self.delivered), std::mem::take(&mut self.attempts));
         let store = self.store.clone();
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.delivered(&seqs)).await {
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.progress(&seqs, &attempts)).await {
             // Not fatal: the events are redelivered after a restart (at-least-once).
             tracing::warn!(motion = %self.name, "could not prune delivered events: {e}");
         }
     }
 
-    async fn housekeeping(&mut self) {
-        self.flush_delivered().await;
-        let Some(relay) = self.relay.upgrade() else { return };
+    async fn housekeeping(&mut self) -> Continue {
+        self.flush().await;
+        let snap = self.ctx.snapshots.load();
         let labels = MotionLabels { motion: self.name.to_string() };
-        relay.metrics.queue_depth.get_or_create(&labels).set(self.depth.load(Ordering::Relaxed) as i64);
+        if snap.table.motion(&self.name).is_none() && self.convs.is_empty() && self.in_flight == 0 {
+            // Its Motion left the config and nothing of it waits: a reload that brings it back,
+            // or an event for it, starts a new scheduler.
+            self.ctx.metrics.queue_depth.remove(&labels);
+            self.ctx.metrics.queue_oldest_seconds.remove(&labels);
+            return Continue::End;
+        }
+        self.ctx.metrics.queue_depth.get_or_create(&labels).set(self.depth.load(Ordering::Relaxed) as i64);
         let oldest = self.convs.values().filter_map(|c| c.queue.front()).map(|e| e.meta.received_unix_ms).min();
-        let age = oldest.map_or(0, |t| now_ms().saturating_sub(t) / 1000);
-        relay.metrics.queue_oldest_seconds.get_or_create(&labels).set(age as i64);
+        let age = oldest.map_or(0, |t| self.ctx.clock.now_unix_ms().saturating_sub(t) / 1000);
+        self.ctx.metrics.queue_oldest_seconds.get_or_create(&labels).set(age as i64);
+        Continue::Yes
     }
 }
 
-/// Dead-letter reasons as metric labels (bounded set).
-fn reason_label(reason: &str) -> String {
-    if reason.starts_with("gave up") { "gave_up" } else { "refused" }.to_string()
+#[derive(PartialEq, Eq)]
+enum Continue {
+    Yes,
+    End,
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -370,30 +387,28 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Motion's answer body, up to [`MAX_ANSWER`] bytes (read to its end when shorter, which lets
-/// the connection go back to the pool; a longer one is cut and its connection dropped).
-async fn read_answer(mut body: hyper::body::Incoming) -> Result<Bytes, hyper::Error> {
+/// Motion's answer body, up to [`MAX_ANSWER`] bytes, and whether that is all of it (read to
+/// its end when shorter, which lets the connection go back to the pool; a longer one is cut and
+/// its connection dropped).
+async fn read_answer(mut body: hyper::body::Incoming) -> Result<(Bytes, bool), hyper::Error> {
     let mut out = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame?.into_data() {
             let room = MAX_ANSWER - out.len();
-            out.extend_from_slice(&data[..data.len().min(room)]);
-            if out.len() == MAX_ANSWER {
-                break;
+            if data.len() > room {
+                out.extend_from_slice(&data[..room]);
+                return Ok((out.freeze(), false));
             }
+            out.extend_from_slice(&data);
         }
     }
-    Ok(out.freeze())
-}
-
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    Ok((out.freeze(), true))
 }
 
 /// One delivery attempt, run as its own task.
 struct Job {
-    relay: Arc<Relay>,
-    store: Arc<dyn Store>,
+    ctx: Arc<DeliveryContext>,
+    store: Arc<dyn QueueStore>,
     motion: Arc<str>,
     meta: EventMeta,
     cached: Option<Arc<NewEvent>>,
@@ -402,14 +417,15 @@ struct Job {
 
 impl Job {
     async fn attempt(self) -> Outcome {
-        let snap = self.relay.snapshot();
+        let snap = self.ctx.snapshots.load_full();
+        let now_ms = || self.ctx.clock.now_unix_ms();
         let Some(route) = snap.table.motion(&self.motion) else {
             // The Motion left the config (a reload): keep the event until it comes back, but no
             // longer than give_up_after, like any event Motion does not take.
             let age = Duration::from_millis(now_ms().saturating_sub(self.meta.received_unix_ms));
             if age >= snap.config.delivery.give_up_after {
                 return Outcome::Dead(DeadInfo {
-                    reason: format!("gave up: motion {} is no longer configured", self.motion),
+                    reason: DeadReason::MotionRemoved { motion: self.motion.to_string() },
                     status: None,
                     answer: Vec::new(),
                     attempts: self.meta.attempts,
@@ -437,55 +453,63 @@ impl Job {
                 headers.append(k, v);
             }
         }
-        let provider = crate::provider::ProviderKind::parse(&ev.provider).map_or("unknown", |p| p.as_str());
         // `timeout` bounds the whole attempt, the answer's body included: a Motion that sends its
         // headers and then stalls must not hold the conversation (and a delivery slot) forever.
         let deadline = tokio::time::Instant::now() + route.motion.timeout;
         let result = deliver::send(Attempt {
             motion: &route.motion,
             client: &route.client(),
-            method: Method::from_bytes(ev.method.as_bytes()).unwrap_or(Method::POST),
+            method: ev.method.clone(),
             path_and_query: &ev.path_and_query,
             headers,
             body: ev.body.clone(),
             delivery_id: &ev.delivery_id,
             attempt: attempt_no,
-            provider,
+            provider: ev.provider,
             timeout: route.motion.timeout,
+            now_unix: now_ms() / 1000,
         })
         .await;
-        let (status, retry_after, answer, error, mut answer_headers) = match result {
+        let (status, retry_after, answer, error, answer_headers) = match result {
             Ok(resp) => {
                 let status = resp.status().as_u16();
                 let retry_after =
                     resp.headers().get(http::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(String::from);
                 let (mut parts, body) = resp.into_parts();
                 // The status decides; the answer is kept for a dead letter (its first 64 KiB).
-                let answer = match tokio::time::timeout_at(deadline, read_answer(body)).await {
+                let (answer, whole) = match tokio::time::timeout_at(deadline, read_answer(body)).await {
                     Ok(Ok(answer)) => answer,
-                    Ok(Err(_)) => Bytes::from_static(b"(the answer broke off)"),
-                    Err(_) => Bytes::from_static(b"(the answer's body did not arrive within the delivery timeout)"),
+                    Ok(Err(_)) => (Bytes::from_static(b"(the answer broke off)"), false),
+                    Err(_) => {
+                        (Bytes::from_static(b"(the answer's body did not arrive within the delivery timeout)"), false)
+                    }
                 };
                 crate::http_util::strip_hop_by_hop(&mut parts.headers);
-                (Some(status), retry_after, answer, None, Some(parts.headers))
+                // Only an answer read whole can be passed back (`auto`), and with its own length.
+                parts.headers.remove(http::header::CONTENT_LENGTH);
+                (Some(status), retry_after, answer, None, whole.then_some(parts.headers))
             }
             Err(e @ (AttemptError::Unreachable(_) | AttemptError::Timeout(_))) => {
                 (None, None, Bytes::new(), Some(e.to_string()), None)
             }
         };
         let verdict = classify(status, retry_after.as_deref());
-        // `auto` mode: Motion's answer goes back to the waiting request when it took the event.
-        // A refusal is not passed back: the event becomes a dead letter and the provider gets
-        // the acknowledgement, so a provider's redelivery (deduplicated) cannot lose it.
-        if let (Some(waiter), Some(code), Verdict::Delivered) = (self.waiter, status, &verdict) {
+        // `auto` mode: Motion's answer goes back to the waiting request when it took the event
+        // and its answer was read whole (a cut one is not Motion's answer; the provider gets
+        // the acknowledgement instead). A refusal is not passed back: the event becomes a dead
+        // letter and the provider gets the acknowledgement, so a provider's redelivery
+        // (deduplicated) cannot lose it.
+        if let (Some(waiter), Some(code), Verdict::Delivered, Some(headers)) =
+            (self.waiter, status, &verdict, answer_headers)
+        {
             let direct = DirectAnswer {
                 status: http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::BAD_GATEWAY),
-                headers: answer_headers.take().unwrap_or_default(),
+                headers,
                 body: answer.clone(),
             };
             let _ = waiter.send(direct);
         }
-        let dead = |reason: String| {
+        let dead = |reason: DeadReason| {
             Outcome::Dead(DeadInfo {
                 reason,
                 status,
@@ -496,15 +520,13 @@ impl Job {
         };
         match verdict {
             Verdict::Delivered => Outcome::Delivered,
-            Verdict::Dead => dead(format!("Motion refused the event with HTTP {}", status.unwrap_or(0))),
+            Verdict::Dead => dead(DeadReason::Refused { status: status.unwrap_or(0) }),
             Verdict::Retry { at_least } => {
                 let age = Duration::from_millis(now_ms().saturating_sub(ev.received_unix_ms));
                 if age >= snap.config.delivery.give_up_after {
                     let last = error.unwrap_or_else(|| format!("HTTP {}", status.unwrap_or(0)));
-                    return dead(format!(
-                        "gave up after {} attempts over {:?} (last: {last})",
-                        attempt_no, snap.config.delivery.give_up_after
-                    ));
+                    let after_secs = snap.config.delivery.give_up_after.as_secs();
+                    return dead(DeadReason::GaveUp { attempts: attempt_no, after_secs, last });
                 }
                 tracing::debug!(motion = %self.motion, delivery = %ev.delivery_id, attempt = attempt_no, "delivery failed, will retry: {}", error.as_deref().unwrap_or("error status"));
                 Outcome::Retry { at_least, loaded: Some(ev) }

@@ -12,7 +12,7 @@
 //! Durability choices:
 //! - `append`, `append_dead`, `kill`, `revive`, `purge_dead`, `sync`: `Durability::Immediate`
 //!   (fdatasync before `commit` returns): the provider's 2xx and the admin's answer rely on it.
-//! - `delivered`, `set_attempts`, `window_touch`, `prune_*`: `Durability::None`, which only
+//! - `progress`, `window_touch`, `prune_*`: `Durability::None`, which only
 //!   makes the change visible; the next `Immediate` commit (any of the above, `sync()`, or the
 //!   one redb makes when the handle is dropped) persists it along with its own data. Losing
 //!   one in a crash means a redelivery (at-least-once) or a stale counter, never a lost event.
@@ -34,12 +34,16 @@
 //! Layout (redb orders u64 keys numerically, so iterating a seq table is seq order):
 //! - `events`:  seq -> postcard(NewEvent), the waiting events;
 //! - `waiting`: seq -> postcard(EventMeta), their small part, so `pending()` at start-up and
-//!   `set_attempts` never read or rewrite bodies;
+//!   `progress` never read or rewrite bodies;
 //! - `dead`:    seq -> postcard(DeadInfo) ++ postcard(NewEvent), so `kill` copies the stored
 //!   event bytes without decoding them;
 //! - `dedup`:   key -> expiry (unix ms); `window`: key -> last inbound (unix ms);
 //! - `meta`:    "next_seq" -> the next sequence number (seqs start at 1, never reused);
 //!   "format" -> the version of the record encodings above (`FORMAT`).
+//!
+//! Record formats: 1 stored a dead letter's reason and an unowned event's origin as text; 2
+//! stores them typed ([`DeadReason`], [`Unowned`]). A format-1 file is migrated at open, in
+//! one transaction (a crash midway leaves it format 1, migrated again at the next open).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -52,7 +56,10 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{Appended, DeadInfo, DeadLetter, Event, EventMeta, MAX_ANSWER, NewEvent, Store, StoreError};
+use super::{
+    Appended, DeadInfo, DeadLetter, DeadReason, Event, EventMeta, MAX_ANSWER, NewEvent, QueueStore, StoreError,
+    Unowned, WindowStore,
+};
 
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const WAITING: TableDefinition<u64, &[u8]> = TableDefinition::new("waiting");
@@ -64,7 +71,7 @@ const NEXT_SEQ: &str = "next_seq";
 /// Postcard is not self-describing: a change to a stored type (even a new field) changes the
 /// encoding. Bump this with such a change, and teach `open` to migrate older files.
 const FORMAT_KEY: &str = "format";
-const FORMAT: u64 = 1;
+const FORMAT: u64 = 2;
 
 pub const FILE_NAME: &str = "queue.redb";
 /// See the module doc: bounds the pages that cheap commits keep from being reused.
@@ -141,6 +148,11 @@ impl EmbeddedStore {
             let mut meta = txn.open_table(META)?;
             let format = meta.get(FORMAT_KEY)?.map(|g| g.value());
             match format {
+                Some(1) => {
+                    drop(meta);
+                    migrate_from_1(txn)?;
+                    txn.open_table(META)?.insert(FORMAT_KEY, FORMAT)?;
+                }
                 Some(format) if format != FORMAT => return Ok(format), // touch nothing
                 Some(_) => {}
                 None => {
@@ -322,7 +334,7 @@ fn dead_delivery_id(bytes: &[u8]) -> DbResult<&str> {
     #[derive(serde::Deserialize)]
     #[allow(dead_code)] // read only to skip past it
     struct InfoRef<'a> {
-        reason: &'a str,
+        reason: DeadReason,
         status: Option<u16>,
         answer: &'a [u8],
         attempts: u32,
@@ -341,6 +353,90 @@ fn dead_delivery_id(bytes: &[u8]) -> DbResult<&str> {
 fn encode_info(mut info: DeadInfo) -> DbResult<Vec<u8>> {
     info.answer.truncate(MAX_ANSWER);
     encode(&info)
+}
+
+/// The records as format 1 wrote them (see the module doc): only the dead letter's reason and
+/// the unowned event's note were text; the provider and method strings encode as their types do.
+mod format1 {
+    use bytes::Bytes;
+    use serde::Deserialize;
+
+    #[derive(Deserialize)]
+    pub struct NewEvent {
+        pub delivery_id: String,
+        pub motion: String,
+        pub account: String,
+        pub conversation: String,
+        pub provider: crate::provider::ProviderKind,
+        #[serde(with = "super::super::types::method")]
+        pub method: http::Method,
+        pub path_and_query: String,
+        pub headers: Vec<(String, Vec<u8>)>,
+        #[serde(with = "super::super::body_bytes")]
+        pub body: Bytes,
+        pub received_unix_ms: u64,
+        pub dedup_key: Option<[u8; 32]>,
+        pub dedup_expires_unix_ms: u64,
+        pub note: String,
+    }
+
+    #[derive(Deserialize)]
+    pub struct DeadInfo {
+        pub reason: String,
+        pub status: Option<u16>,
+        pub answer: Vec<u8>,
+        pub attempts: u32,
+        pub died_unix_ms: u64,
+    }
+}
+
+impl From<format1::NewEvent> for NewEvent {
+    fn from(e: format1::NewEvent) -> NewEvent {
+        NewEvent {
+            delivery_id: e.delivery_id,
+            motion: e.motion,
+            account: e.account,
+            conversation: e.conversation,
+            provider: e.provider,
+            method: e.method,
+            path_and_query: e.path_and_query,
+            headers: e.headers,
+            body: e.body,
+            received_unix_ms: e.received_unix_ms,
+            dedup_key: e.dedup_key,
+            dedup_expires_unix_ms: e.dedup_expires_unix_ms,
+            unowned: Unowned::from_note(&e.note),
+        }
+    }
+}
+
+/// Rewrites every waiting event and dead letter of a format-1 file in the new encoding, inside
+/// the caller's transaction (which also records the new format).
+fn migrate_from_1(txn: &WriteTransaction) -> DbResult<()> {
+    let mut events = txn.open_table(EVENTS)?;
+    let old: Vec<(u64, Vec<u8>)> =
+        events.iter()?.map(|r| r.map(|(k, v)| (k.value(), v.value().to_vec()))).collect::<Result<_, _>>()?;
+    for (seq, bytes) in &old {
+        let ev: NewEvent = decode::<format1::NewEvent>(bytes)?.into();
+        insert_event(&mut events, *seq, &[], &ev)?;
+    }
+    let mut dead = txn.open_table(DEAD)?;
+    let old: Vec<(u64, Vec<u8>)> =
+        dead.iter()?.map(|r| r.map(|(k, v)| (k.value(), v.value().to_vec()))).collect::<Result<_, _>>()?;
+    for (seq, bytes) in &old {
+        let (info, rest) = postcard::take_from_bytes::<format1::DeadInfo>(bytes).map_err(codec)?;
+        let ev: NewEvent = decode::<format1::NewEvent>(rest)?.into();
+        let info = DeadInfo {
+            reason: DeadReason::from_text(info.reason),
+            status: info.status,
+            answer: info.answer,
+            attempts: info.attempts,
+            died_unix_ms: info.died_unix_ms,
+        };
+        insert_event(&mut dead, *seq, &encode_info(info)?, &ev)?;
+    }
+    tracing::info!(events = events.len()?, dead_letters = dead.len()?, "store migrated from record format 1 to 2");
+    Ok(())
 }
 
 fn take_seq(meta: &mut Table<&str, u64>) -> DbResult<u64> {
@@ -381,7 +477,7 @@ fn admit(dedup: &mut Table<[u8; 32], u64>, ev: &NewEvent) -> DbResult<bool> {
     Ok(true)
 }
 
-impl Store for EmbeddedStore {
+impl QueueStore for EmbeddedStore {
     fn append(&self, batch: &[NewEvent]) -> Result<Vec<Appended>, StoreError> {
         if batch.is_empty() {
             return Ok(Vec::new());
@@ -433,28 +529,23 @@ impl Store for EmbeddedStore {
         })
     }
 
-    fn set_attempts(&self, seq: u64, attempts: u32) -> Result<(), StoreError> {
-        self.write(Commit::Cheap, |txn| {
-            let mut waiting = txn.open_table(WAITING)?;
-            let meta = waiting.get(seq)?.map(|m| decode(m.value())).transpose()?;
-            if let Some(mut meta) = meta.filter(|m: &EventMeta| m.attempts != attempts) {
-                meta.attempts = attempts;
-                waiting.insert(seq, encode(&meta)?.as_slice())?;
-            }
-            Ok(())
-        })
-    }
-
-    fn delivered(&self, seqs: &[u64]) -> Result<(), StoreError> {
-        if seqs.is_empty() {
+    fn progress(&self, delivered: &[u64], attempts: &[(u64, u32)]) -> Result<(), StoreError> {
+        if delivered.is_empty() && attempts.is_empty() {
             return Ok(());
         }
         self.write(Commit::Cheap, |txn| {
             let mut events = txn.open_table(EVENTS)?;
             let mut waiting = txn.open_table(WAITING)?;
-            for &seq in seqs {
+            for &seq in delivered {
                 events.remove(seq)?;
                 waiting.remove(seq)?;
+            }
+            for &(seq, attempts) in attempts {
+                let meta = waiting.get(seq)?.map(|m| decode(m.value())).transpose()?;
+                if let Some(mut meta) = meta.filter(|m: &EventMeta| m.attempts != attempts) {
+                    meta.attempts = attempts;
+                    waiting.insert(seq, encode(&meta)?.as_slice())?;
+                }
             }
             Ok(())
         })
@@ -577,6 +668,16 @@ impl Store for EmbeddedStore {
         Ok(pruned)
     }
 
+    fn writable(&self) -> bool {
+        self.heal()
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        self.write(Commit::Synced, |_| Ok(()))
+    }
+}
+
+impl WindowStore for EmbeddedStore {
     fn window_touch(&self, entries: &[(String, u64)]) -> Result<(), StoreError> {
         self.write(Commit::Cheap, |txn| {
             let mut window = txn.open_table(WINDOW)?;
@@ -603,14 +704,6 @@ impl Store for EmbeddedStore {
             })?;
             Ok(n)
         })
-    }
-
-    fn writable(&self) -> bool {
-        self.heal()
-    }
-
-    fn sync(&self) -> Result<(), StoreError> {
-        self.write(Commit::Synced, |_| Ok(()))
     }
 }
 
@@ -640,7 +733,13 @@ mod tests {
     }
 
     fn info(answer: Vec<u8>) -> DeadInfo {
-        DeadInfo { reason: "motion answered 400".into(), status: Some(400), answer, attempts: 3, died_unix_ms: 5_000 }
+        DeadInfo {
+            reason: DeadReason::Refused { status: 400 },
+            status: Some(400),
+            answer,
+            attempts: 3,
+            died_unix_ms: 5_000,
+        }
     }
 
     fn deduped(id: &str, key: u8, received: u64, expires: u64) -> NewEvent {
@@ -678,7 +777,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
         let first = stored(&store.append(&[ev("a", "c", b""), ev("b", "c", b"")]).unwrap());
-        store.delivered(&first).unwrap();
+        store.progress(&first, &[]).unwrap();
         drop(store);
         let store = open(&dir);
         assert!(!store.repaired(), "a dropped store needs no repair");
@@ -732,7 +831,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
         store.append(&[ev("a", "c", b"1"), ev("b", "c", b"2"), ev("c", "c", b"3")]).unwrap();
-        store.delivered(&[1, 3, 99]).unwrap();
+        store.progress(&[1, 3, 99], &[]).unwrap();
         assert_eq!(seqs(&store), [2]);
         assert!(store.load(1).unwrap().is_none());
         store.sync().unwrap();
@@ -741,12 +840,11 @@ mod tests {
     }
 
     #[test]
-    fn set_attempts_shows_in_pending_and_load_and_survives_reopen() {
+    fn attempt_counts_show_in_pending_and_load_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
         store.append(&[ev("a", "c", b"1")]).unwrap();
-        store.set_attempts(1, 4).unwrap();
-        store.set_attempts(42, 4).unwrap(); // not waiting: ignored
+        store.progress(&[], &[(1, 4), (42, 4)]).unwrap(); // 42 is not waiting: ignored
         assert_eq!(store.pending().unwrap()[0].attempts, 4);
         store.sync().unwrap();
         drop(store);
@@ -772,7 +870,7 @@ mod tests {
         assert_eq!(d.ev, ev("a", "c", b"body"));
         assert_eq!(d.info.answer, vec![b'x'; MAX_ANSWER]);
         assert_eq!((d.info.status, d.info.attempts), (Some(400), 3));
-        assert_eq!(d.info.reason, "motion answered 400");
+        assert_eq!(d.info.reason, DeadReason::Refused { status: 400 });
         assert_eq!(store.dead_letter(1).unwrap().as_ref(), Some(d));
         assert!(store.dead_letter(2).unwrap().is_none());
     }
@@ -783,7 +881,7 @@ mod tests {
         let store = open(&dir);
         let mut e = deduped("m", 5, 100, 1_000);
         e.account = String::new();
-        e.note = "phone_number_id=123".into();
+        e.unowned = Some(Unowned { app: "main".into(), key: super::super::UnownedKey::PhoneNumberId("123".into()) });
         assert_eq!(store.append_dead(&e, info(vec![0; 70_000])).unwrap(), Appended::Stored(1));
         assert_eq!(store.append_dead(&e, info(vec![])).unwrap(), Appended::Duplicate);
         assert!(store.pending().unwrap().is_empty());
@@ -819,7 +917,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
         store.append(&[ev("a", "c", b"body"), ev("b", "c", b"")]).unwrap();
-        store.set_attempts(1, 7).unwrap();
+        store.progress(&[], &[(1, 7)]).unwrap();
         store.kill(1, info(vec![])).unwrap();
         store.append(&[ev("c", "c", b"")]).unwrap();
 
@@ -898,7 +996,7 @@ mod tests {
         let store = open(&dir);
         store.append(&[ev("a", "c", &[1; 100_000])]).unwrap();
         for i in 0..CHEAP_COMMITS_PER_SYNC * 8 {
-            store.set_attempts(1, i + 1).unwrap();
+            store.progress(&[], &[(1, i + 1)]).unwrap();
             assert!(store.cheap_commits.load(Ordering::Relaxed) < CHEAP_COMMITS_PER_SYNC);
         }
         let len = std::fs::metadata(store.path()).unwrap().len();
@@ -932,6 +1030,57 @@ mod tests {
         assert!(matches!(err, StoreError::Open { .. }), "{err}");
     }
 
+    /// A file written by the relay before record format 2 (tests/fixtures/store-format-1: three
+    /// waiting events, one with 3 attempts; two dead letters of account events, refused and
+    /// given up; two unowned Meta changes, by number and by WABA; dedup keys; a window entry).
+    #[test]
+    fn a_format_1_file_is_migrated_at_open_and_keeps_everything() {
+        use super::super::UnownedKey;
+        let dir = tempfile::tempdir().unwrap();
+        let gz = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/store-format-1/queue.redb.gz");
+        let out = Command::new("gzip")
+            .args(["-dc", gz])
+            .output()
+            .expect("gzip (Debian's gzip package) decompresses the fixture");
+        assert!(out.status.success());
+        std::fs::write(dir.path().join(FILE_NAME), out.stdout).unwrap();
+
+        let store = open(&dir);
+        let pending = store.pending().unwrap();
+        assert_eq!(pending.iter().map(|m| (m.seq, m.attempts)).collect::<Vec<_>>(), [(1, 3), (2, 0), (5, 0)]);
+        let first = store.load(1).unwrap().unwrap().ev;
+        assert_eq!(first.delivery_id, "0190d000-0000-7000-8000-000000000001");
+        assert_eq!((first.provider, first.method.clone()), (crate::provider::twilio::KIND, http::Method::POST));
+        assert_eq!(&first.body[..], b"Body=hello+0190d000-0000-7000-8000-000000000001&From=whatsapp%3A%2B16505551234");
+        assert_eq!(first.headers[1], ("x-relay-test".to_string(), b"v1".to_vec()));
+        assert_eq!(first.unowned, None);
+        assert_eq!(store.load(5).unwrap().unwrap().ev.provider, crate::provider::dialog360::KIND);
+
+        let dead = store.dead_letters().unwrap();
+        let reasons: Vec<_> = dead.iter().map(|d| (d.seq, d.info.reason.clone())).collect();
+        assert_eq!(reasons[0], (3, DeadReason::Refused { status: 400 }));
+        assert_eq!(
+            reasons[1],
+            (4, DeadReason::Recorded("gave up after 7 attempts over 86400s (last: HTTP 503)".into()))
+        );
+        assert_eq!(reasons[2], (6, DeadReason::NoAccount));
+        assert_eq!(dead[0].info.answer, b"{\"motion\":\"says no\"}");
+        let app = |key| Some(Unowned { app: "shared".into(), key });
+        assert_eq!(dead[2].ev.unowned, app(UnownedKey::PhoneNumberId("999".into())));
+        assert_eq!(dead[3].ev.unowned, app(UnownedKey::WabaId("555".into())));
+        assert_eq!(store.dead_seqs_of("0190d000-0000-7000-8000-000000000004").unwrap(), [4]);
+        assert_eq!(store.window_last("acme\u{1f}12\u{1f}16505551234").unwrap(), Some(1_700_000_000_000));
+        // Dedup keys carried over: a redelivery of the first event is still a duplicate.
+        let again = NewEvent { dedup_key: Some([1; 32]), received_unix_ms: 1_700_000_000_500, ..ev("x", "c", b"") };
+        assert_eq!(store.append(&[again]).unwrap(), [Appended::Duplicate]);
+        // Seqs go on after the old ones; the file is format 2 now and opens as such.
+        assert_eq!(stored(&store.append(&[ev("y", "c", b"")]).unwrap()), [8]);
+        drop(store);
+        let store = open(&dir);
+        assert_eq!(store.dead_letters().unwrap().len(), 4);
+        assert_eq!(store.pending().unwrap().len(), 4);
+    }
+
     const CRASH_DIR: &str = "WHATSAPP_RELAY_STORE_CRASH_DIR";
 
     /// The child of `sigkill_loses_nothing_acknowledged`: appends until killed, printing
@@ -957,8 +1106,7 @@ mod tests {
             // Cheap commits between the synced ones, so a kill may land in either.
             writeln!(out, "delivered {}", seqs[0]).unwrap();
             out.flush().unwrap();
-            store.delivered(&seqs[..1]).unwrap();
-            store.set_attempts(seqs[1], 1).unwrap();
+            store.progress(&seqs[..1], &[(seqs[1], 1)]).unwrap();
         }
     }
 

@@ -4,26 +4,28 @@
 //! commits a [`super::GroupCommit`] made). `append_replacing_dead` (a rare operator replay) can
 //! fail like any write but is neither slowed nor counted.
 //!
-//! Must never: alter what passes through while no fault is set, or be used outside tests and
-//! benchmarks' setup.
+//! Must never: alter what passes through while no fault is set, or be built into the shipped
+//! binary (it exists under the `test-support` feature, which the tests and benchmarks enable).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::{Appended, DeadInfo, DeadLetter, Event, EventMeta, NewEvent, Store, StoreError};
+use super::{Appended, DeadInfo, DeadLetter, Event, EventMeta, NewEvent, QueueStore, StoreError, WindowStore};
 
 pub struct FaultyStore {
-    inner: Arc<dyn Store>,
+    inner: Arc<dyn QueueStore>,
+    window: Arc<dyn WindowStore>,
     fail_writes: AtomicBool,
     append_calls: AtomicU64,
     append_delay_ms: AtomicU64,
 }
 
 impl FaultyStore {
-    pub fn new(inner: Arc<dyn Store>) -> FaultyStore {
+    pub fn new<S: QueueStore + WindowStore>(inner: Arc<S>) -> FaultyStore {
         FaultyStore {
-            inner,
+            inner: inner.clone(),
+            window: inner,
             fail_writes: AtomicBool::new(false),
             append_calls: AtomicU64::new(0),
             append_delay_ms: AtomicU64::new(0),
@@ -54,7 +56,7 @@ impl FaultyStore {
     }
 }
 
-impl Store for FaultyStore {
+impl QueueStore for FaultyStore {
     fn append(&self, batch: &[NewEvent]) -> Result<Vec<Appended>, StoreError> {
         self.append_calls.fetch_add(1, Ordering::SeqCst);
         self.check()?;
@@ -78,13 +80,9 @@ impl Store for FaultyStore {
     fn load(&self, seq: u64) -> Result<Option<Event>, StoreError> {
         self.inner.load(seq)
     }
-    fn set_attempts(&self, seq: u64, attempts: u32) -> Result<(), StoreError> {
+    fn progress(&self, delivered: &[u64], attempts: &[(u64, u32)]) -> Result<(), StoreError> {
         self.check()?;
-        self.inner.set_attempts(seq, attempts)
-    }
-    fn delivered(&self, seqs: &[u64]) -> Result<(), StoreError> {
-        self.check()?;
-        self.inner.delivered(seqs)
+        self.inner.progress(delivered, attempts)
     }
     fn kill(&self, seq: u64, info: DeadInfo) -> Result<(), StoreError> {
         self.check()?;
@@ -111,23 +109,26 @@ impl Store for FaultyStore {
         self.check()?;
         self.inner.prune_dedup(now_unix_ms)
     }
-    fn window_touch(&self, entries: &[(String, u64)]) -> Result<(), StoreError> {
-        self.check()?;
-        self.inner.window_touch(entries)
-    }
-    fn window_last(&self, key: &str) -> Result<Option<u64>, StoreError> {
-        self.inner.window_last(key)
-    }
-    fn prune_window(&self, before_unix_ms: u64) -> Result<usize, StoreError> {
-        self.check()?;
-        self.inner.prune_window(before_unix_ms)
-    }
     fn writable(&self) -> bool {
         !self.fail_writes.load(Ordering::SeqCst) && self.inner.writable()
     }
     fn sync(&self) -> Result<(), StoreError> {
         self.check()?;
         self.inner.sync()
+    }
+}
+
+impl WindowStore for FaultyStore {
+    fn window_touch(&self, entries: &[(String, u64)]) -> Result<(), StoreError> {
+        self.check()?;
+        self.window.window_touch(entries)
+    }
+    fn window_last(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        self.window.window_last(key)
+    }
+    fn prune_window(&self, before_unix_ms: u64) -> Result<usize, StoreError> {
+        self.check()?;
+        self.window.prune_window(before_unix_ms)
     }
 }
 
@@ -149,12 +150,18 @@ mod tests {
 
         store.set_fail_writes(true);
         assert!(!store.writable());
-        let info = DeadInfo { reason: "r".into(), status: None, answer: vec![], attempts: 1, died_unix_ms: 0 };
+        let info = DeadInfo {
+            reason: super::super::DeadReason::NoAccount,
+            status: None,
+            answer: vec![],
+            attempts: 1,
+            died_unix_ms: 0,
+        };
         let is_fault = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Write(m)) if m == "injected fault");
         assert!(is_fault(store.append(&[ev("b", "c", b"")]).map(drop)));
         assert!(is_fault(store.append_dead(&ev("b", "c", b""), info.clone()).map(drop)));
-        assert!(is_fault(store.set_attempts(seq, 2)));
-        assert!(is_fault(store.delivered(&[seq])));
+        assert!(is_fault(store.progress(&[], &[(seq, 2)])));
+        assert!(is_fault(store.progress(&[seq], &[])));
         assert!(is_fault(store.kill(seq, info)));
         assert!(is_fault(store.revive(seq, 0).map(drop)));
         assert!(is_fault(store.purge_dead(None).map(drop)));
@@ -170,7 +177,7 @@ mod tests {
 
         store.set_fail_writes(false);
         assert!(store.writable());
-        store.delivered(&[seq]).unwrap();
+        store.progress(&[seq], &[]).unwrap();
         assert!(store.pending().unwrap().is_empty());
         assert_eq!(store.append_calls(), 2);
     }

@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Appended, NewEvent, Store, StoreError};
+use super::{Appended, NewEvent, QueueStore, StoreError};
 
 /// Bounds on one group, so one commit (and the latency of everyone in it) stays bounded.
 pub const MAX_GROUP_EVENTS: usize = 1024;
@@ -27,7 +27,7 @@ type Reply = oneshot::Sender<Result<Vec<Appended>, StoreError>>;
 
 struct Job {
     batch: Vec<NewEvent>,
-    /// A dead letter the batch replaces ([`Store::append_replacing_dead`]): such a job is
+    /// A dead letter the batch replaces ([`QueueStore::append_replacing_dead`]): such a job is
     /// committed alone, in its place in the submission order.
     replaces_dead: Option<u64>,
     reply: Reply,
@@ -45,12 +45,12 @@ pub struct GroupCommit {
 pub type OnCommit = Box<dyn Fn(Vec<NewEvent>, &[Appended]) + Send>;
 
 impl GroupCommit {
-    pub fn new(store: Arc<dyn Store>) -> GroupCommit {
+    pub fn new(store: Arc<dyn QueueStore>) -> GroupCommit {
         Self::with_hook(store, Box::new(|_, _| {}))
     }
 
     /// Like [`GroupCommit::new`], calling `on_commit` after every successful commit.
-    pub fn with_hook(store: Arc<dyn Store>, on_commit: OnCommit) -> GroupCommit {
+    pub fn with_hook(store: Arc<dyn QueueStore>, on_commit: OnCommit) -> GroupCommit {
         let (tx, rx) = mpsc::channel(QUEUE);
         let writer = std::thread::Builder::new()
             .name("store-writer".into())
@@ -67,7 +67,7 @@ impl GroupCommit {
 
     /// Stores `batch` and deletes dead letter `dead_seq` in one synced transaction, in order
     /// with the other appends; an empty answer means that dead letter is gone and nothing was
-    /// written (see [`Store::append_replacing_dead`]).
+    /// written (see [`QueueStore::append_replacing_dead`]).
     pub async fn append_replacing_dead(
         &self,
         batch: Vec<NewEvent>,
@@ -110,7 +110,7 @@ impl Drop for GroupCommit {
     }
 }
 
-fn write_loop(store: &dyn Store, mut rx: mpsc::Receiver<Job>, on_commit: &OnCommit) {
+fn write_loop(store: &dyn QueueStore, mut rx: mpsc::Receiver<Job>, on_commit: &OnCommit) {
     // A job that did not fit in the previous group opens the next one.
     let mut carried: Option<Job> = None;
     loop {
@@ -235,7 +235,7 @@ mod tests {
         let mut unowned = ev("u", "c", b"");
         unowned.account = String::new();
         let info = crate::store::DeadInfo {
-            reason: "no account".into(),
+            reason: super::super::DeadReason::NoAccount,
             status: None,
             answer: Vec::new(),
             attempts: 0,
@@ -261,7 +261,7 @@ mod tests {
 
         // A failing store fails the replacement and leaves the dead letter where it was.
         let info = crate::store::DeadInfo {
-            reason: "x".into(),
+            reason: super::super::DeadReason::NoAccount,
             status: None,
             answer: Vec::new(),
             attempts: 0,

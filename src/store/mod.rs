@@ -1,11 +1,12 @@
-//! The durable event store: the one interface ([`Store`]) through which the relay keeps every
-//! accepted webhook until Motion has it, plus the types that cross it.
+//! The durable store: two interfaces, [`QueueStore`] (every accepted webhook until Motion has
+//! it, the dead letters and the dedup keys) and [`WindowStore`] (the 24-hour customer service
+//! window), plus the types that cross them.
 //!
 //! Owns: what "stored" means (synced to disk before an acknowledgement), sequence numbers,
-//! dead letters, dedup keys and the 24-hour window table. Backends: [`EmbeddedStore`] (redb,
-//! the default); a shared backend on a distributed engine will implement the same trait, so
-//! nothing outside this module may depend on redb. [`GroupCommit`] shares one fsync among
-//! concurrent appends; [`FaultyStore`] is the fault-injection seam for tests.
+//! dead letters, dedup keys and the window table. Backends implement both interfaces:
+//! [`EmbeddedStore`] (redb, the default); nothing outside this module may depend on redb.
+//! [`GroupCommit`] shares one fsync among concurrent appends; `FaultyStore` (feature
+//! `test-support`) is the fault-injection seam for tests.
 //!
 //! Must never: acknowledge (return `Ok` from a synced method) before the data is durable, lose
 //! an acknowledged event, or log message bodies or phone numbers.
@@ -14,17 +15,23 @@
 //! appends, through [`GroupCommit`].
 
 pub mod embedded;
+#[cfg(any(test, feature = "test-support"))]
 pub mod fault;
 pub mod group_commit;
+mod types;
 
 pub use embedded::EmbeddedStore;
+#[cfg(any(test, feature = "test-support"))]
 pub use fault::FaultyStore;
 pub use group_commit::GroupCommit;
+pub use types::{DeadReason, Unowned, UnownedKey};
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::provider::ProviderKind;
 use bytes::Bytes;
+use http::Method;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -54,8 +61,9 @@ pub struct NewEvent {
     pub account: String,
     /// Ordering key (already includes the account).
     pub conversation: String,
-    pub provider: String,
-    pub method: String,
+    pub provider: ProviderKind,
+    #[serde(with = "types::method")]
+    pub method: Method,
     /// What to request on the Motion (below the relay's prefix).
     pub path_and_query: String,
     /// Headers to forward.
@@ -69,8 +77,9 @@ pub struct NewEvent {
     /// is not stored: see [`dedup_key`].
     pub dedup_key: Option<[u8; 32]>,
     pub dedup_expires_unix_ms: u64,
-    /// Free text for dead letters with no account (e.g. "phone_number_id=123").
-    pub note: String,
+    /// For an event no account owns (a Meta app's change for an unknown number): where it came
+    /// from, so a replay can find the account that claims it by then.
+    pub unowned: Option<Unowned>,
 }
 
 /// What the scheduler keeps in memory for each waiting event (no body, no headers).
@@ -116,7 +125,7 @@ pub enum Appended {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadInfo {
-    pub reason: String,
+    pub reason: DeadReason,
     pub status: Option<u16>,
     /// Motion's last answer body, cut to [`MAX_ANSWER`] by the store.
     pub answer: Vec<u8>,
@@ -131,8 +140,21 @@ pub struct DeadLetter {
     pub info: DeadInfo,
 }
 
-/// The one storage interface. Methods marked "synced" return only once the change is durable.
-pub trait Store: Send + Sync + 'static {
+/// Both interfaces of one backend, as the relay is started with them.
+#[derive(Clone)]
+pub struct Stores {
+    pub queue: Arc<dyn QueueStore>,
+    pub window: Arc<dyn WindowStore>,
+}
+
+impl Stores {
+    pub fn of<S: QueueStore + WindowStore>(backend: Arc<S>) -> Stores {
+        Stores { queue: backend.clone(), window: backend }
+    }
+}
+
+/// The queue's storage. Methods marked "synced" return only once the change is durable.
+pub trait QueueStore: Send + Sync + 'static {
     /// Appends all events in ONE atomic transaction, synced to disk before returning.
     /// Dedup keys are checked and inserted in the same transaction (also among events of the
     /// same call). Sequence numbers are strictly increasing across calls and restarts.
@@ -149,11 +171,11 @@ pub trait Store: Send + Sync + 'static {
     /// Every waiting (not delivered, not dead) event, in seq order, without bodies.
     fn pending(&self) -> Result<Vec<EventMeta>, StoreError>;
     fn load(&self, seq: u64) -> Result<Option<Event>, StoreError>;
-    /// Records an attempt count (not synced). No-op for an event that is no longer waiting.
-    fn set_attempts(&self, seq: u64, attempts: u32) -> Result<(), StoreError>;
-    /// Removes delivered events. Not synced (a crash may redeliver: at-least-once), but durable
-    /// at the next synced commit or `sync()`.
-    fn delivered(&self, seqs: &[u64]) -> Result<(), StoreError>;
+    /// Removes delivered events and records attempt counts (`(seq, attempts)`; informational:
+    /// `X-Relay-Attempt` after a restart), in one transaction. Not synced (a crash may
+    /// redeliver: at-least-once), but durable at the next synced commit or `sync()`. An attempt
+    /// count for an event that is no longer waiting is ignored.
+    fn progress(&self, delivered: &[u64], attempts: &[(u64, u32)]) -> Result<(), StoreError>;
     /// Moves a waiting event to the dead letters (synced). No-op if it is no longer waiting.
     fn kill(&self, seq: u64, info: DeadInfo) -> Result<(), StoreError>;
     /// All dead letters, in seq order.
@@ -175,6 +197,14 @@ pub trait Store: Send + Sync + 'static {
     /// a bounded slice of the table per call, resuming where the last call stopped, so that no
     /// call holds the writer long; called periodically, it sweeps the whole table.
     fn prune_dedup(&self, now_unix_ms: u64) -> Result<usize, StoreError>;
+    /// Cheap check that the store can still be written (for /readyz).
+    fn writable(&self) -> bool;
+    /// Makes everything durable (shutdown).
+    fn sync(&self) -> Result<(), StoreError>;
+}
+
+/// The window's storage.
+pub trait WindowStore: Send + Sync + 'static {
     /// The 24-hour customer-service window: last inbound time per key (account+customer).
     /// Keeps the latest time seen for each key. One transaction for the whole batch. Not synced.
     fn window_touch(&self, entries: &[(String, u64)]) -> Result<(), StoreError>;
@@ -182,10 +212,6 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes window entries last touched before `before_unix_ms` (one entry per customer
     /// ever seen would otherwise grow forever). Returns how many.
     fn prune_window(&self, before_unix_ms: u64) -> Result<usize, StoreError>;
-    /// Cheap check that the store can still be written (for /readyz).
-    fn writable(&self) -> bool;
-    /// Makes everything durable (shutdown).
-    fn sync(&self) -> Result<(), StoreError>;
 }
 
 /// The dedup key of an event: the Motion and account (account ids are unique only within one
@@ -219,7 +245,7 @@ pub fn dedup_key(motion: &str, account: &str, provider_event_id: Option<&str>, r
 
 /// Serializes the body as one byte string (not a sequence of u8s) and deserializes it with a
 /// single copy out of the storage page; `bytes` is used without its `serde` feature.
-mod body_bytes {
+pub(crate) mod body_bytes {
     use bytes::Bytes;
     use serde::de::{Deserializer, Error, SeqAccess, Visitor};
     use serde::ser::Serializer;
@@ -266,15 +292,15 @@ pub(crate) mod tests {
             motion: "acme".into(),
             account: "12".into(),
             conversation: conversation.into(),
-            provider: "twilio".into(),
-            method: "POST".into(),
+            provider: crate::provider::twilio::KIND,
+            method: Method::POST,
             path_and_query: "/api/whatsapp/accounts/12/notify?x=1".into(),
             headers: vec![("x-twilio-signature".into(), b"sig".to_vec())],
             body: Bytes::copy_from_slice(body),
             received_unix_ms: 1_000,
             dedup_key: None,
             dedup_expires_unix_ms: 0,
-            note: String::new(),
+            unowned: None,
         }
     }
 
@@ -282,7 +308,7 @@ pub(crate) mod tests {
     fn postcard_round_trip_keeps_every_field() {
         let mut e = ev("d1", "12:+39", b"\x00\xffbody");
         e.dedup_key = Some([7; 32]);
-        e.note = "phone_number_id=123".into();
+        e.unowned = Some(Unowned { app: "main".into(), key: UnownedKey::PhoneNumberId("123".into()) });
         let bytes = postcard::to_allocvec(&e).unwrap();
         // The body is one length-prefixed byte string, not one element per byte.
         assert!(bytes.windows(6).any(|w| w == b"\x00\xffbody"));

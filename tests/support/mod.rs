@@ -433,6 +433,8 @@ pub fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
+/// A provider's clock (signature timestamps): the wall clock, as the provider's would be.
+#[allow(clippy::disallowed_methods)]
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
 }

@@ -1,5 +1,6 @@
-//! Sinch Conversation API: `x-sinch-webhook-signature` verification, and the conversation and
-//! event id of its callbacks.
+//! Sinch Conversation API: `x-sinch-webhook-signature` verification, the conversation, event id
+//! and sender of its callbacks, and sends through its Conversation API with an OAuth2 token
+//! (`oauth`) fetched with the account's access key.
 //!
 //! The signature is base64(HMAC-SHA256(secret, body + "." + nonce + "." + timestamp)). The
 //! timestamp is what stops a captured callback from being replayed later, so one more than five
@@ -7,7 +8,94 @@
 
 use serde::Deserialize;
 
-use super::{Algorithm, Encoding, Inbound, PayloadKeys, Rejection, SignatureHeader, Verify, required_header};
+pub mod oauth;
+
+use super::verifier::secret;
+use super::{
+    Algorithm, Encoding, Inbound, OutboundAuth, OutboundCreds, Outgoing, Pattern, Payload, Provider, ProviderKind,
+    Rejection, SignatureHeader, VerifierConfig, Verify, required_header,
+};
+
+/// Sinch, as accounts name it (`provider = "sinch"`).
+pub const KIND: ProviderKind = ProviderKind::of(&Sinch);
+
+const AUTH_URL: &str = "https://auth.sinch.com/oauth2/token";
+
+pub struct Sinch;
+
+impl Provider for Sinch {
+    fn name(&self) -> &'static str {
+        "sinch"
+    }
+
+    fn own_settings(&self, cfg: &VerifierConfig) -> Vec<&'static str> {
+        cfg.webhook_secret.iter().map(|_| "webhook_secret").collect()
+    }
+
+    fn own_check(&self) -> Option<&'static str> {
+        Some("webhook_secret (sinch)")
+    }
+
+    fn signature(&self, cfg: &VerifierConfig) -> Result<Option<Box<dyn Verify>>, String> {
+        Ok(secret(&cfg.webhook_secret, "webhook_secret")?.map(|k| Box::new(Signature::new(k)) as _))
+    }
+
+    fn sign(
+        &self,
+        cfg: &VerifierConfig,
+        _url: &str,
+        _content_type: Option<&str>,
+        body: &[u8],
+        now_unix: i64,
+    ) -> Result<Vec<(String, String)>, String> {
+        Ok(cfg.webhook_secret.as_deref().map(|k| sign(k.as_bytes(), body, now_unix)).unwrap_or_default())
+    }
+
+    fn parse_payload(&self, _content_type: Option<&str>, body: &[u8]) -> Payload {
+        payload(body)
+    }
+
+    fn sample(&self, text: &str, id: &str) -> (&'static str, Vec<u8>) {
+        let v = serde_json::json!({"app_id": "simulate", "message": {"id": id, "direction": "TO_APP",
+            "contact_message": {"text_message": {"text": text}},
+            "channel_identity": {"channel": "WHATSAPP", "identity": super::SAMPLE_CUSTOMER, "app_id": "simulate"}}});
+        ("application/json", v.to_string().into_bytes())
+    }
+
+    fn api_base(&self, region: Option<&str>) -> Option<String> {
+        Some(format!("https://{}.conversation.api.sinch.com", if region == Some("eu") { "eu" } else { "us" }))
+    }
+
+    fn outbound_auth<'a>(&self, c: &'a OutboundCreds) -> OutboundAuth<'a> {
+        match (&c.key_id, &c.key_secret) {
+            (Some(id), Some(secret)) => OutboundAuth::OAuth(oauth::KeyRef {
+                auth_url: c.auth_url.as_deref().unwrap_or(AUTH_URL),
+                key_id: id,
+                key_secret: secret.expose(),
+            }),
+            _ => OutboundAuth::Client,
+        }
+    }
+
+    fn endpoints(&self, c: &OutboundCreds, _phone_number_id: Option<&str>) -> Result<Vec<Pattern>, String> {
+        if c.key_id.is_some() && c.project_id.is_none() {
+            return Err(super::endpoints::unconfined("key_id/key_secret", "project_id"));
+        }
+        Ok(vec![Pattern::template("POST", "/v1/projects/{}/messages:send", &[c.project_id.as_deref()])])
+    }
+
+    /// The WhatsApp identity among the recipient's channel identities (else the first); a send
+    /// to a `contact_id` names no number and is not checked.
+    fn send(&self, _content_type: Option<&str>, body: &[u8]) -> Option<Outgoing> {
+        let v = serde_json::from_slice::<serde_json::Value>(body).ok()?;
+        let ids = v["recipient"]["identified_by"]["channel_identities"].as_array()?;
+        let id = ids.iter().find(|i| i["channel"] == "WHATSAPP").or_else(|| ids.first())?;
+        Some(Outgoing {
+            recipient: id["identity"].as_str()?.to_string(),
+            template: !v["message"]["template_message"].is_null(),
+        })
+    }
+}
 
 const HEADER: SignatureHeader<'static> = SignatureHeader {
     name: "x-sinch-webhook-signature",
@@ -21,17 +109,18 @@ const ALGORITHM: &str = "x-sinch-webhook-signature-algorithm";
 /// How far (seconds, either direction) a timestamp may be from our clock.
 const MAX_SKEW: u64 = 300;
 
-pub(super) struct Sinch {
+/// The signature check of one account.
+struct Signature {
     secret: Vec<u8>,
 }
 
-impl Sinch {
-    pub(super) fn new(secret: Vec<u8>) -> Self {
-        Sinch { secret }
+impl Signature {
+    fn new(secret: Vec<u8>) -> Self {
+        Signature { secret }
     }
 }
 
-impl Verify for Sinch {
+impl Verify for Signature {
     fn verify(&self, req: &Inbound<'_>) -> Result<(), Rejection> {
         // Sinch always sends the algorithm; its absence is read as the one algorithm it uses.
         if req.headers.contains_key(ALGORITHM) && !required_header(req, ALGORITHM)?.eq_ignore_ascii_case("HmacSHA256") {
@@ -53,7 +142,7 @@ impl Verify for Sinch {
     }
 }
 
-pub(super) fn sign(secret: &[u8], body: &[u8], now_unix: i64) -> Vec<(String, String)> {
+fn sign(secret: &[u8], body: &[u8], now_unix: i64) -> Vec<(String, String)> {
     let (nonce, ts) = (format!("relay-{now_unix}"), now_unix.to_string());
     let signature = HEADER.sign(secret, &[body, b".", nonce.as_bytes(), b".", ts.as_bytes()]);
     vec![
@@ -92,28 +181,25 @@ struct Identity {
 
 /// The conversation is `channel_identity.identity` of the message, delivery report or event the
 /// callback carries (one per callback); the event id is `message.id`, a report's
-/// `message_id:status` / `event_id:status`, or an event's `id`.
-pub(super) fn keys(body: &[u8]) -> PayloadKeys {
-    let Some(item) = serde_json::from_slice::<Callback>(body).ok().and_then(|c| {
+/// `message_id:status` / `event_id:status`, or an event's `id`. The customer wrote when it is a
+/// `message` travelling to the app (not a report, an event or an echo).
+fn payload(body: &[u8]) -> Payload {
+    let Ok(c) = serde_json::from_slice::<Callback>(body) else {
+        return Payload::default();
+    };
+    let wrote = c.message.as_ref().is_some_and(|m| m.direction.as_deref().is_none_or(|d| d == "TO_APP"));
+    let Some(item) =
         c.message.or(c.message_delivery_report).or(c.event_inbound).or(c.event_delivery_report).or(c.event)
-    }) else {
-        return PayloadKeys::default();
+    else {
+        return Payload::default();
     };
     let event_id = item.id.or(item.message_id).or(item.event_id).map(|id| match item.status {
         Some(status) => format!("{id}:{status}"),
         None => id,
     });
-    PayloadKeys { conversation: item.channel_identity.and_then(|c| c.identity), event_id }
-}
-
-/// The customer who wrote, for the 24-hour window: the channel identity of a `message`
-/// callback travelling to the app; None for delivery reports, events and echoes.
-pub(super) fn inbound_sender(body: &[u8]) -> Option<String> {
-    let m = serde_json::from_slice::<Callback>(body).ok()?.message?;
-    if m.direction.as_deref().is_some_and(|d| d != "TO_APP") {
-        return None;
-    }
-    m.channel_identity?.identity
+    let conversation = item.channel_identity.and_then(|c| c.identity);
+    let senders = if wrote { conversation.iter().cloned().collect() } else { Vec::new() };
+    Payload { conversation, event_id, senders }
 }
 
 #[cfg(test)]
@@ -122,11 +208,11 @@ mod tests {
     use super::*;
 
     fn conversation(body: &[u8]) -> Option<String> {
-        keys(body).conversation
+        payload(body).conversation
     }
 
     fn event_id(body: &[u8]) -> Option<String> {
-        keys(body).event_id
+        payload(body).event_id
     }
 
     fn vector_request(v: &toml::Table, now: i64) -> Req {
@@ -143,7 +229,7 @@ mod tests {
     fn known_answer_vector_and_tampering() {
         for v in vectors("sinch") {
             let now: i64 = s(&v, "timestamp").parse().unwrap();
-            let sinch = Sinch::new(s(&v, "secret").as_bytes().to_vec());
+            let sinch = Signature::new(s(&v, "secret").as_bytes().to_vec());
             assert_eq!(outcome(sinch.verify(&vector_request(&v, now).inbound())), "ok");
             assert_eq!(outcome(sinch.verify(&vector_request(&v, now + 300).inbound())), "ok", "edge of the window");
 
@@ -152,7 +238,7 @@ mod tests {
             assert_eq!(outcome(sinch.verify(&r.inbound())), "mismatch", "tampered body");
             let r = vector_request(&v, now).header(NONCE, "other");
             assert_eq!(outcome(sinch.verify(&r.inbound())), "mismatch", "tampered nonce");
-            let other = Sinch::new(b"wrong".to_vec());
+            let other = Signature::new(b"wrong".to_vec());
             assert_eq!(outcome(other.verify(&vector_request(&v, now).inbound())), "mismatch", "wrong secret");
 
             for h in [HEADER.name, NONCE, TIMESTAMP] {
@@ -174,7 +260,7 @@ mod tests {
     fn stale_and_future_timestamps_are_refused_whatever_the_hmac() {
         let v = &vectors("sinch")[0];
         let ts: i64 = s(v, "timestamp").parse().unwrap();
-        let sinch = Sinch::new(s(v, "secret").as_bytes().to_vec());
+        let sinch = Signature::new(s(v, "secret").as_bytes().to_vec());
         for now in [ts + 301, ts - 301, i64::MAX, i64::MIN] {
             let e = sinch.verify(&vector_request(v, now).inbound()).unwrap_err();
             assert_eq!((e.status, e.reason), (401, "stale_timestamp"), "now = {now}");

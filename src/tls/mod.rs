@@ -6,10 +6,17 @@
 //! (`[server.acme]`: rustls-acme over TLS-ALPN-01, cached under `cache_dir`, renewed ahead of
 //! expiry). Either way the `ServerConfig` is built once and asks a resolver for the certificate
 //! on every handshake, so a new certificate reaches new connections while open connections
-//! keep the session they negotiated.
+//! keep the session they negotiated. `watch` re-reads the files when they change.
+//!
+//! Below the listeners (which accept through it) and the admin listener (which reports on it).
 
+mod watch;
+
+pub use watch::watch_cert_files;
+
+use crate::clock::{Clock, SystemClock};
 use crate::config::{Acme, TlsFiles};
-use crate::metrics::{CertLabels, Metrics};
+use crate::metrics::{CertLabels, CertResult, CertSourceLabel, Metrics};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
@@ -67,7 +74,6 @@ fn server_config(resolver: Arc<dyn ResolvesServerCert>) -> Arc<ServerConfig> {
 pub struct CertInfo {
     /// Subject alternative DNS names (or the subject when there are none).
     pub names: Vec<String>,
-    pub not_before: i64,
     pub not_after: i64,
 }
 
@@ -93,7 +99,7 @@ impl CertInfo {
             names.push(cert.subject().to_string());
         }
         let v = cert.validity();
-        Ok(CertInfo { names, not_before: v.not_before.timestamp(), not_after: v.not_after.timestamp() })
+        Ok(CertInfo { names, not_after: v.not_after.timestamp() })
     }
 
     pub fn expired(&self) -> bool {
@@ -108,7 +114,7 @@ impl CertInfo {
 }
 
 fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    (SystemClock.now_unix_ms() / 1000) as i64
 }
 
 /// Reads and checks a certificate chain and its key: both must parse, the key must belong to the
@@ -225,7 +231,7 @@ impl FileCerts {
             return None;
         }
         w.seen = now;
-        let labels = |result: &str| CertLabels { source: "files".into(), result: result.into() };
+        let labels = |result| CertLabels { source: CertSourceLabel::Files, result };
         match load_pair(&w.files) {
             Ok((key, info)) => {
                 if self.current.load().cert.first() == key.cert.first() {
@@ -236,7 +242,7 @@ impl FileCerts {
                 self.current.store(Arc::new(key));
                 self.info.store(Arc::new(info.clone()));
                 w.last_error = None;
-                metrics.cert_loads.get_or_create(&labels("ok")).inc();
+                metrics.cert_loads.get_or_create(&labels(CertResult::Ok)).inc();
                 metrics.cert_expiry.set(info.not_after);
                 tracing::info!("tls: now serving the certificate for {} to new connections", info.describe());
                 Some(Ok(info))
@@ -244,7 +250,7 @@ impl FileCerts {
             Err(e) => {
                 let serving = self.info.load();
                 tracing::error!("tls: new certificate refused, still serving the one for {}: {e}", serving.describe());
-                metrics.cert_loads.get_or_create(&labels("refused")).inc();
+                metrics.cert_loads.get_or_create(&labels(CertResult::Refused)).inc();
                 w.last_error = Some(e.clone());
                 Some(Err(e))
             }
@@ -346,7 +352,7 @@ pub async fn drive_acme(
 ) {
     use futures_util::StreamExt;
     use rustls_acme::EventOk;
-    let labels = |result: &str| CertLabels { source: "acme".into(), result: result.into() };
+    let labels = |result| CertLabels { source: CertSourceLabel::Acme, result };
     let domains = certs.domains.join(", ");
     tracing::info!(%domains, "acme: starting (certificate cache first, then the CA if needed)");
     loop {
@@ -363,12 +369,12 @@ pub async fn drive_acme(
                             certs.set_info((*info).clone(), &metrics);
                             tracing::info!("acme: serving the cached certificate for {}", info.describe());
                         }
-                        metrics.cert_loads.get_or_create(&labels("ok")).inc();
+                        metrics.cert_loads.get_or_create(&labels(CertResult::Ok)).inc();
                     }
                     EventOk::DeployedNewCert => {
                         // Its details arrive with the cache store that follows.
                         tracing::info!(%domains, "acme: obtained a new certificate; serving it to new connections");
-                        metrics.cert_loads.get_or_create(&labels("ok")).inc();
+                        metrics.cert_loads.get_or_create(&labels(CertResult::Ok)).inc();
                     }
                     EventOk::CertCacheStore | EventOk::AccountCacheStore => {
                         tracing::debug!("acme: cache updated ({ok:?})");
@@ -388,7 +394,7 @@ pub async fn drive_acme(
                      port 443 reaches the https listener, and the directory is reachable)"
                 );
                 *certs.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
-                metrics.cert_loads.get_or_create(&labels("error")).inc();
+                metrics.cert_loads.get_or_create(&labels(CertResult::Error)).inc();
                 metrics.acme_failing.set(1);
             }
         }

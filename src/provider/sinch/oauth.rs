@@ -7,7 +7,7 @@
 //! waits longer than `[outbound] timeout` in all. The cache lives on the relay, so reloads keep
 //! it; its key includes a digest of the secret, so a rotated secret gets a fresh token.
 
-use crate::deliver::error_chain;
+use crate::http_util::error_chain;
 use crate::upstream::Client;
 use base64::Engine;
 use bytes::Bytes;

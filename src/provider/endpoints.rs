@@ -1,5 +1,7 @@
-//! Which provider endpoints an account's outbound calls may reach: the per-provider defaults of
-//! SPEC "Outbound" and the `outbound_paths` patterns that replace them.
+//! What the relay holds for an account's sends (its [`OutboundCreds`]) and which provider
+//! endpoints those sends may reach: the provider's defaults (SPEC "Outbound", from
+//! [`Provider::endpoints`](super::Provider::endpoints)) or the `outbound_paths` patterns that
+//! replace them.
 //!
 //! Pattern syntax (one string per endpoint): an optional comma-separated method list, a space,
 //! then an absolute path whose segments are literals, `*` (exactly one non-empty segment),
@@ -8,13 +10,43 @@
 //! Examples: `"POST /v1/projects/P1/messages:send"`, `"GET,DELETE /v*/*"`, `"/custom/**"`.
 //!
 //! A request path is matched after the same one-time percent-decoding per segment that routing
-//! does (`routing::decode_segment`): a dot segment, an encoded slash or backslash, or an empty
+//! does (`request::decode_segment`): a dot segment, an encoded slash or backslash, or an empty
 //! segment in the middle never matches, so no spelling of a path escapes a pattern. One trailing
 //! slash is ignored (`/media/` is `/media`).
 
-use crate::config::OutboundCreds;
-use crate::provider::ProviderKind;
+use super::ProviderKind;
+use crate::secret::Secret;
 use http::Method;
+
+/// Credentials and endpoint settings for sends through the relay (all optional).
+#[derive(Debug, Default)]
+pub struct OutboundCreds {
+    pub account_sid: Option<String>,
+    pub auth_token: Option<Secret>,
+    pub access_token: Option<Secret>,
+    pub api_key: Option<Secret>,
+    pub project_id: Option<String>,
+    pub key_id: Option<String>,
+    pub key_secret: Option<Secret>,
+    pub region: Option<String>,
+    pub auth_url: Option<String>,
+    pub sid: Option<String>,
+    pub api_base: Option<String>,
+    pub outbound_paths: Option<Vec<String>>,
+    /// The endpoints outbound calls may reach: `outbound_paths` compiled, or the provider's
+    /// defaults.
+    pub paths: AllowList,
+}
+
+impl OutboundCreds {
+    /// The account's API base: `api_base`, or the provider's public API for its region.
+    pub fn api_base(&self, provider: ProviderKind) -> Option<String> {
+        match &self.api_base {
+            Some(b) => Some(b.trim_end_matches('/').to_string()),
+            None => provider.api_base(self.region.as_deref()),
+        }
+    }
+}
 
 /// One segment of a pattern.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,7 +128,7 @@ impl Pattern {
     /// Builds a default pattern: `template` in the syntax above where each `{}` segment takes the
     /// next of `ids` as a literal (never read as a wildcard, whatever it holds), or `*` when that
     /// id is not configured.
-    fn template(methods: &str, template: &str, ids: &[Option<&str>]) -> Pattern {
+    pub(crate) fn template(methods: &str, template: &str, ids: &[Option<&str>]) -> Pattern {
         let mut p = Pattern::parse(&format!("{methods} {template}")).expect("built-in patterns are valid");
         let mut ids = ids.iter();
         for seg in &mut p.segs {
@@ -144,12 +176,7 @@ impl AllowList {
     ) -> Result<AllowList, String> {
         match &creds.outbound_paths {
             Some(list) => Ok(AllowList { patterns: list.iter().map(|p| Pattern::parse(p)).collect::<Result<_, _>>()? }),
-            None => {
-                if let Some(msg) = unconfined_credentials(provider, creds, phone_number_id) {
-                    return Err(msg);
-                }
-                Ok(AllowList { patterns: defaults(provider, creds, phone_number_id) })
-            }
+            None => Ok(AllowList { patterns: provider.endpoints(creds, phone_number_id)? }),
         }
     }
 
@@ -161,7 +188,7 @@ impl AllowList {
         let mut segs = Vec::new();
         if !rest.is_empty() {
             for raw in rest.split('/') {
-                match (raw.is_empty(), crate::routing::decode_segment(raw)) {
+                match (raw.is_empty(), crate::request::decode_segment(raw)) {
                     (false, Some(s)) => segs.push(s),
                     _ => return false,
                 }
@@ -174,74 +201,18 @@ impl AllowList {
 /// A free id segment means "the client's own credentials decide" (SPEC "Outbound"). Where the
 /// relay holds the credentials, a free segment would let a Motion send with them as any number,
 /// project or sid they can reach, another tenant's included: the id must be named, or the
-/// endpoints listed explicitly (`outbound_paths`).
-fn unconfined_credentials(provider: ProviderKind, c: &OutboundCreds, phone_number_id: Option<&str>) -> Option<String> {
-    let (creds, id) = match provider {
-        ProviderKind::Meta if c.access_token.is_some() && phone_number_id.is_none() => {
-            ("access_token", "phone_number_id")
-        }
-        ProviderKind::Sinch if c.key_id.is_some() && c.project_id.is_none() => ("key_id/key_secret", "project_id"),
-        ProviderKind::Kaleyra if c.api_key.is_some() && c.sid.is_none() => ("api_key", "sid"),
-        _ => return None,
-    };
-    Some(format!(
+/// endpoints listed explicitly (`outbound_paths`). This is the error a provider's
+/// [`endpoints`](super::Provider::endpoints) gives then.
+pub(super) fn unconfined(creds: &str, id: &str) -> String {
+    format!(
         "{creds} without {id}: the relay would send with these credentials for any {id} they reach, another \
          tenant's included; set {id}, or list the allowed endpoints in outbound_paths"
-    ))
-}
-
-/// SPEC "Outbound": each provider's messaging endpoints for the account. Where the account does
-/// not name an id, that segment is `*` and the client's own credentials decide.
-fn defaults(provider: ProviderKind, c: &OutboundCreds, phone_number_id: Option<&str>) -> Vec<Pattern> {
-    let t = Pattern::template;
-    match provider {
-        ProviderKind::Twilio => {
-            let sid = &[c.account_sid.as_deref()];
-            vec![
-                // Send. Listing (GET Messages.json) is left out: it shows every number of the account.
-                t("POST", "/2010-04-01/Accounts/{}/Messages.json", sid),
-                // Fetch, update (redact, cancel) and delete one message.
-                t("GET,POST,DELETE", "/2010-04-01/Accounts/{}/Messages/*.json", sid),
-                // Its media: the list and each item (media download answers with a redirect).
-                t("GET", "/2010-04-01/Accounts/{}/Messages/*/Media.json", sid),
-                t("GET,DELETE", "/2010-04-01/Accounts/{}/Messages/*/Media/**", sid),
-            ]
-        }
-        ProviderKind::Meta => {
-            let pnid = &[phone_number_id];
-            let mut v = vec![t("POST", "/v*/{}/messages", pnid), t("POST", "/v*/{}/media", pnid)];
-            // GET /{media-id} reads any Graph object the token can see: with the relay's own
-            // token that could be another number's or another tenant's, so only the client's
-            // own credentials may use it.
-            if c.access_token.is_none() {
-                v.push(t("GET,DELETE", "/v*/*", &[]));
-            }
-            v
-        }
-        ProviderKind::Dialog360 => vec![
-            // The key belongs to one number: everything it reaches is that number's.
-            t("POST", "/messages", &[]),
-            t("POST", "/media", &[]),
-            t("GET,DELETE", "/*", &[]),
-            t("GET,POST", "/whatsapp_business/attachments", &[]),
-            // The On-Premise shape (base https://waba.360dialog.io).
-            t("POST", "/v1/messages", &[]),
-            t("POST", "/v1/media", &[]),
-            t("GET,DELETE", "/v1/media/*", &[]),
-        ],
-        ProviderKind::Sinch => vec![t("POST", "/v1/projects/{}/messages:send", &[c.project_id.as_deref()])],
-        ProviderKind::Kaleyra => {
-            let sid = &[c.sid.as_deref()];
-            vec![t("POST", "/v1/{}/messages", sid), t("POST", "/v2/{}/whatsapp/*/messages", sid)]
-        }
-        // A generic provider has no known API: its `api_base` (required for outbound) is the
-        // boundary, and the client's own credentials decide what it may do there.
-        ProviderKind::Generic => vec![Pattern::parse("/**").expect("valid")],
-    }
+    )
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::{dialog360, kaleyra, meta, sinch, twilio};
     use super::*;
 
     fn creds() -> OutboundCreds {
@@ -251,7 +222,7 @@ mod tests {
     #[test]
     fn twilio_defaults_confine_to_the_account_sid() {
         let c = OutboundCreds { account_sid: Some("AC1".into()), ..creds() };
-        let a = AllowList::for_account(ProviderKind::Twilio, &c, None).unwrap();
+        let a = AllowList::for_account(twilio::KIND, &c, None).unwrap();
         assert!(a.allows(&Method::POST, "/2010-04-01/Accounts/AC1/Messages.json"));
         assert!(a.allows(&Method::GET, "/2010-04-01/Accounts/AC1/Messages/SM9.json"));
         assert!(a.allows(&Method::GET, "/2010-04-01/Accounts/AC1/Messages/MM9/Media/ME1"));
@@ -267,21 +238,21 @@ mod tests {
         assert!(!a.allows(&Method::POST, "/2010-04-01/Accounts/AC1%2FMessages.json"));
         assert!(!a.allows(&Method::POST, "/2010-04-01/Accounts//AC1/Messages.json"));
         // Without an account_sid the segment is free.
-        let free = AllowList::for_account(ProviderKind::Twilio, &creds(), None).unwrap();
+        let free = AllowList::for_account(twilio::KIND, &creds(), None).unwrap();
         assert!(free.allows(&Method::POST, "/2010-04-01/Accounts/AC2/Messages.json"));
         assert!(free.allows(&Method::POST, "/2010-04-01/Accounts/AC%32/Messages.json"));
     }
 
     #[test]
     fn meta_media_by_id_only_with_client_credentials() {
-        let held = OutboundCreds { access_token: Some(crate::config::secret::resolve("t").unwrap().0), ..creds() };
-        let a = AllowList::for_account(ProviderKind::Meta, &held, Some("106")).unwrap();
+        let held = OutboundCreds { access_token: Some(Secret::new("t".into())), ..creds() };
+        let a = AllowList::for_account(meta::KIND, &held, Some("106")).unwrap();
         assert!(a.allows(&Method::POST, "/v21.0/106/messages"));
         assert!(a.allows(&Method::POST, "/v21.0/106/media/"));
         assert!(!a.allows(&Method::POST, "/v21.0/107/messages"));
         assert!(!a.allows(&Method::GET, "/v21.0/1234"));
         assert!(!a.allows(&Method::POST, "/106/messages"), "a version is required");
-        let own = AllowList::for_account(ProviderKind::Meta, &creds(), None).unwrap();
+        let own = AllowList::for_account(meta::KIND, &creds(), None).unwrap();
         assert!(own.allows(&Method::GET, "/v21.0/1234"));
         assert!(own.allows(&Method::POST, "/v21.0/107/messages"));
     }
@@ -289,16 +260,16 @@ mod tests {
     #[test]
     fn sinch_kaleyra_and_360dialog_defaults() {
         let s = OutboundCreds { project_id: Some("P1".into()), ..creds() };
-        let a = AllowList::for_account(ProviderKind::Sinch, &s, None).unwrap();
+        let a = AllowList::for_account(sinch::KIND, &s, None).unwrap();
         assert!(a.allows(&Method::POST, "/v1/projects/P1/messages:send"));
         assert!(!a.allows(&Method::POST, "/v1/projects/P2/messages:send"));
         assert!(!a.allows(&Method::GET, "/v1/projects/P1/messages:send"));
         let k = OutboundCreds { sid: Some("HX1".into()), ..creds() };
-        let a = AllowList::for_account(ProviderKind::Kaleyra, &k, None).unwrap();
+        let a = AllowList::for_account(kaleyra::KIND, &k, None).unwrap();
         assert!(a.allows(&Method::POST, "/v1/HX1/messages"));
         assert!(a.allows(&Method::POST, "/v2/HX1/whatsapp/+15550001/messages"));
         assert!(!a.allows(&Method::POST, "/v1/HX2/messages"));
-        let a = AllowList::for_account(ProviderKind::Dialog360, &creds(), None).unwrap();
+        let a = AllowList::for_account(dialog360::KIND, &creds(), None).unwrap();
         assert!(a.allows(&Method::POST, "/messages"));
         assert!(a.allows(&Method::GET, "/whatsapp_business/attachments/"));
         assert!(a.allows(&Method::GET, "/1234567"));
@@ -307,36 +278,34 @@ mod tests {
 
     #[test]
     fn held_credentials_need_the_id_they_are_for() {
-        let secret = || crate::config::secret::resolve("s").unwrap().0;
+        let secret = || Secret::new("s".into());
         let meta = OutboundCreds { access_token: Some(secret()), ..creds() };
-        let err = AllowList::for_account(ProviderKind::Meta, &meta, None).unwrap_err();
+        let err = AllowList::for_account(meta::KIND, &meta, None).unwrap_err();
         assert!(err.contains("access_token without phone_number_id"), "{err}");
-        assert!(AllowList::for_account(ProviderKind::Meta, &meta, Some("106")).is_ok());
+        assert!(AllowList::for_account(meta::KIND, &meta, Some("106")).is_ok());
         let sinch = OutboundCreds { key_id: Some("k".into()), key_secret: Some(secret()), ..creds() };
-        assert!(AllowList::for_account(ProviderKind::Sinch, &sinch, None).unwrap_err().contains("project_id"));
+        assert!(AllowList::for_account(sinch::KIND, &sinch, None).unwrap_err().contains("project_id"));
         let kaleyra = OutboundCreds { api_key: Some(secret()), ..creds() };
-        assert!(AllowList::for_account(ProviderKind::Kaleyra, &kaleyra, None).unwrap_err().contains("sid"));
+        assert!(AllowList::for_account(kaleyra::KIND, &kaleyra, None).unwrap_err().contains("sid"));
         // Explicit endpoints are the operator's decision.
         let listed = OutboundCreds { outbound_paths: Some(vec!["POST /v*/*/messages".into()]), ..meta };
-        assert!(AllowList::for_account(ProviderKind::Meta, &listed, None).is_ok());
+        assert!(AllowList::for_account(meta::KIND, &listed, None).is_ok());
         // Without held credentials the client's own decide, as before.
-        assert!(AllowList::for_account(ProviderKind::Meta, &creds(), None).is_ok());
+        assert!(AllowList::for_account(meta::KIND, &creds(), None).is_ok());
     }
 
     #[test]
     fn custom_patterns_replace_the_defaults() {
         let c =
             OutboundCreds { outbound_paths: Some(vec!["GET,POST /api/*/send".into(), "/files/**".into()]), ..creds() };
-        let a = AllowList::for_account(ProviderKind::Twilio, &c, None).unwrap();
+        let a = AllowList::for_account(twilio::KIND, &c, None).unwrap();
         assert!(a.allows(&Method::POST, "/api/x/send"));
         assert!(!a.allows(&Method::DELETE, "/api/x/send"));
         assert!(a.allows(&Method::DELETE, "/files"));
         assert!(a.allows(&Method::PUT, "/files/a/b/c"));
         assert!(!a.allows(&Method::POST, "/2010-04-01/Accounts/AC1/Messages.json"));
         let none = OutboundCreds { outbound_paths: Some(vec![]), ..creds() };
-        assert!(
-            !AllowList::for_account(ProviderKind::Meta, &none, None).unwrap().allows(&Method::POST, "/v1/1/messages")
-        );
+        assert!(!AllowList::for_account(meta::KIND, &none, None).unwrap().allows(&Method::POST, "/v1/1/messages"));
     }
 
     #[test]

@@ -2,9 +2,69 @@
 //! (`hmac_header`, `hmac_secret`, `hmac_algorithm` sha1/sha256/sha512, `hmac_encoding`
 //! hex/base64, optional `hmac_prefix` such as "sha256=").
 
-use super::{Algorithm, Encoding, Inbound, Rejection, SignatureHeader, VerifierConfig, Verify, secret};
+use super::verifier::secret;
+use super::{
+    Algorithm, Encoding, Inbound, Pattern, Provider, ProviderKind, Rejection, SignatureHeader, VerifierConfig, Verify,
+    kaleyra,
+};
 
-pub(super) struct Generic {
+/// A provider the relay has no specific knowledge of (`provider = "generic"`): no payload is
+/// read (one conversation per account, the body hash for dedup), and sends reach anything below
+/// the account's own `api_base` with the client's own credentials.
+pub const KIND: ProviderKind = ProviderKind::of(&Generic);
+
+pub struct Generic;
+
+impl Provider for Generic {
+    fn name(&self) -> &'static str {
+        "generic"
+    }
+
+    fn own_settings(&self, cfg: &VerifierConfig) -> Vec<&'static str> {
+        [
+            ("hmac_header", cfg.hmac_header.is_some()),
+            ("hmac_secret", cfg.hmac_secret.is_some()),
+            ("hmac_algorithm", cfg.hmac_algorithm.is_some()),
+            ("hmac_encoding", cfg.hmac_encoding.is_some()),
+            ("hmac_prefix", cfg.hmac_prefix.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect()
+    }
+
+    fn own_check(&self) -> Option<&'static str> {
+        Some("hmac_header + hmac_secret (generic)")
+    }
+
+    fn signature(&self, cfg: &VerifierConfig) -> Result<Option<Box<dyn Verify>>, String> {
+        Ok(Hmac::from_config(cfg)?.map(|g| Box::new(g) as _))
+    }
+
+    fn sign(
+        &self,
+        cfg: &VerifierConfig,
+        _url: &str,
+        _content_type: Option<&str>,
+        body: &[u8],
+        _now_unix: i64,
+    ) -> Result<Vec<(String, String)>, String> {
+        Ok(Hmac::from_config(cfg)?.map(|g| g.sign(body)).unwrap_or_default())
+    }
+
+    fn sample(&self, text: &str, id: &str) -> (&'static str, Vec<u8>) {
+        kaleyra::sample(text, id)
+    }
+
+    /// A generic provider has no known API: its `api_base` (required for outbound) is the
+    /// boundary, and the client's own credentials decide what it may do there.
+    fn endpoints(&self, _c: &super::OutboundCreds, _pnid: Option<&str>) -> Result<Vec<Pattern>, String> {
+        Ok(vec![Pattern::parse("/**").expect("valid")])
+    }
+}
+
+/// The configured HMAC check of one account.
+struct Hmac {
     header: String,
     secret: Vec<u8>,
     algorithm: Algorithm,
@@ -12,9 +72,9 @@ pub(super) struct Generic {
     prefix: Option<String>,
 }
 
-impl Generic {
+impl Hmac {
     /// None when no HMAC is configured; Err when the settings are incomplete or unknown.
-    pub(super) fn from_config(cfg: &VerifierConfig) -> Result<Option<Self>, String> {
+    fn from_config(cfg: &VerifierConfig) -> Result<Option<Self>, String> {
         let (header, secret) = match (&cfg.hmac_header, secret(&cfg.hmac_secret, "hmac_secret")?) {
             (Some(h), Some(s)) => (h, s),
             (Some(_), None) => return Err("hmac_header is set but hmac_secret is not".into()),
@@ -39,7 +99,7 @@ impl Generic {
             Some(e) => Encoding::parse(e).ok_or_else(|| format!("unknown hmac_encoding {e:?} (hex or base64)"))?,
         };
         let prefix = cfg.hmac_prefix.clone().filter(|p| !p.is_empty());
-        Ok(Some(Generic { header: header.clone(), secret, algorithm, encoding, prefix }))
+        Ok(Some(Hmac { header: header.clone(), secret, algorithm, encoding, prefix }))
     }
 
     fn spec(&self) -> SignatureHeader<'_> {
@@ -51,12 +111,12 @@ impl Generic {
         }
     }
 
-    pub(super) fn sign(&self, body: &[u8]) -> Vec<(String, String)> {
+    fn sign(&self, body: &[u8]) -> Vec<(String, String)> {
         vec![self.spec().sign(&self.secret, &[body])]
     }
 }
 
-impl Verify for Generic {
+impl Verify for Hmac {
     fn verify(&self, req: &Inbound<'_>) -> Result<(), Rejection> {
         self.spec().verify(req, &self.secret, &[req.body], "the body")
     }
@@ -65,12 +125,11 @@ impl Verify for Generic {
 #[cfg(test)]
 mod tests {
     use super::super::testkit::*;
-    use super::super::{ProviderKind, VerifierConfig};
     use super::*;
 
-    fn generic(algorithm: &str, encoding: &str, prefix: Option<&str>) -> Generic {
+    fn generic(algorithm: &str, encoding: &str, prefix: Option<&str>) -> Hmac {
         let cfg = VerifierConfig {
-            provider: Some(ProviderKind::Generic),
+            provider: Some(KIND),
             hmac_header: Some("X-Signature".into()),
             hmac_secret: Some("Jefe".into()),
             hmac_algorithm: Some(algorithm.into()),
@@ -78,7 +137,7 @@ mod tests {
             hmac_prefix: prefix.map(Into::into),
             ..Default::default()
         };
-        Generic::from_config(&cfg).unwrap().unwrap()
+        Hmac::from_config(&cfg).unwrap().unwrap()
     }
 
     /// RFC 2202 / RFC 4231 test case 2 (key "Jefe").
@@ -112,7 +171,7 @@ mod tests {
     #[test]
     fn wrong_secret_missing_header_bad_encoding() {
         let g = generic("sha256", "hex", None);
-        let other = Generic { secret: b"other".to_vec(), ..generic("sha256", "hex", None) };
+        let other = Hmac { secret: b"other".to_vec(), ..generic("sha256", "hex", None) };
         let r = Req::post("https://x/", "text/plain", DATA).header("X-Signature", KNOWN[1].1);
         assert_eq!(outcome(other.verify(&r.inbound())), "mismatch");
         let e = g.verify(&Req::post("https://x/", "text/plain", DATA).inbound()).unwrap_err();
@@ -123,10 +182,10 @@ mod tests {
 
     #[test]
     fn configuration_errors() {
-        let base = VerifierConfig { provider: Some(ProviderKind::Generic), ..Default::default() };
-        assert!(Generic::from_config(&base).unwrap().is_none());
+        let base = VerifierConfig { provider: Some(KIND), ..Default::default() };
+        assert!(Hmac::from_config(&base).unwrap().is_none());
         let prefix_only = VerifierConfig { hmac_prefix: Some("sha256=".into()), ..base.clone() };
-        assert!(Generic::from_config(&prefix_only).is_err());
+        assert!(Hmac::from_config(&prefix_only).is_err());
         let full = VerifierConfig {
             hmac_header: Some("X-Sig".into()),
             hmac_secret: Some("s".into()),
@@ -134,7 +193,7 @@ mod tests {
             hmac_encoding: Some("Base64".into()),
             ..base
         };
-        let g = Generic::from_config(&full).unwrap().unwrap();
+        let g = Hmac::from_config(&full).unwrap().unwrap();
         assert_eq!((g.algorithm, g.encoding), (Algorithm::Sha512, Encoding::Base64));
     }
 }

@@ -1,5 +1,7 @@
-//! Meta WhatsApp Cloud API: `X-Hub-Signature-256` verification, and reading the conversation and
-//! event ids of Cloud API payloads (shared with 360dialog, which delivers the same shape).
+//! Meta WhatsApp Cloud API: `X-Hub-Signature-256` verification, reading the conversation, event
+//! ids and senders of Cloud API payloads and the recipient of a send (shared with 360dialog,
+//! which uses the same shapes), the GET handshake (`handshake`), and sends through the Graph API
+//! with the account's access token.
 //!
 //! The signature is "sha256=" + hex(HMAC-SHA256(app_secret, raw body)). Payloads are read with
 //! typed serde structs that skip everything else, so a 3 MB batch costs one pass and no tree.
@@ -9,7 +11,107 @@ use std::fmt;
 use serde::Deserialize;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 
-use super::{Algorithm, Encoding, Inbound, PayloadKeys, Rejection, SignatureHeader, Verify};
+pub mod handshake;
+
+use super::verifier::secret;
+use super::{
+    Algorithm, Encoding, Inbound, OutboundAuth, OutboundCreds, Outgoing, Pattern, Payload, Provider, ProviderKind,
+    Rejection, SignatureHeader, VerifierConfig, Verify,
+};
+
+/// Meta's Cloud API, as accounts name it (`provider = "meta"`).
+pub const KIND: ProviderKind = ProviderKind::of(&Meta);
+
+pub struct Meta;
+
+impl Provider for Meta {
+    fn name(&self) -> &'static str {
+        "meta"
+    }
+
+    fn own_settings(&self, cfg: &VerifierConfig) -> Vec<&'static str> {
+        cfg.app_secret.iter().map(|_| "app_secret").collect()
+    }
+
+    fn own_check(&self) -> Option<&'static str> {
+        Some("app_secret (meta)")
+    }
+
+    fn signature(&self, cfg: &VerifierConfig) -> Result<Option<Box<dyn Verify>>, String> {
+        Ok(secret(&cfg.app_secret, "app_secret")?.map(|k| Box::new(Signature::new(k)) as _))
+    }
+
+    fn sign(
+        &self,
+        cfg: &VerifierConfig,
+        _url: &str,
+        _content_type: Option<&str>,
+        body: &[u8],
+        _now_unix: i64,
+    ) -> Result<Vec<(String, String)>, String> {
+        Ok(cfg.app_secret.as_deref().map(|k| vec![HEADER.sign(k.as_bytes(), &[body])]).unwrap_or_default())
+    }
+
+    fn parse_payload(&self, _content_type: Option<&str>, body: &[u8]) -> Payload {
+        payload(body)
+    }
+
+    fn cloud_api(&self) -> bool {
+        true
+    }
+
+    fn sample(&self, text: &str, id: &str) -> (&'static str, Vec<u8>) {
+        sample(text, id)
+    }
+
+    fn api_base(&self, _region: Option<&str>) -> Option<String> {
+        Some("https://graph.facebook.com".into())
+    }
+
+    fn outbound_auth<'a>(&self, c: &'a OutboundCreds) -> OutboundAuth<'a> {
+        match &c.access_token {
+            Some(t) => OutboundAuth::header(http::header::AUTHORIZATION, format!("Bearer {}", t.expose())),
+            None => OutboundAuth::Client,
+        }
+    }
+
+    fn endpoints(&self, c: &OutboundCreds, phone_number_id: Option<&str>) -> Result<Vec<Pattern>, String> {
+        if c.access_token.is_some() && phone_number_id.is_none() {
+            return Err(super::endpoints::unconfined("access_token", "phone_number_id"));
+        }
+        let t = Pattern::template;
+        let pnid = &[phone_number_id];
+        let mut v = vec![t("POST", "/v*/{}/messages", pnid), t("POST", "/v*/{}/media", pnid)];
+        // GET /{media-id} reads any Graph object the token can see: with the relay's own
+        // token that could be another number's or another tenant's, so only the client's
+        // own credentials may use it.
+        if c.access_token.is_none() {
+            v.push(t("GET,DELETE", "/v*/*", &[]));
+        }
+        Ok(v)
+    }
+
+    fn send(&self, _content_type: Option<&str>, body: &[u8]) -> Option<Outgoing> {
+        send(body)
+    }
+}
+
+/// A Cloud API send: `to`, and `type` "template".
+pub(super) fn send(body: &[u8]) -> Option<Outgoing> {
+    let v = serde_json::from_slice::<serde_json::Value>(body).ok()?;
+    Some(Outgoing { recipient: v["to"].as_str()?.to_string(), template: v["type"] == "template" })
+}
+
+/// A Cloud API text message from [`super::SAMPLE_CUSTOMER`].
+pub(super) fn sample(text: &str, id: &str) -> (&'static str, Vec<u8>) {
+    let customer = super::SAMPLE_CUSTOMER;
+    let v = serde_json::json!({"object": "whatsapp_business_account", "entry": [{"id": "0", "changes": [{"field": "messages", "value": {
+        "messaging_product": "whatsapp",
+        "metadata": {"display_phone_number": "15550000000", "phone_number_id": "0"},
+        "contacts": [{"profile": {"name": "Simulated Customer"}, "wa_id": customer}],
+        "messages": [{"from": customer, "id": id, "timestamp": "0", "type": "text", "text": {"body": text}}]}}]}]});
+    ("application/json", v.to_string().into_bytes())
+}
 
 const HEADER: SignatureHeader<'static> = SignatureHeader {
     name: "X-Hub-Signature-256",
@@ -18,65 +120,54 @@ const HEADER: SignatureHeader<'static> = SignatureHeader {
     algorithm: Algorithm::Sha256,
 };
 
-pub(super) struct Meta {
+/// The signature check of one account or app.
+struct Signature {
     app_secret: Vec<u8>,
 }
 
-impl Meta {
-    pub(super) fn new(app_secret: Vec<u8>) -> Self {
-        Meta { app_secret }
+impl Signature {
+    fn new(app_secret: Vec<u8>) -> Self {
+        Signature { app_secret }
     }
 }
 
-impl Verify for Meta {
+impl Verify for Signature {
     fn verify(&self, req: &Inbound<'_>) -> Result<(), Rejection> {
         HEADER.verify(req, &self.app_secret, &[req.body], "the body")
     }
 }
 
-pub(super) fn sign(app_secret: &[u8], body: &[u8]) -> Vec<(String, String)> {
-    vec![HEADER.sign(app_secret, &[body])]
-}
-
 /// The conversation is the customer of the first message (`from`) or status (`recipient_id`) in
 /// document order. The event id joins every message id and every status id with its status
 /// ("wamid.Y:read") by ",": a redelivered batch yields the same key, and one message's
-/// successive statuses stay distinct events.
-pub(super) fn keys(body: &[u8]) -> PayloadKeys {
+/// successive statuses stay distinct events. The senders are every customer who wrote
+/// (`messages[].from`, statuses left out): a batch may carry several.
+pub(super) fn payload(body: &[u8]) -> Payload {
     let Ok(Events(events)) = serde_json::from_slice::<Events>(body) else {
-        return PayloadKeys::default();
+        return Payload::default();
     };
     let conversation = events.iter().find_map(|e| match e {
         Event::Message { from, .. } => from.clone().filter(|f| !f.is_empty()),
         Event::Status { recipient_id, .. } => recipient_id.clone().filter(|r| !r.is_empty()),
     });
-    let ids: Vec<String> = events
-        .into_iter()
-        .filter_map(|e| match e {
-            Event::Message { id, .. } => id,
+    let mut senders: Vec<String> = Vec::new();
+    let mut ids: Vec<String> = Vec::new();
+    for e in events {
+        let id = match e {
+            Event::Message { id, from } => {
+                if let Some(f) = from.filter(|f| !f.is_empty() && !senders.contains(f)) {
+                    senders.push(f);
+                }
+                id
+            }
             Event::Status { id, status, .. } => id.map(|id| match status {
                 Some(s) => format!("{id}:{s}"),
                 None => id,
             }),
-        })
-        .filter(|id| !id.is_empty())
-        .collect();
-    PayloadKeys { conversation, event_id: (!ids.is_empty()).then(|| ids.join(",")) }
-}
-
-/// Every customer who wrote in this payload (`messages[].from`, statuses left out), for the
-/// 24-hour window; a batch may carry several.
-pub(super) fn message_senders(body: &[u8]) -> Vec<String> {
-    let Ok(Events(events)) = serde_json::from_slice::<Events>(body) else { return Vec::new() };
-    let mut out: Vec<String> = Vec::new();
-    for e in events {
-        if let Event::Message { from: Some(f), .. } = e {
-            if !f.is_empty() && !out.contains(&f) {
-                out.push(f);
-            }
-        }
+        };
+        ids.extend(id.filter(|id| !id.is_empty()));
     }
-    out
+    Payload { conversation, event_id: (!ids.is_empty()).then(|| ids.join(",")), senders }
 }
 
 /// A message or a status, as the visitor below found it (it knows which by the array it read).
@@ -178,15 +269,15 @@ mod tests {
     use super::*;
 
     fn conversation(body: &[u8]) -> Option<String> {
-        keys(body).conversation
+        payload(body).conversation
     }
 
     fn event_id(body: &[u8]) -> Option<String> {
-        keys(body).event_id
+        payload(body).event_id
     }
 
-    fn verifier(secret: &str) -> Meta {
-        Meta::new(secret.as_bytes().to_vec())
+    fn verifier(secret: &str) -> Signature {
+        Signature::new(secret.as_bytes().to_vec())
     }
 
     fn signed(body: Vec<u8>, signature: &str) -> Req {
@@ -222,6 +313,7 @@ mod tests {
             "messages":[{"from":"222","id":"wamid.M"}]}}]},{"changes":[{"value":{"messages":[{"from":"333","id":"wamid.N"}]}}]}]}"#;
         assert_eq!(conversation(body).as_deref(), Some("111"));
         assert_eq!(event_id(body).as_deref(), Some("wamid.S:delivered,wamid.M,wamid.N"));
+        assert_eq!(payload(body).senders, ["222", "333"], "statuses open no window");
     }
 
     #[test]

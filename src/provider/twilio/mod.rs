@@ -1,4 +1,6 @@
-//! Twilio: `X-Twilio-Signature` verification, and the conversation / event id of its form posts.
+//! Twilio: `X-Twilio-Signature` verification, the conversation, event id and sender of its form
+//! posts, the empty TwiML acknowledgement, and sends through its Messages API (Basic auth with
+//! the account SID and auth token).
 //!
 //! The signature is base64(HMAC-SHA1(auth_token, URL + sorted form parameters)). Because the URL
 //! is signed, the relay must check against the URL Twilio called (the public one), never the
@@ -11,7 +13,100 @@ use std::borrow::Cow;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::{Algorithm, Encoding, Inbound, PayloadKeys, Rejection, SignatureHeader, Verify, is_form};
+use super::verifier::secret;
+use super::{
+    Algorithm, Encoding, Inbound, OutboundAuth, OutboundCreds, Outgoing, Pattern, Payload, Provider, ProviderKind,
+    Rejection, SignatureHeader, VerifierConfig, Verify, body, is_form,
+};
+
+/// Twilio, as accounts name it (`provider = "twilio"`).
+pub const KIND: ProviderKind = ProviderKind::of(&Twilio);
+
+pub struct Twilio;
+
+impl Provider for Twilio {
+    fn name(&self) -> &'static str {
+        "twilio"
+    }
+
+    fn own_settings(&self, cfg: &VerifierConfig) -> Vec<&'static str> {
+        cfg.auth_token.iter().map(|_| "auth_token").collect()
+    }
+
+    fn own_check(&self) -> Option<&'static str> {
+        Some("auth_token (twilio)")
+    }
+
+    fn signature(&self, cfg: &VerifierConfig) -> Result<Option<Box<dyn Verify>>, String> {
+        Ok(secret(&cfg.auth_token, "auth_token")?.map(|k| Box::new(Signature::new(k)) as _))
+    }
+
+    fn sign(
+        &self,
+        cfg: &VerifierConfig,
+        url: &str,
+        content_type: Option<&str>,
+        body: &[u8],
+        _now_unix: i64,
+    ) -> Result<Vec<(String, String)>, String> {
+        Ok(cfg.auth_token.as_deref().map(|k| sign(k.as_bytes(), url, content_type, body)).unwrap_or_default())
+    }
+
+    /// An empty TwiML document: anything else would make Twilio reply to the customer.
+    fn ack(&self) -> (&'static str, &'static str) {
+        ("text/xml", "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response/>")
+    }
+
+    fn parse_payload(&self, content_type: Option<&str>, body: &[u8]) -> Payload {
+        payload(content_type, body)
+    }
+
+    fn sample(&self, text: &str, id: &str) -> (&'static str, Vec<u8>) {
+        let form = form_urlencoded::Serializer::new(String::new())
+            .append_pair("MessageSid", id)
+            .append_pair("SmsStatus", "received")
+            .append_pair("From", &format!("whatsapp:+{}", super::SAMPLE_CUSTOMER))
+            .append_pair("To", "whatsapp:+15550000000")
+            .append_pair("Body", text)
+            .append_pair("NumMedia", "0")
+            .finish();
+        ("application/x-www-form-urlencoded", form.into_bytes())
+    }
+
+    fn api_base(&self, _region: Option<&str>) -> Option<String> {
+        Some("https://api.twilio.com".into())
+    }
+
+    fn outbound_auth<'a>(&self, c: &'a OutboundCreds) -> OutboundAuth<'a> {
+        use base64::Engine;
+        match (&c.account_sid, &c.auth_token) {
+            (Some(sid), Some(token)) => {
+                let basic = base64::engine::general_purpose::STANDARD.encode(format!("{sid}:{}", token.expose()));
+                OutboundAuth::header(http::header::AUTHORIZATION, format!("Basic {basic}"))
+            }
+            _ => OutboundAuth::Client,
+        }
+    }
+
+    fn endpoints(&self, c: &OutboundCreds, _phone_number_id: Option<&str>) -> Result<Vec<Pattern>, String> {
+        let t = Pattern::template;
+        let sid = &[c.account_sid.as_deref()];
+        Ok(vec![
+            // Outgoing. Listing (GET Messages.json) is left out: it shows every number of the account.
+            t("POST", "/2010-04-01/Accounts/{}/Messages.json", sid),
+            // Fetch, update (redact, cancel) and delete one message.
+            t("GET,POST,DELETE", "/2010-04-01/Accounts/{}/Messages/*.json", sid),
+            // Its media: the list and each item (media download answers with a redirect).
+            t("GET", "/2010-04-01/Accounts/{}/Messages/*/Media.json", sid),
+            t("GET,DELETE", "/2010-04-01/Accounts/{}/Messages/*/Media/**", sid),
+        ])
+    }
+
+    fn send(&self, content_type: Option<&str>, b: &[u8]) -> Option<Outgoing> {
+        let f = body::fields(content_type, b)?;
+        Some(Outgoing { recipient: f.get("To")?.clone(), template: f.get("ContentSid").is_some_and(|c| !c.is_empty()) })
+    }
+}
 
 const HEADER: SignatureHeader<'static> = SignatureHeader {
     name: "X-Twilio-Signature",
@@ -20,17 +115,18 @@ const HEADER: SignatureHeader<'static> = SignatureHeader {
     algorithm: Algorithm::Sha1,
 };
 
-pub(super) struct Twilio {
+/// The signature check of one account.
+struct Signature {
     auth_token: Vec<u8>,
 }
 
-impl Twilio {
-    pub(super) fn new(auth_token: Vec<u8>) -> Self {
-        Twilio { auth_token }
+impl Signature {
+    fn new(auth_token: Vec<u8>) -> Self {
+        Signature { auth_token }
     }
 }
 
-impl Verify for Twilio {
+impl Verify for Signature {
     fn reads_url(&self) -> bool {
         true
     }
@@ -64,7 +160,7 @@ impl Verify for Twilio {
 }
 
 /// The headers a Twilio request to `url` with `body` carries, for `sign_request`.
-pub(super) fn sign(auth_token: &[u8], url: &str, content_type: Option<&str>, body: &[u8]) -> Vec<(String, String)> {
+fn sign(auth_token: &[u8], url: &str, content_type: Option<&str>, body: &[u8]) -> Vec<(String, String)> {
     let params = signed_params(body_sha256_param(url).is_some(), content_type, body);
     vec![HEADER.sign(auth_token, &[url.as_bytes(), params.as_bytes()])]
 }
@@ -137,11 +233,11 @@ fn fields<'a>(content_type: Option<&str>, body: &'a [u8]) -> Option<Fields<'a>> 
 }
 
 /// The conversation is `From` for an inbound message and `To` for a status callback (its status
-/// is not "received"): either way, the customer. The event id is `MessageSid:status`, since one
-/// message goes through several statuses, each its own event.
-pub(super) fn keys(content_type: Option<&str>, body: &[u8]) -> PayloadKeys {
+/// is not "received"): either way, the customer, who also wrote when it is a message. The event
+/// id is `MessageSid:status`, since one message goes through several statuses, each its own event.
+fn payload(content_type: Option<&str>, body: &[u8]) -> Payload {
     let Some(f) = fields(content_type, body) else {
-        return PayloadKeys::default();
+        return Payload::default();
     };
     let is_status = f.status.as_deref().is_some_and(|s| s != "received");
     let conversation = if is_status { f.to } else { f.from }.map(Cow::into_owned);
@@ -149,15 +245,8 @@ pub(super) fn keys(content_type: Option<&str>, body: &[u8]) -> PayloadKeys {
         Some(status) => format!("{sid}:{status}"),
         None => sid.into_owned(),
     });
-    PayloadKeys { conversation, event_id }
-}
-
-/// The customer who wrote, for the 24-hour window: `From` of an inbound message; None for a
-/// status callback (a status is not the customer writing).
-pub(super) fn inbound_sender(content_type: Option<&str>, body: &[u8]) -> Option<String> {
-    let f = fields(content_type, body)?;
-    let is_status = f.status.as_deref().is_some_and(|s| s != "received");
-    if is_status { None } else { f.from.map(Cow::into_owned) }
+    let senders = if is_status { Vec::new() } else { conversation.iter().cloned().collect() };
+    Payload { conversation, event_id, senders }
 }
 
 #[cfg(test)]
@@ -168,16 +257,16 @@ mod tests {
     const FORM: &str = "application/x-www-form-urlencoded";
 
     fn conversation(ct: Option<&str>, body: &[u8]) -> Option<String> {
-        keys(ct, body).conversation
+        payload(ct, body).conversation
     }
 
     fn event_id(ct: Option<&str>, body: &[u8]) -> Option<String> {
-        keys(ct, body).event_id
+        payload(ct, body).event_id
     }
     const PUBLIC: &str = "https://chat.example.com/acme/api/whatsapp/accounts/12/notify?x=1";
 
-    fn verifier(token: &str) -> Twilio {
-        Twilio::new(token.as_bytes().to_vec())
+    fn verifier(token: &str) -> Signature {
+        Signature::new(token.as_bytes().to_vec())
     }
 
     /// A request built from a [[twilio]] vector, sent to `url`.
@@ -274,8 +363,7 @@ mod tests {
         let t = verifier("secret");
         let url = "https://chat.example.com/a?MessageSid=SM1";
         // A GET status callback (no body) signs the URL alone.
-        let mut r = Req::post(url, FORM, "").headers(sign(b"secret", url, None, b""));
-        r.method = http::Method::GET;
+        let r = Req::post(url, FORM, "").headers(sign(b"secret", url, None, b""));
         assert_eq!(outcome(t.verify(&r.inbound())), "ok");
     }
 
