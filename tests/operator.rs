@@ -287,6 +287,25 @@ async fn auto_mode_passes_motions_answer_back_when_up_and_queues_when_down() {
     assert_eq!(reply.headers.get("x-motion").map(|v| v.to_str().unwrap()), Some("yes"));
 }
 
+/// An answer longer than the relay keeps (64 KiB) is not Motion's answer any more: the provider
+/// gets its acknowledgement, a whole response (no stale Content-Length from Motion).
+#[tokio::test]
+async fn auto_mode_acknowledges_when_motions_answer_is_too_long_to_pass_back() {
+    let acme = FakeMotion::start().await;
+    let long: &'static str = Box::leak(format!("{{\"pad\":\"{}\"}}", "x".repeat(100 * 1024)).into_boxed_str());
+    acme.script([Answer { status: 200, body: long, delay: Duration::ZERO }]);
+    let relay = RelayProcess::start(&config(&acme.url(), "auto"));
+    let reply = post_meta(&relay.url(META), SECRET, meta_message("1", "1650", "wamid.long", "0")).await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.body.is_empty(), "the acknowledgement, not a cut answer: {} bytes", reply.body.len());
+    assert!(reply.headers.get("x-motion").is_none());
+    assert_eq!(acme.count(), 1, "delivered once");
+    // A short answer still comes back whole, with its own length.
+    let reply = post_meta(&relay.url(META), SECRET, meta_message("1", "1650", "wamid.short", "1")).await;
+    assert_eq!(&reply.body[..], b"{\"ok\":true}");
+    assert_eq!(reply.headers["content-length"], "11");
+}
+
 #[tokio::test]
 async fn a_motion_added_by_a_reload_gets_its_queue() {
     let acme = FakeMotion::start().await;

@@ -230,3 +230,6 @@ impl Drop for ForgetWaiter<'_> {
         self.queue.waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
     }
 }
+
+#[cfg(test)]
+mod tests;

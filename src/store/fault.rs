@@ -1,7 +1,8 @@
-//! [`FaultyStore`]: a [`Store`] wrapper for tests that makes every write fail on demand (a
-//! failing disk: tests run as root, so a read-only directory cannot simulate one), makes
-//! appends slow on demand (a slow fsync), and counts the underlying `append` calls (how many
-//! commits a [`super::GroupCommit`] made). `append_replacing_dead` (a rare operator replay) can
+//! [`FaultyStore`]: a store wrapper for tests that makes every write fail on demand (a failing
+//! disk: tests run as root, so a read-only directory cannot simulate one), makes appends and
+//! prunes slow on demand (a slow fsync, a hanging disk), and counts the underlying `append` and
+//! `progress` calls (how many commits a [`super::GroupCommit`] made, how many writes the
+//! schedulers made). `append_replacing_dead` (a rare operator replay) can
 //! fail like any write but is neither slowed nor counted.
 //!
 //! Must never: alter what passes through while no fault is set, or be built into the shipped
@@ -19,6 +20,9 @@ pub struct FaultyStore {
     fail_writes: AtomicBool,
     append_calls: AtomicU64,
     append_delay_ms: AtomicU64,
+    progress_calls: AtomicU64,
+    progress_delay_ms: AtomicU64,
+    load_delay_ms: AtomicU64,
 }
 
 impl FaultyStore {
@@ -29,6 +33,9 @@ impl FaultyStore {
             fail_writes: AtomicBool::new(false),
             append_calls: AtomicU64::new(0),
             append_delay_ms: AtomicU64::new(0),
+            progress_calls: AtomicU64::new(0),
+            progress_delay_ms: AtomicU64::new(0),
+            load_delay_ms: AtomicU64::new(0),
         }
     }
 
@@ -41,6 +48,22 @@ impl FaultyStore {
     /// Makes every `append` take at least this long (a slow disk).
     pub fn set_append_delay(&self, delay: Duration) {
         self.append_delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Makes every `progress` (pruning delivered events) take at least this long (a disk that
+    /// hangs).
+    pub fn set_progress_delay(&self, delay: Duration) {
+        self.progress_delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Makes every `load` (reading an event back for its attempt) take at least this long.
+    pub fn set_load_delay(&self, delay: Duration) {
+        self.load_delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// How many times `progress` was called (failed calls included).
+    pub fn progress_calls(&self) -> u64 {
+        self.progress_calls.load(Ordering::SeqCst)
     }
 
     /// How many times `append` was called (failed calls included).
@@ -78,9 +101,18 @@ impl QueueStore for FaultyStore {
         self.inner.pending()
     }
     fn load(&self, seq: u64) -> Result<Option<Event>, StoreError> {
+        let delay = self.load_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_millis(delay));
+        }
         self.inner.load(seq)
     }
     fn progress(&self, delivered: &[u64], attempts: &[(u64, u32)]) -> Result<(), StoreError> {
+        self.progress_calls.fetch_add(1, Ordering::SeqCst);
+        let delay = self.progress_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_millis(delay));
+        }
         self.check()?;
         self.inner.progress(delivered, attempts)
     }
