@@ -52,34 +52,37 @@ pub trait Provider: Send + Sync + 'static {
     /// The config spelling (`provider = "..."`), also its metric label and its name in the store.
     fn name(&self) -> &'static str;
 
+    /// The provider's signature keyed by one account secret, if it signs that way (most do).
+    /// The four methods below follow from it; a provider that signs otherwise overrides them.
+    fn keyed(&self) -> Option<Keyed> {
+        None
+    }
+
     /// The account settings of this provider's own signature that are set in `cfg` (set on an
     /// account of another provider they would be silently ignored, so they are refused).
-    fn own_settings(&self, _cfg: &VerifierConfig) -> Vec<&'static str> {
-        Vec::new()
+    fn own_settings(&self, cfg: &VerifierConfig) -> Vec<&'static str> {
+        self.keyed().filter(|k| (k.secret)(cfg).is_some()).map(|k| k.setting).into_iter().collect()
     }
 
     /// How an error message names this provider's own check ("auth_token (twilio)"); None when
     /// it has no signature scheme.
-    fn own_check(&self) -> Option<&'static str> {
-        None
+    fn own_check(&self) -> Option<String> {
+        self.keyed().map(|k| format!("{} ({})", k.setting, self.name()))
     }
 
     /// The provider's signature check from an account's settings: None when none is configured,
     /// Err when the settings are invalid.
-    fn signature(&self, _cfg: &VerifierConfig) -> Result<Option<Box<dyn Verify>>, String> {
-        Ok(None)
+    fn signature(&self, cfg: &VerifierConfig) -> Result<Option<Box<dyn Verify>>, String> {
+        let Some(k) = self.keyed() else { return Ok(None) };
+        Ok(verifier::secret((k.secret)(cfg), k.setting)?.map(k.check))
     }
 
     /// Headers that make `body`, posted to `url`, pass [`signature`](Self::signature).
-    fn sign(
-        &self,
-        _cfg: &VerifierConfig,
-        _url: &str,
-        _content_type: Option<&str>,
-        _body: &[u8],
-        _now_unix: i64,
-    ) -> Result<Vec<(String, String)>, String> {
-        Ok(Vec::new())
+    fn sign(&self, cfg: &VerifierConfig, req: &ToSign<'_>) -> Result<Vec<(String, String)>, String> {
+        Ok(self
+            .keyed()
+            .and_then(|k| (k.secret)(cfg).as_deref().map(|key| (k.sign)(key.as_bytes(), req)))
+            .unwrap_or_default())
     }
 
     /// The acknowledgement the provider expects for a stored webhook: (content type, body).
@@ -121,6 +124,26 @@ pub trait Provider: Send + Sync + 'static {
     fn send(&self, _content_type: Option<&str>, _body: &[u8]) -> Option<Outgoing> {
         None
     }
+}
+
+/// A signature keyed by one account secret: the setting that holds it, the check built from it,
+/// and how a sender signs with it (for `simulate`).
+pub struct Keyed {
+    pub setting: &'static str,
+    pub secret: fn(&VerifierConfig) -> &Option<String>,
+    pub check: fn(Vec<u8>) -> Box<dyn Verify>,
+    pub sign: fn(&[u8], &ToSign<'_>) -> Headers,
+}
+
+/// Header names and values, as a sender would set them.
+pub type Headers = Vec<(String, String)>;
+
+/// What a sender signs: the URL it posts to, the body and its type, and its clock.
+pub struct ToSign<'a> {
+    pub url: &'a str,
+    pub content_type: Option<&'a str>,
+    pub body: &'a [u8],
+    pub now_unix: i64,
 }
 
 /// A provider, as accounts, events and metrics name it: a handle on its [`Provider`]. Compared,

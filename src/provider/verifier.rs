@@ -161,7 +161,7 @@ pub fn sign_request(
     now_unix: i64,
 ) -> Result<Vec<(String, String)>, String> {
     let kind = cfg.provider.ok_or("account has no provider")?;
-    let mut headers = kind.sign(cfg, url, content_type, body, now_unix)?;
+    let mut headers = kind.sign(cfg, &super::ToSign { url, content_type, body, now_unix })?;
     if let Some(t) = &cfg.shared_token {
         let name = cfg.token_header.as_deref().unwrap_or(token::DEFAULT_HEADER);
         headers.push((name.to_owned(), t.clone()));

@@ -15,6 +15,29 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+/// What serves a connection's requests: a hyper service that never fails (errors are answers).
+pub(super) trait Handler:
+    hyper::service::Service<
+        http::Request<hyper::body::Incoming>,
+        Response = http::Response<crate::http_util::Body>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Send
+    + 'static
+{
+}
+
+impl<T> Handler for T where
+    T: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<crate::http_util::Body>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Send
+        + 'static
+{
+}
+
 /// The time limits of a listener's connections.
 #[derive(Clone, Copy)]
 pub(super) struct Limits {
@@ -47,13 +70,7 @@ pub(super) fn serve_per_core<F, S>(
 ) -> Result<(), ServeError>
 where
     F: Fn(SocketAddr) -> S + Clone + Send + 'static,
-    S: hyper::service::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = http::Response<crate::http_util::Body>,
-            Error = Infallible,
-        > + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: Handler,
 {
     let setup = |e: std::io::Error| ServeError::Setup(format!("cannot start a serving thread: {e}"));
     let shared = listener.into_std().map_err(setup)?;
@@ -93,13 +110,7 @@ pub(super) async fn accept_loop<F, S>(
     limits: Limits,
 ) where
     F: Fn(SocketAddr) -> S,
-    S: hyper::service::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = http::Response<crate::http_util::Body>,
-            Error = Infallible,
-        > + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: Handler,
 {
     let Limits { grace, header_timeout } = limits;
     let graceful = GracefulShutdown::new();

@@ -6,10 +6,9 @@
 //! same 32-byte MAC. Payloads and sends have Meta's Cloud API shape and are read by `meta`;
 //! sends go to 360dialog's own API with the account's `D360-API-KEY`.
 
-use super::verifier::secret;
 use super::{
-    Algorithm, Encoding, Inbound, OutboundAuth, OutboundCreds, Outgoing, Pattern, Payload, Provider, ProviderKind,
-    Rejection, SignatureHeader, VerifierConfig, Verify, meta,
+    Algorithm, Encoding, Inbound, Keyed, OutboundAuth, OutboundCreds, Outgoing, Pattern, Payload, Provider,
+    ProviderKind, Rejection, SignatureHeader, Verify, meta,
 };
 
 /// 360dialog, as accounts name it (`provider = "360dialog"`).
@@ -25,30 +24,14 @@ impl Provider for Dialog360 {
         "360dialog"
     }
 
-    fn own_settings(&self, cfg: &VerifierConfig) -> Vec<&'static str> {
-        cfg.platform_secret.iter().map(|_| "platform_secret").collect()
-    }
-
-    fn own_check(&self) -> Option<&'static str> {
-        Some("platform_secret (360dialog)")
-    }
-
-    fn signature(&self, cfg: &VerifierConfig) -> Result<Option<Box<dyn Verify>>, String> {
-        Ok(secret(&cfg.platform_secret, "platform_secret")?.map(|k| Box::new(Signature::new(k)) as _))
-    }
-
-    /// Plain lowercase hex, the form the implementations we found send.
-    fn sign(
-        &self,
-        cfg: &VerifierConfig,
-        _url: &str,
-        _content_type: Option<&str>,
-        body: &[u8],
-        _now_unix: i64,
-    ) -> Result<Vec<(String, String)>, String> {
-        let Some(k) = cfg.platform_secret.as_deref() else { return Ok(Vec::new()) };
-        let mac = Algorithm::Sha256.sign(k.as_bytes(), &[body]);
-        Ok(vec![(HEADER.name.to_owned(), hex::encode(mac))])
+    fn keyed(&self) -> Option<Keyed> {
+        Some(Keyed {
+            setting: "platform_secret",
+            secret: |c| &c.platform_secret,
+            check: |key| Box::new(Signature::new(key)),
+            // Plain lowercase hex, the form the implementations we found send.
+            sign: |key, r| vec![(HEADER.name.to_owned(), hex::encode(Algorithm::Sha256.sign(key, &[r.body])))],
+        })
     }
 
     fn parse_payload(&self, _content_type: Option<&str>, body: &[u8]) -> Payload {

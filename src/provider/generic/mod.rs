@@ -4,8 +4,8 @@
 
 use super::verifier::secret;
 use super::{
-    Algorithm, Encoding, Inbound, Pattern, Provider, ProviderKind, Rejection, SignatureHeader, VerifierConfig, Verify,
-    kaleyra,
+    Algorithm, Encoding, Inbound, Pattern, Provider, ProviderKind, Rejection, SignatureHeader, ToSign, VerifierConfig,
+    Verify, kaleyra,
 };
 
 /// A provider the relay has no specific knowledge of (`provider = "generic"`): no payload is
@@ -33,23 +33,16 @@ impl Provider for Generic {
         .collect()
     }
 
-    fn own_check(&self) -> Option<&'static str> {
-        Some("hmac_header + hmac_secret (generic)")
+    fn own_check(&self) -> Option<String> {
+        Some("hmac_header + hmac_secret (generic)".into())
     }
 
     fn signature(&self, cfg: &VerifierConfig) -> Result<Option<Box<dyn Verify>>, String> {
         Ok(Hmac::from_config(cfg)?.map(|g| Box::new(g) as _))
     }
 
-    fn sign(
-        &self,
-        cfg: &VerifierConfig,
-        _url: &str,
-        _content_type: Option<&str>,
-        body: &[u8],
-        _now_unix: i64,
-    ) -> Result<Vec<(String, String)>, String> {
-        Ok(Hmac::from_config(cfg)?.map(|g| g.sign(body)).unwrap_or_default())
+    fn sign(&self, cfg: &VerifierConfig, req: &ToSign<'_>) -> Result<Vec<(String, String)>, String> {
+        Ok(Hmac::from_config(cfg)?.map(|g| g.sign(req.body)).unwrap_or_default())
     }
 
     fn sample(&self, text: &str, id: &str) -> (&'static str, Vec<u8>) {

@@ -13,10 +13,9 @@ use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 
 pub mod handshake;
 
-use super::verifier::secret;
 use super::{
-    Algorithm, Encoding, Inbound, OutboundAuth, OutboundCreds, Outgoing, Pattern, Payload, Provider, ProviderKind,
-    Rejection, SignatureHeader, VerifierConfig, Verify,
+    Algorithm, Encoding, Inbound, Keyed, OutboundAuth, OutboundCreds, Outgoing, Pattern, Payload, Provider,
+    ProviderKind, Rejection, SignatureHeader, Verify,
 };
 
 /// Meta's Cloud API, as accounts name it (`provider = "meta"`).
@@ -29,27 +28,13 @@ impl Provider for Meta {
         "meta"
     }
 
-    fn own_settings(&self, cfg: &VerifierConfig) -> Vec<&'static str> {
-        cfg.app_secret.iter().map(|_| "app_secret").collect()
-    }
-
-    fn own_check(&self) -> Option<&'static str> {
-        Some("app_secret (meta)")
-    }
-
-    fn signature(&self, cfg: &VerifierConfig) -> Result<Option<Box<dyn Verify>>, String> {
-        Ok(secret(&cfg.app_secret, "app_secret")?.map(|k| Box::new(Signature::new(k)) as _))
-    }
-
-    fn sign(
-        &self,
-        cfg: &VerifierConfig,
-        _url: &str,
-        _content_type: Option<&str>,
-        body: &[u8],
-        _now_unix: i64,
-    ) -> Result<Vec<(String, String)>, String> {
-        Ok(cfg.app_secret.as_deref().map(|k| vec![HEADER.sign(k.as_bytes(), &[body])]).unwrap_or_default())
+    fn keyed(&self) -> Option<Keyed> {
+        Some(Keyed {
+            setting: "app_secret",
+            secret: |c| &c.app_secret,
+            check: |key| Box::new(Signature::new(key)),
+            sign: |key, r| vec![HEADER.sign(key, &[r.body])],
+        })
     }
 
     fn parse_payload(&self, _content_type: Option<&str>, body: &[u8]) -> Payload {

@@ -10,10 +10,9 @@ use serde::Deserialize;
 
 pub mod oauth;
 
-use super::verifier::secret;
 use super::{
-    Algorithm, Encoding, Inbound, OutboundAuth, OutboundCreds, Outgoing, Pattern, Payload, Provider, ProviderKind,
-    Rejection, SignatureHeader, VerifierConfig, Verify, required_header,
+    Algorithm, Encoding, Inbound, Keyed, OutboundAuth, OutboundCreds, Outgoing, Pattern, Payload, Provider,
+    ProviderKind, Rejection, SignatureHeader, Verify, required_header,
 };
 
 /// Sinch, as accounts name it (`provider = "sinch"`).
@@ -28,27 +27,13 @@ impl Provider for Sinch {
         "sinch"
     }
 
-    fn own_settings(&self, cfg: &VerifierConfig) -> Vec<&'static str> {
-        cfg.webhook_secret.iter().map(|_| "webhook_secret").collect()
-    }
-
-    fn own_check(&self) -> Option<&'static str> {
-        Some("webhook_secret (sinch)")
-    }
-
-    fn signature(&self, cfg: &VerifierConfig) -> Result<Option<Box<dyn Verify>>, String> {
-        Ok(secret(&cfg.webhook_secret, "webhook_secret")?.map(|k| Box::new(Signature::new(k)) as _))
-    }
-
-    fn sign(
-        &self,
-        cfg: &VerifierConfig,
-        _url: &str,
-        _content_type: Option<&str>,
-        body: &[u8],
-        now_unix: i64,
-    ) -> Result<Vec<(String, String)>, String> {
-        Ok(cfg.webhook_secret.as_deref().map(|k| sign(k.as_bytes(), body, now_unix)).unwrap_or_default())
+    fn keyed(&self) -> Option<Keyed> {
+        Some(Keyed {
+            setting: "webhook_secret",
+            secret: |c| &c.webhook_secret,
+            check: |key| Box::new(Signature::new(key)),
+            sign: |key, r| sign(key, r.body, r.now_unix),
+        })
     }
 
     fn parse_payload(&self, _content_type: Option<&str>, body: &[u8]) -> Payload {

@@ -13,10 +13,9 @@ use std::borrow::Cow;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::verifier::secret;
 use super::{
-    Algorithm, Encoding, Inbound, OutboundAuth, OutboundCreds, Outgoing, Pattern, Payload, Provider, ProviderKind,
-    Rejection, SignatureHeader, VerifierConfig, Verify, body, is_form,
+    Algorithm, Encoding, Inbound, Keyed, OutboundAuth, OutboundCreds, Outgoing, Pattern, Payload, Provider,
+    ProviderKind, Rejection, SignatureHeader, Verify, body, is_form,
 };
 
 /// Twilio, as accounts name it (`provider = "twilio"`).
@@ -29,27 +28,13 @@ impl Provider for Twilio {
         "twilio"
     }
 
-    fn own_settings(&self, cfg: &VerifierConfig) -> Vec<&'static str> {
-        cfg.auth_token.iter().map(|_| "auth_token").collect()
-    }
-
-    fn own_check(&self) -> Option<&'static str> {
-        Some("auth_token (twilio)")
-    }
-
-    fn signature(&self, cfg: &VerifierConfig) -> Result<Option<Box<dyn Verify>>, String> {
-        Ok(secret(&cfg.auth_token, "auth_token")?.map(|k| Box::new(Signature::new(k)) as _))
-    }
-
-    fn sign(
-        &self,
-        cfg: &VerifierConfig,
-        url: &str,
-        content_type: Option<&str>,
-        body: &[u8],
-        _now_unix: i64,
-    ) -> Result<Vec<(String, String)>, String> {
-        Ok(cfg.auth_token.as_deref().map(|k| sign(k.as_bytes(), url, content_type, body)).unwrap_or_default())
+    fn keyed(&self) -> Option<Keyed> {
+        Some(Keyed {
+            setting: "auth_token",
+            secret: |c| &c.auth_token,
+            check: |key| Box::new(Signature::new(key)),
+            sign: |key, r| sign(key, r.url, r.content_type, r.body),
+        })
     }
 
     /// An empty TwiML document: anything else would make Twilio reply to the customer.
