@@ -15,6 +15,7 @@ use crate::event::{Part, app_part, new_delivery_id};
 use crate::http_util::{Body, ErrorCode, Failure, fail, text};
 use crate::inbound::{self, Checks, Stop, Verified};
 use crate::metrics::AppLabels;
+use crate::provider::ProviderKind;
 use crate::request::{AccessInfo, Conn};
 use crate::routing::{AppRoute, AppTarget, Snapshot};
 use crate::services::Services;
@@ -290,11 +291,13 @@ pub async fn handle(
     Ok(text(StatusCode::OK, content_type, ack))
 }
 
-/// The headers of a split part: Meta's signature no longer applies to the new body.
+/// The headers of a split part: the provider's signature no longer applies to the new body (any
+/// Cloud API provider's: an app of one kind may be sent the other's headers too).
 fn split_headers(headers: &HeaderMap) -> HeaderMap {
     let mut h = headers.clone();
-    for name in ["x-hub-signature-256", "x-hub-signature", "x-360dialog-signature", "content-length"] {
-        h.remove(name);
+    h.remove(http::header::CONTENT_LENGTH);
+    for name in ProviderKind::all().filter(|k| k.cloud_api()).flat_map(|k| k.signature_headers()) {
+        h.remove(*name);
     }
     h.insert(X_RELAY_SPLIT, HeaderValue::from_static("true"));
     h

@@ -85,6 +85,12 @@ pub trait Provider: Send + Sync + 'static {
             .unwrap_or_default())
     }
 
+    /// The headers that carry its signature of a body: a body the relay rewrites (a Meta app's
+    /// batch split per account) must not carry them any more.
+    fn signature_headers(&self) -> &'static [&'static str] {
+        &[]
+    }
+
     /// The acknowledgement the provider expects for a stored webhook: (content type, body).
     fn ack(&self) -> (&'static str, &'static str) {
         ("text/plain", "")

@@ -34,6 +34,10 @@ impl Provider for Dialog360 {
         })
     }
 
+    fn signature_headers(&self) -> &'static [&'static str] {
+        &["x-360dialog-signature"]
+    }
+
     fn parse_payload(&self, _content_type: Option<&str>, body: &[u8]) -> Payload {
         meta::payload(body)
     }

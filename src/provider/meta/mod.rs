@@ -37,6 +37,11 @@ impl Provider for Meta {
         })
     }
 
+    /// `X-Hub-Signature` is the older SHA-1 signature Meta still sends beside the SHA-256 one.
+    fn signature_headers(&self) -> &'static [&'static str] {
+        &["x-hub-signature-256", "x-hub-signature"]
+    }
+
     fn parse_payload(&self, _content_type: Option<&str>, body: &[u8]) -> Payload {
         payload(body)
     }
