@@ -96,6 +96,7 @@ pub enum ErrorCode {
     RequestTimeout,
     TooLarge,
     OutsideWindow,
+    RateLimited,
     UpstreamUnreachable,
     Unavailable,
     UpstreamTimeout,
@@ -113,6 +114,7 @@ impl ErrorCode {
             RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             OutsideWindow => StatusCode::UNPROCESSABLE_ENTITY,
+            RateLimited => StatusCode::TOO_MANY_REQUESTS,
             UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -131,6 +133,7 @@ impl ErrorCode {
             RequestTimeout => "request_timeout",
             TooLarge => "too_large",
             OutsideWindow => "outside_customer_service_window",
+            RateLimited => "rate_limited",
             UpstreamUnreachable => "upstream_unreachable",
             Unavailable => "unavailable",
             UpstreamTimeout => "upstream_timeout",
@@ -145,11 +148,19 @@ impl ErrorCode {
 pub struct Failure {
     pub code: ErrorCode,
     pub message: String,
+    /// `Retry-After`, in seconds, for a refusal that says when to come back.
+    pub retry_after: Option<u64>,
 }
 
 impl Failure {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Failure {
-        Failure { code, message: message.into() }
+        Failure { code, message: message.into(), retry_after: None }
+    }
+
+    /// With `Retry-After`: `wait` rounded up to whole seconds (at least 1).
+    pub fn retry_after(mut self, wait: std::time::Duration) -> Failure {
+        self.retry_after = Some(wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).map(|s| s.max(1));
+        self
     }
 
     pub fn status(&self) -> StatusCode {
@@ -157,7 +168,11 @@ impl Failure {
     }
 
     pub fn response(&self) -> Response<Body> {
-        error(self.code, &self.message)
+        let mut r = error(self.code, &self.message);
+        if let Some(secs) = self.retry_after {
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        r
     }
 }
 

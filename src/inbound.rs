@@ -135,6 +135,7 @@ pub async fn handle(
         Err(Stop::Refused(f)) => return Err(f),
     };
     let motion = &t.motion.motion;
+    admit(services, t.motion)?;
     let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let forward = &path_and_query[t.forward_at..];
     let delivery_id = new_delivery_id();
@@ -209,12 +210,31 @@ async fn queued_answer(
     Ok(text(StatusCode::OK, content_type, ack))
 }
 
-/// 503 when a Motion already has `max_queued` events waiting (the provider retries later).
+/// 429 when a verified webhook passes its Motion's `rate_limit`: nothing is stored or
+/// forwarded, and other Motions are not slowed.
+pub(crate) fn admit(services: &Services, route: &MotionRoute) -> Result<(), Failure> {
+    route.admit().map_err(|wait| {
+        let motion = &route.motion.name;
+        services.metrics.rate_limited.get_or_create(&MotionLabels { motion: motion.clone() }).inc();
+        tracing::debug!(motion = %motion, "webhook refused: rate_limit reached");
+        Failure::new(ErrorCode::RateLimited, format!("motion {motion} is over its rate_limit; retry later"))
+            .retry_after(wait)
+    })
+}
+
+/// 503 when a Motion already has `max_queued` events, or `max_queued_bytes` bytes, waiting
+/// (the provider retries later).
 pub(crate) fn over_max_queued(queue: &Queue, motion: &Motion) -> Result<(), Failure> {
     if queue.depth(&motion.name) >= motion.max_queued {
         return fail(
             ErrorCode::Unavailable,
             format!("motion {} has max_queued events waiting; retry later", motion.name),
+        );
+    }
+    if queue.bytes(&motion.name) >= motion.max_queued_bytes {
+        return fail(
+            ErrorCode::Unavailable,
+            format!("motion {} has max_queued_bytes waiting; retry later", motion.name),
         );
     }
     Ok(())

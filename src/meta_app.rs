@@ -240,6 +240,7 @@ pub async fn handle(
         let payload = kind.payload(Some("application/json"), &body);
         match dest {
             Dest::Account(t) => {
+                inbound::admit(services, &t.motion)?;
                 inbound::over_max_queued(queue, &t.motion.motion)?;
                 if t.motion.motion.tracks_window() {
                     services.window.record_inbound(&t.motion.motion.name, &t.account.id, &payload.senders);

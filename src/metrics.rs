@@ -149,6 +149,7 @@ pub struct Metrics {
     pub ack_latency: Family<MotionLabels, Histogram>,
     pub dead_letters: Family<DeadLabels, Counter>,
     pub dedup_hits: Family<MotionLabels, Counter>,
+    pub rate_limited: Family<MotionLabels, Counter>,
     pub replays: Family<MotionLabels, Counter>,
     pub unknown_numbers: Family<AppLabels, Counter>,
     pub outbound_requests: Family<OutboundLabels, Counter>,
@@ -180,6 +181,7 @@ impl Metrics {
             Family::<MotionLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
         let dead_letters = Family::<DeadLabels, Counter>::default();
         let dedup_hits = Family::<MotionLabels, Counter>::default();
+        let rate_limited = Family::<MotionLabels, Counter>::default();
         let replays = Family::<MotionLabels, Counter>::default();
         let unknown_numbers = Family::<AppLabels, Counter>::default();
         let outbound_requests = Family::<OutboundLabels, Counter>::default();
@@ -210,6 +212,11 @@ impl Metrics {
             dead_letters.clone(),
         );
         registry.register("dedup_hits", "Provider redeliveries acknowledged and not stored again", dedup_hits.clone());
+        registry.register(
+            "rate_limited",
+            "Webhooks refused with 429 because their Motion's rate_limit was reached, by motion",
+            rate_limited.clone(),
+        );
         registry.register("replays", "Dead letters sent again by an operator", replays.clone());
         registry.register(
             "meta_unknown_numbers",
@@ -260,6 +267,7 @@ impl Metrics {
             registry,
             unknown_numbers,
             dedup_hits,
+            rate_limited,
             replays,
             config_reloads,
             config_reload_seconds,

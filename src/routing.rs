@@ -10,6 +10,8 @@ use crate::config::{Account, Config, MetaApp, Motion};
 use crate::request::{decode_segment, host_without_port};
 use crate::upstream::{Client, Upstream, UpstreamError};
 use arc_swap::ArcSwap;
+use governor::clock::{Clock as _, DefaultClock};
+use governor::{Quota, RateLimiter};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -38,6 +40,17 @@ pub struct MotionRoute {
     ca_client: Option<Client>,
     upstream: Upstream,
     accounts: HashMap<String, Arc<Account>>,
+    /// `rate_limit`: the webhooks accepted for this Motion (a reload starts it full again).
+    limiter: Option<Limiter>,
+}
+
+type Limiter = RateLimiter<governor::state::NotKeyed, governor::state::InMemoryState, DefaultClock>;
+
+fn limiter(limit: &crate::config::RateLimit) -> Limiter {
+    let period = (limit.per / limit.count).max(std::time::Duration::from_nanos(1));
+    let burst = std::num::NonZeroU32::new(limit.burst).unwrap_or(std::num::NonZeroU32::MIN);
+    let quota = Quota::with_period(period).expect("a period of at least 1 ns").allow_burst(burst);
+    RateLimiter::direct_with_clock(quota, DefaultClock::default())
 }
 
 impl std::fmt::Debug for MotionRoute {
@@ -57,6 +70,13 @@ impl MotionRoute {
 
     pub fn account(&self, id: &str) -> Option<&Arc<Account>> {
         self.accounts.get(id)
+    }
+
+    /// Takes one webhook from this Motion's `rate_limit`: `Err` says how long until the next
+    /// one would be allowed.
+    pub fn admit(&self) -> Result<(), std::time::Duration> {
+        let Some(l) = &self.limiter else { return Ok(()) };
+        l.check().map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
     }
 }
 
@@ -123,6 +143,7 @@ impl RouteTable {
                 ca_client: upstream.client_for(m.ca_file.as_deref())?,
                 upstream: upstream.clone(),
                 accounts: m.accounts.iter().map(|a| (a.id.clone(), a.clone())).collect(),
+                limiter: m.rate_limit.as_ref().map(limiter),
             });
             for h in &m.hosts {
                 t.by_host.insert(h.clone(), route.clone());

@@ -97,6 +97,10 @@ pub struct Motion {
     pub signing_secret: Option<Secret>,
     pub ca_file: Option<PathBuf>,
     pub max_queued: u64,
+    /// Bytes (bodies and headers) this Motion's waiting events may hold.
+    pub max_queued_bytes: u64,
+    /// Webhooks accepted for this Motion per period, with their burst.
+    pub rate_limit: Option<RateLimit>,
     pub window_policy: WindowPolicy,
     pub mode: Mode,
     pub timeout: Duration,
@@ -124,6 +128,14 @@ impl std::fmt::Debug for Account {
     }
 }
 
+/// `rate_limit = "200/s"` with `burst`: `count` webhooks per `per`, up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub count: u32,
+    pub per: Duration,
+    pub burst: u32,
+}
+
 impl Motion {
     /// Whether inbound messages must open the 24-hour window: only when this Motion can send
     /// through the relay at all (it has an `outbound_token`) and the policy is not `off`.
@@ -145,6 +157,9 @@ impl std::fmt::Debug for MetaApp {
         f.debug_struct("MetaApp").field("name", &self.name).finish_non_exhaustive()
     }
 }
+
+/// `max_queued_bytes` when unset: one tenant's backlog of large payloads must not fill the disk.
+pub const DEFAULT_MAX_QUEUED_BYTES: u64 = 1 << 30;
 
 /// Motion names that would collide with the relay's own paths.
 const RESERVED: &[&str] = &["meta", "admin", "healthz", "outbound"];
@@ -452,6 +467,8 @@ impl Validator<'_> {
             signing_secret: self.opt_secret(&m.signing_secret)?,
             ca_file: m.ca_file.as_ref().map(|c| self.readable(c)).transpose()?,
             max_queued: m.max_queued.unwrap_or(100_000),
+            max_queued_bytes: m.max_queued_bytes.map_or(DEFAULT_MAX_QUEUED_BYTES, |x| x.0),
+            rate_limit: self.rate_limit(m)?,
             window_policy: m.window_policy.unwrap_or_default(),
             mode: m.mode.as_ref().map_or(delivery.mode, |x| *x.get_ref()),
             timeout: m.timeout.map_or(delivery.timeout, |x| x.0),
@@ -460,6 +477,46 @@ impl Validator<'_> {
             url,
             accounts,
         })
+    }
+
+    /// `rate_limit = "N/s" | "N/m" | "N/h"` and `burst` (default: one second of the rate, at
+    /// least 1). Twilio does not retry a 429 (nor a 503): a limit on a Motion with Twilio
+    /// accounts drops their excess webhooks for good, which `check` says.
+    fn rate_limit(&mut self, m: &schema::Motion) -> R<Option<RateLimit>> {
+        let Some(spec) = &m.rate_limit else {
+            if let Some(b) = &m.burst {
+                return self.err(b.span(), "burst needs rate_limit (e.g. rate_limit = \"200/s\")");
+            }
+            return Ok(None);
+        };
+        let bad =
+            || format!("invalid rate_limit {:?}; write e.g. \"200/s\", \"5000/m\" or \"100000/h\"", spec.get_ref());
+        let (n, unit) =
+            spec.get_ref().trim().split_once('/').ok_or_else(|| self.loc.error(Some(spec.span()), bad()))?;
+        let count: u32 =
+            n.trim().parse().ok().filter(|n| *n > 0).ok_or_else(|| self.loc.error(Some(spec.span()), bad()))?;
+        let per = match unit.trim() {
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            _ => return self.err(spec.span(), bad()),
+        };
+        let one_second = (f64::from(count) / per.as_secs_f64()).ceil().max(1.0) as u32;
+        let burst = match &m.burst {
+            Some(b) if *b.get_ref() == 0 => return self.err(b.span(), "burst must be at least 1"),
+            Some(b) => *b.get_ref(),
+            None => one_second,
+        };
+        if m.account.iter().any(|a| a.provider.get_ref() == crate::provider::twilio::KIND.as_str()) {
+            self.warn(
+                spec.span(),
+                format!(
+                    "motion {:?} has Twilio accounts: Twilio does not retry a 429 (or a 503), so webhooks past rate_limit are lost for good",
+                    m.name.get_ref()
+                ),
+            );
+        }
+        Ok(Some(RateLimit { count, per, burst }))
     }
 
     /// Warns when an account of another Motion verifies with the same secret: signatures do not

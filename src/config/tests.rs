@@ -218,3 +218,40 @@ url = "http://127.0.0.1:9001"
     // Within one Motion (one tenant) reuse is the operator's business.
     assert_eq!(shared(&parse_str(&text("own", "globex")).unwrap()), 0);
 }
+
+/// `BASE` with lines added to its `[[motion]]` (before its account).
+fn with_motion_lines(lines: &str) -> String {
+    BASE.replace("url = \"http://127.0.0.1:9000\"\n", &format!("url = \"http://127.0.0.1:9000\"\n{lines}\n"))
+}
+
+#[test]
+fn rate_limits_and_byte_budgets() {
+    let c = parse_str(&with_motion_lines("rate_limit = \"200/s\"")).unwrap();
+    let limit = c.motions[0].rate_limit.unwrap();
+    assert_eq!((limit.count, limit.per, limit.burst), (200, Duration::from_secs(1), 200), "burst: a second's worth");
+    let c = parse_str(&with_motion_lines("rate_limit = \"5000/m\"\nburst = 10")).unwrap();
+    let limit = c.motions[0].rate_limit.unwrap();
+    assert_eq!((limit.count, limit.per, limit.burst), (5000, Duration::from_secs(60), 10));
+    assert_eq!(parse_str(&with_motion_lines("rate_limit = \"30/h\"")).unwrap().motions[0].rate_limit.unwrap().burst, 1);
+    assert_eq!(parse_str(BASE).unwrap().motions[0].rate_limit, None);
+    for bad in ["200", "200/d", "0/s", "x/s", "-1/s", "1.5/s"] {
+        let e = err(&with_motion_lines(&format!("rate_limit = \"{bad}\"")));
+        assert!(e.starts_with("relay.toml:8:14: invalid rate_limit") && e.contains("\"5000/m\""), "{bad}: {e}");
+    }
+    assert!(err(&with_motion_lines("burst = 5")).contains("burst needs rate_limit"));
+    assert!(err(&with_motion_lines("rate_limit = \"1/s\"\nburst = 0")).contains("burst must be at least 1"));
+    let c = parse_str(&with_motion_lines("max_queued_bytes = \"64MiB\"")).unwrap();
+    assert_eq!(c.motions[0].max_queued_bytes, 64 << 20);
+    assert_eq!(parse_str(BASE).unwrap().motions[0].max_queued_bytes, DEFAULT_MAX_QUEUED_BYTES);
+}
+
+#[test]
+fn a_rate_limit_on_a_motion_with_twilio_accounts_is_a_warning() {
+    let kaleyra = parse_str(&with_motion_lines("rate_limit = \"10/s\"")).unwrap();
+    assert!(!kaleyra.warnings.iter().any(|w| w.contains("Twilio")), "{:?}", kaleyra.warnings);
+    let twilio = with_motion_lines("rate_limit = \"10/s\"")
+        .replace("provider = \"kaleyra\"\n  shared_token = \"t\"", "provider = \"twilio\"\n  auth_token = \"t\"");
+    let c = parse_str(&twilio).unwrap();
+    let w = c.warnings.iter().find(|w| w.contains("Twilio")).expect("a warning");
+    assert!(w.starts_with("relay.toml:8:14:") && w.contains("does not retry a 429"), "{w}");
+}

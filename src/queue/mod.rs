@@ -119,7 +119,12 @@ impl Queue {
 
     /// Events waiting for a Motion.
     pub fn depth(&self, motion: &str) -> u64 {
-        self.motions.load().get(motion).map_or(0, |m| m.depth())
+        self.motions.load().get(motion).map_or(0, |m| m.depth().events())
+    }
+
+    /// Bytes (bodies and headers) waiting for a Motion.
+    pub fn bytes(&self, motion: &str) -> u64 {
+        self.motions.load().get(motion).map_or(0, |m| m.depth().bytes())
     }
 
     /// Durably appends `events` (one atomic write); the stored ones are scheduled as part of

@@ -64,11 +64,39 @@ struct Conv {
     waiting: bool,
 }
 
+/// What one Motion has waiting: events and their bytes, read on the request path for
+/// `max_queued` and `max_queued_bytes` (atomics, no lock).
+#[derive(Default)]
+pub struct Depth {
+    events: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl Depth {
+    fn add(&self, meta: &EventMeta) {
+        self.events.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(meta.bytes, Ordering::Relaxed);
+    }
+
+    fn remove(&self, meta: &EventMeta) {
+        self.events.fetch_sub(1, Ordering::Relaxed);
+        self.bytes.fetch_sub(meta.bytes, Ordering::Relaxed);
+    }
+
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::Relaxed)
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
 /// The handle the rest of the relay holds.
 #[derive(Clone)]
 pub struct MotionQueue {
     tx: mpsc::UnboundedSender<Msg>,
-    depth: Arc<AtomicU64>,
+    depth: Arc<Depth>,
 }
 
 impl MotionQueue {
@@ -81,7 +109,7 @@ impl MotionQueue {
         store: Arc<dyn QueueStore>,
     ) -> MotionQueue {
         let (tx, rx) = mpsc::unbounded_channel();
-        let depth = Arc::new(AtomicU64::new(0));
+        let depth = Arc::new(Depth::default());
         let s = Scheduler {
             name: name.into(),
             ctx,
@@ -100,8 +128,8 @@ impl MotionQueue {
         MotionQueue { tx, depth }
     }
 
-    pub fn depth(&self) -> u64 {
-        self.depth.load(Ordering::Relaxed)
+    pub fn depth(&self) -> &Depth {
+        &self.depth
     }
 
     /// False once the scheduler ended (stopped, or its Motion left the config and it held
@@ -111,7 +139,7 @@ impl MotionQueue {
     }
 
     pub fn enqueue(&self, meta: EventMeta, cached: Option<Arc<NewEvent>>, waiter: Option<Waiter>) {
-        self.depth.fetch_add(1, Ordering::Relaxed);
+        self.depth.add(&meta);
         let _ = self.tx.send(Msg::Enqueue(Entry { meta, cached, waiter }));
     }
 
@@ -128,7 +156,7 @@ struct Scheduler {
     ctx: Arc<DeliveryContext>,
     store: Arc<dyn QueueStore>,
     tx: mpsc::UnboundedSender<Msg>,
-    depth: Arc<AtomicU64>,
+    depth: Arc<Depth>,
     convs: HashMap<Arc<str>, Conv>,
     /// Conversations whose head may be attempted now (each at most once).
     ready: VecDeque<Arc<str>>,
@@ -149,7 +177,7 @@ struct Scheduler {
 const CACHE_BUDGET: usize = 64 << 20;
 
 fn weight(ev: &NewEvent) -> usize {
-    ev.body.len() + ev.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+    ev.weight()
 }
 
 /// `ev` if [`CACHE_BUDGET`] has room for it (then counted in `used`), else `None`: the event is
@@ -280,7 +308,7 @@ impl Scheduler {
                 if let Some(e) = conv.queue.pop_front() {
                     self.cached_bytes -= cached_weight(&e);
                     self.delivered.push(e.meta.seq);
-                    self.depth.fetch_sub(1, Ordering::Relaxed);
+                    self.depth.remove(&e.meta);
                 }
                 if self.delivered.len() >= 256 {
                     self.flush().await;
@@ -322,8 +350,8 @@ impl Scheduler {
                         tracing::warn!(motion = %self.name, seq, "event moved to the dead letters: {reason}");
                         if let Some(e) = conv.queue.pop_front() {
                             self.cached_bytes -= cached_weight(&e);
+                            self.depth.remove(&e.meta);
                         }
-                        self.depth.fetch_sub(1, Ordering::Relaxed);
                     }
                     _ => {
                         // The store refused: keep the event at the head and try again later.
@@ -366,7 +394,7 @@ impl Scheduler {
             self.ctx.metrics.queue_oldest_seconds.remove(&labels);
             return Continue::End;
         }
-        self.ctx.metrics.queue_depth.get_or_create(&labels).set(self.depth.load(Ordering::Relaxed) as i64);
+        self.ctx.metrics.queue_depth.get_or_create(&labels).set(self.depth.events() as i64);
         let oldest = self.convs.values().filter_map(|c| c.queue.front()).map(|e| e.meta.received_unix_ms).min();
         let age = oldest.map_or(0, |t| self.ctx.clock.now_unix_ms().saturating_sub(t) / 1000);
         self.ctx.metrics.queue_oldest_seconds.get_or_create(&labels).set(age as i64);

@@ -42,7 +42,7 @@
 //!   "format" -> the version of the record encodings above (`FORMAT`).
 //!
 //! Record formats: 1 stored a dead letter's reason and an unowned event's origin as text; 2
-//! stores them typed ([`DeadReason`], [`Unowned`]). A format-1 file is migrated at open, in
+//! stores them typed ([`DeadReason`], [`Unowned`]), and a waiting event's weight in bytes. A format-1 file is migrated at open, in
 //! one transaction (a crash midway leaves it format 1, migrated again at the next open).
 
 use std::path::{Path, PathBuf};
@@ -381,6 +381,18 @@ mod format1 {
     }
 
     #[derive(Deserialize)]
+    #[allow(dead_code)] // read whole, used in part
+    pub struct EventMeta {
+        pub seq: u64,
+        pub delivery_id: String,
+        pub motion: String,
+        pub account: String,
+        pub conversation: String,
+        pub received_unix_ms: u64,
+        pub attempts: u32,
+    }
+
+    #[derive(Deserialize)]
     pub struct DeadInfo {
         pub reason: String,
         pub status: Option<u16>,
@@ -414,11 +426,17 @@ impl From<format1::NewEvent> for NewEvent {
 /// the caller's transaction (which also records the new format).
 fn migrate_from_1(txn: &WriteTransaction) -> DbResult<()> {
     let mut events = txn.open_table(EVENTS)?;
+    let mut waiting = txn.open_table(WAITING)?;
     let old: Vec<(u64, Vec<u8>)> =
         events.iter()?.map(|r| r.map(|(k, v)| (k.value(), v.value().to_vec()))).collect::<Result<_, _>>()?;
     for (seq, bytes) in &old {
         let ev: NewEvent = decode::<format1::NewEvent>(bytes)?.into();
         insert_event(&mut events, *seq, &[], &ev)?;
+        let attempts = match waiting.get(*seq)? {
+            Some(m) => decode::<format1::EventMeta>(m.value())?.attempts,
+            None => 0,
+        };
+        waiting.insert(*seq, encode(&EventMeta::of(*seq, attempts, &ev))?.as_slice())?;
     }
     let mut dead = txn.open_table(DEAD)?;
     let old: Vec<(u64, Vec<u8>)> =

@@ -82,6 +82,13 @@ pub struct NewEvent {
     pub unowned: Option<Unowned>,
 }
 
+impl NewEvent {
+    /// Its body and headers in bytes: what `max_queued_bytes` and the memory budget count.
+    pub fn weight(&self) -> usize {
+        self.body.len() + self.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+    }
+}
+
 /// What the scheduler keeps in memory for each waiting event (no body, no headers).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventMeta {
@@ -92,11 +99,14 @@ pub struct EventMeta {
     pub conversation: String,
     pub received_unix_ms: u64,
     pub attempts: u32,
+    /// What the event weighs on disk: its body and headers ([`NewEvent::weight`]).
+    pub bytes: u64,
 }
 
 impl EventMeta {
     pub fn of(seq: u64, attempts: u32, ev: &NewEvent) -> EventMeta {
         EventMeta {
+            bytes: ev.weight() as u64,
             seq,
             delivery_id: ev.delivery_id.clone(),
             motion: ev.motion.clone(),
