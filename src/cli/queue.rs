@@ -2,6 +2,7 @@
 //! API (`[admin] listen`, `Authorization: Bearer {admin.token}`). Tables for people, `--json`
 //! for scripts.
 
+use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::queue::ops::{Count, Dead, Stats, Waiting};
 use bytes::Bytes;
@@ -158,9 +159,23 @@ fn print_stats(s: Stats) {
 }
 
 fn print_list(list: Vec<Waiting>) {
-    println!("{:<38} {:<16} {:<16} {:>8} {:>10}", "ID", "MOTION", "ACCOUNT", "ATTEMPTS", "AGE");
+    println!(
+        "{:<38} {:<16} {:<16} {:>8} {:>10} {:>10}  LAST ERROR",
+        "ID", "MOTION", "ACCOUNT", "ATTEMPTS", "AGE", "NEXT IN"
+    );
+    let now = SystemClock.now_unix_ms();
     for w in list {
-        println!("{:<38} {:<16} {:<16} {:>8} {:>10}", w.id, w.motion, w.account, w.attempts, secs(w.age_seconds));
+        let next = w.next_attempt_unix_ms.map_or("-".to_string(), |t| secs(t.saturating_sub(now) / 1000));
+        println!(
+            "{:<38} {:<16} {:<16} {:>8} {:>10} {:>10}  {}",
+            w.id,
+            w.motion,
+            w.account,
+            w.attempts,
+            secs(w.age_seconds),
+            next,
+            w.last_error.as_deref().unwrap_or("-")
+        );
     }
 }
 

@@ -26,6 +26,16 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::oneshot;
 
+/// One Motion's queue as the board shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MotionStatus {
+    pub depth: u64,
+    pub bytes: u64,
+    /// Since when its deliveries fail (Unix ms); None while they go through.
+    pub failing_since_unix_ms: Option<u64>,
+    pub last_errors: Vec<scheduler::LastError>,
+}
+
 /// What a delivery needs: where each Motion is and how to reach it (the current snapshot),
 /// the metrics it counts into, and "now".
 pub struct DeliveryContext {
@@ -181,6 +191,18 @@ impl Queue {
             let live = current.iter().filter(|(_, m)| m.running()).map(|(k, m)| (k.clone(), m.clone())).collect();
             self.motions.store(Arc::new(live));
         }
+    }
+
+    /// A Motion's waiting events and delivery health (None: it has no scheduler).
+    pub fn status(&self, motion: &str) -> Option<MotionStatus> {
+        let motions = self.motions.load();
+        let m = motions.get(motion)?;
+        Some(MotionStatus {
+            depth: m.depth().events(),
+            bytes: m.depth().bytes(),
+            failing_since_unix_ms: m.health().failing_since(),
+            last_errors: m.health().last_errors(),
+        })
     }
 
     /// The Motions with a running scheduler.

@@ -32,11 +32,18 @@ pub struct AccountStats {
 /// A waiting event (no body, no customer number: the list is for counting and finding, not reading).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Waiting {
+    /// Its delivery id (`X-Relay-Delivery`), which every log line about it carries.
     pub id: String,
     pub motion: String,
     pub account: String,
     pub attempts: u32,
     pub age_seconds: u64,
+    /// Why its last attempt failed, when it did.
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// When it is tried next (Unix ms), when its last attempt failed.
+    #[serde(default)]
+    pub next_attempt_unix_ms: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -109,15 +116,21 @@ impl Queue {
     pub async fn list(&self, limit: usize) -> Result<Vec<Waiting>, StoreError> {
         let pending = self.blocking(|s| s.pending()).await?;
         let now = self.ctx.clock.now_unix_ms();
+        let motions = self.motions.load();
         Ok(pending
             .into_iter()
             .take(limit)
-            .map(|m| Waiting {
-                id: m.delivery_id,
-                motion: m.motion,
-                account: m.account,
-                attempts: m.attempts,
-                age_seconds: age(now, m.received_unix_ms),
+            .map(|m| {
+                let retrying = motions.get(&m.motion).and_then(|q| q.health().retrying(&m.delivery_id));
+                Waiting {
+                    attempts: retrying.as_ref().map_or(m.attempts, |r| r.attempts.max(m.attempts)),
+                    last_error: retrying.as_ref().map(|r| r.error.clone()),
+                    next_attempt_unix_ms: retrying.map(|r| r.next_attempt_unix_ms),
+                    id: m.delivery_id,
+                    motion: m.motion,
+                    account: m.account,
+                    age_seconds: age(now, m.received_unix_ms),
+                }
             })
             .collect())
     }

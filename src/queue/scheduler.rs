@@ -51,6 +51,8 @@ enum Outcome {
     Retry {
         at_least: Option<Duration>,
         loaded: Option<Arc<NewEvent>>,
+        /// What went wrong, for the log line and the board: never a body or a number.
+        why: String,
     },
     Dead(DeadInfo),
     /// The event is no longer in the store (purged meanwhile): drop it.
@@ -92,11 +94,98 @@ impl Depth {
     }
 }
 
+/// Whether a Motion is taking its deliveries, for the log, the board and `queue list`: since
+/// when it fails, its last errors, and the events waiting out a retry. Touched only when an
+/// attempt fails or the first one after failures succeeds, never on the request path.
+#[derive(Default)]
+pub struct Health {
+    state: std::sync::Mutex<HealthState>,
+}
+
+#[derive(Default)]
+struct HealthState {
+    failing_since_unix_ms: Option<u64>,
+    last_errors: VecDeque<LastError>,
+    retrying: HashMap<String, Retrying>,
+}
+
+/// One failed attempt (or dead letter), as the board shows it: no body, no number.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LastError {
+    pub delivery_id: String,
+    pub reason: String,
+    pub at_unix_ms: u64,
+}
+
+/// An event waiting out a retry: its last error and when it is tried next.
+#[derive(Clone, Debug)]
+pub struct Retrying {
+    pub error: String,
+    pub next_attempt_unix_ms: u64,
+    pub attempts: u32,
+}
+
+/// Last errors kept per Motion.
+const LAST_ERRORS: usize = 5;
+
+impl Health {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An attempt failed (`next`: when it is retried; None: it became a dead letter). The first
+    /// failure after a success is logged at warn, the next ones are not.
+    fn failed(&self, motion: &str, delivery_id: &str, reason: String, now: u64, next: Option<u64>, attempts: u32) {
+        let mut s = self.lock();
+        if s.failing_since_unix_ms.is_none() {
+            s.failing_since_unix_ms = Some(now);
+            tracing::warn!(motion, delivery = delivery_id, "Motion is failing; its deliveries are retried: {reason}");
+        }
+        if let Some(next_attempt_unix_ms) = next {
+            let r = Retrying { error: reason.clone(), next_attempt_unix_ms, attempts };
+            s.retrying.insert(delivery_id.to_string(), r);
+        }
+        if s.last_errors.len() == LAST_ERRORS {
+            s.last_errors.pop_front();
+        }
+        s.last_errors.push_back(LastError { delivery_id: delivery_id.to_string(), reason, at_unix_ms: now });
+    }
+
+    /// An attempt went through: a failing Motion has recovered (logged at info, with what waits).
+    fn delivered(&self, motion: &str, delivery_id: &str, waiting: u64) {
+        let mut s = self.lock();
+        s.retrying.remove(delivery_id);
+        if s.failing_since_unix_ms.take().is_some() {
+            tracing::info!(motion, delivery = delivery_id, waiting, "Motion recovered; delivering what waits");
+        }
+    }
+
+    fn forget(&self, delivery_id: &str) {
+        self.lock().retrying.remove(delivery_id);
+    }
+
+    /// Since when the Motion fails (None: its last attempt went through).
+    pub fn failing_since(&self) -> Option<u64> {
+        self.lock().failing_since_unix_ms
+    }
+
+    /// The last errors, oldest first.
+    pub fn last_errors(&self) -> Vec<LastError> {
+        self.lock().last_errors.iter().cloned().collect()
+    }
+
+    /// The retry state of a waiting event, if its last attempt failed.
+    pub fn retrying(&self, delivery_id: &str) -> Option<Retrying> {
+        self.lock().retrying.get(delivery_id).cloned()
+    }
+}
+
 /// The handle the rest of the relay holds.
 #[derive(Clone)]
 pub struct MotionQueue {
     tx: mpsc::UnboundedSender<Msg>,
     depth: Arc<Depth>,
+    health: Arc<Health>,
 }
 
 impl MotionQueue {
@@ -110,12 +199,14 @@ impl MotionQueue {
     ) -> MotionQueue {
         let (tx, rx) = mpsc::unbounded_channel();
         let depth = Arc::new(Depth::default());
+        let health = Arc::new(Health::default());
         let s = Scheduler {
             name: name.into(),
             ctx,
             store,
             tx: tx.clone(),
             depth: depth.clone(),
+            health: health.clone(),
             convs: HashMap::new(),
             ready: VecDeque::new(),
             timers: BinaryHeap::new(),
@@ -125,11 +216,15 @@ impl MotionQueue {
             cached_bytes: 0,
         };
         runtime.spawn(s.run(rx));
-        MotionQueue { tx, depth }
+        MotionQueue { tx, depth, health }
     }
 
     pub fn depth(&self) -> &Depth {
         &self.depth
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.health
     }
 
     /// False once the scheduler ended (stopped, or its Motion left the config and it held
@@ -157,6 +252,7 @@ struct Scheduler {
     store: Arc<dyn QueueStore>,
     tx: mpsc::UnboundedSender<Msg>,
     depth: Arc<Depth>,
+    health: Arc<Health>,
     convs: HashMap<Arc<str>, Conv>,
     /// Conversations whose head may be attempted now (each at most once).
     ready: VecDeque<Arc<str>>,
@@ -283,7 +379,11 @@ impl Scheduler {
                 // good: it counts as a failed attempt, retried later like any other.
                 let outcome = std::panic::AssertUnwindSafe(job.attempt()).catch_unwind().await.unwrap_or_else(|_| {
                     tracing::error!(%motion, "a delivery attempt panicked; it will be retried");
-                    Outcome::Retry { at_least: Some(Duration::from_secs(30)), loaded: None }
+                    Outcome::Retry {
+                        at_least: Some(Duration::from_secs(30)),
+                        loaded: None,
+                        why: "internal error".into(),
+                    }
                 });
                 let _ = tx.send(Msg::Done { conv: key, outcome });
             });
@@ -309,12 +409,17 @@ impl Scheduler {
                     self.cached_bytes -= cached_weight(&e);
                     self.delivered.push(e.meta.seq);
                     self.depth.remove(&e.meta);
+                    if matches!(outcome, Outcome::Delivered) {
+                        self.health.delivered(&self.name, &e.meta.delivery_id, self.depth.events());
+                    } else {
+                        self.health.forget(&e.meta.delivery_id);
+                    }
                 }
                 if self.delivered.len() >= 256 {
                     self.flush().await;
                 }
             }
-            Outcome::Retry { at_least, loaded } => {
+            Outcome::Retry { at_least, loaded, why } => {
                 metric(DeliveryOutcome::Retry);
                 ctx.metrics.retries.get_or_create(&MotionLabels { motion: self.name.to_string() }).inc();
                 let Some(conv) = self.convs.get_mut(&key) else { return };
@@ -333,6 +438,9 @@ impl Scheduler {
                 // Motion's Retry-After is honoured up to retry_max: a huge value must neither
                 // overflow the clock nor hold the conversation past give_up_after.
                 let wait = at_least.map_or(wait, |a| a.min(cap).max(wait));
+                let now = ctx.clock.now_unix_ms();
+                let next = now + wait.as_millis() as u64;
+                self.health.failed(&self.name, &head.meta.delivery_id, why, now, Some(next), attempts);
                 conv.waiting = true;
                 self.timers.push(Reverse((Instant::now() + wait, key.clone())));
                 return;
@@ -347,10 +455,20 @@ impl Scheduler {
                         metric(DeliveryOutcome::Dead);
                         let labels = DeadLabels { motion: self.name.to_string(), reason: reason.label() };
                         ctx.metrics.dead_letters.get_or_create(&labels).inc();
-                        tracing::warn!(motion = %self.name, seq, "event moved to the dead letters: {reason}");
                         if let Some(e) = conv.queue.pop_front() {
+                            tracing::warn!(motion = %self.name, delivery = %e.meta.delivery_id, "event moved to the dead letters: {reason}");
                             self.cached_bytes -= cached_weight(&e);
                             self.depth.remove(&e.meta);
+                            let now = ctx.clock.now_unix_ms();
+                            self.health.failed(
+                                &self.name,
+                                &e.meta.delivery_id,
+                                reason.to_string(),
+                                now,
+                                None,
+                                e.meta.attempts + 1,
+                            );
+                            self.health.forget(&e.meta.delivery_id);
                         }
                     }
                     _ => {
@@ -460,7 +578,11 @@ impl Job {
                     died_unix_ms: now_ms(),
                 });
             }
-            return Outcome::Retry { at_least: Some(Duration::from_secs(30)), loaded: None };
+            return Outcome::Retry {
+                at_least: Some(Duration::from_secs(30)),
+                loaded: None,
+                why: format!("motion {} is not in the configuration", self.motion),
+            };
         };
         let ev = match self.cached {
             Some(ev) => ev,
@@ -470,7 +592,10 @@ impl Job {
                 match tokio::task::spawn_blocking(move || store.load(seq)).await {
                     Ok(Ok(Some(Event { ev, .. }))) => Arc::new(ev),
                     Ok(Ok(None)) => return Outcome::Gone,
-                    _ => return Outcome::Retry { at_least: Some(Duration::from_secs(5)), loaded: None },
+                    _ => {
+                        let why = "the store could not read the event".to_string();
+                        return Outcome::Retry { at_least: Some(Duration::from_secs(5)), loaded: None, why };
+                    }
                 }
             }
         };
@@ -556,8 +681,9 @@ impl Job {
                     let after_secs = snap.config.delivery.give_up_after.as_secs();
                     return dead(DeadReason::GaveUp { attempts: attempt_no, after_secs, last });
                 }
-                tracing::debug!(motion = %self.motion, delivery = %ev.delivery_id, attempt = attempt_no, "delivery failed, will retry: {}", error.as_deref().unwrap_or("error status"));
-                Outcome::Retry { at_least, loaded: Some(ev) }
+                let why = error.unwrap_or_else(|| format!("Motion answered HTTP {}", status.unwrap_or(0)));
+                tracing::debug!(motion = %self.motion, delivery = %ev.delivery_id, attempt = attempt_no, "delivery failed, will retry: {why}");
+                Outcome::Retry { at_least, loaded: Some(ev), why }
             }
         }
     }
