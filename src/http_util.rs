@@ -8,9 +8,29 @@ use http::{Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-/// Responses either carry bytes we made or stream an upstream's body through untouched (within
-/// the upstream call's deadline).
-pub type Body = Either<Full<Bytes>, Deadline<Incoming>>;
+/// Responses carry bytes we made, stream an upstream's body through untouched (within the
+/// upstream call's deadline), or stream what a channel sends (server-sent events).
+pub type Body = Either<Full<Bytes>, Either<Deadline<Incoming>, Channel>>;
+
+/// An upstream's answer body, streamed through within its deadline.
+pub fn streamed(body: Deadline<Incoming>) -> Body {
+    Either::Right(Either::Left(body))
+}
+
+/// A body made of what a channel sends, one frame each, ending when the sender is dropped.
+pub struct Channel(pub tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Channel {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        self.0.poll_recv(cx).map(|chunk| chunk.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -6,7 +6,7 @@
 use crate::config::{Account, Mode, Motion, Secret};
 use crate::deliver::{self, Attempt, AttemptError};
 use crate::event::{Part, new_delivery_id};
-use crate::http_util::{Body, Deadline, ErrorCode, Failure, fail, full, read_body, strip_hop_by_hop, text};
+use crate::http_util::{Body, Deadline, ErrorCode, Failure, fail, full, read_body, streamed, strip_hop_by_hop, text};
 use crate::metrics::{MotionLabels, VerifyLabels};
 use crate::provider::{self, AccountVerifier, Inbound, ProviderKind};
 use crate::queue::Queue;
@@ -16,7 +16,6 @@ use crate::services::Services;
 use crate::store::{Appended, NewEvent, StoreError};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Either;
 use hyper::body::Incoming;
 use std::sync::Arc;
 
@@ -277,7 +276,7 @@ async fn direct(
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            Ok(Response::from_parts(parts, Either::Right(Deadline::new(body, deadline))))
+            Ok(Response::from_parts(parts, streamed(Deadline::new(body, deadline))))
         }
         Err(e @ AttemptError::Unreachable(_)) => {
             tracing::warn!(motion = %motion.motion.name, delivery = delivery_id, "{e}");

@@ -230,6 +230,7 @@ pub async fn handle(
     let (now, dedup_window) = (services.now_unix_ms(), snap.config.delivery.dedup_window);
     let kind = app.app.provider;
     let mut events = Vec::new();
+    let mut accepted = Vec::new();
     let mut dead = Vec::new();
     for (dest, payload) in routed.parts {
         let (body, headers) = match payload {
@@ -246,6 +247,7 @@ pub async fn handle(
                     services.window.record_inbound(&t.motion.motion.name, &t.account.id, &payload.senders);
                 }
                 events.push(app_part(&t, kind, headers, body, &payload, dedup_window, now));
+                accepted.push(t);
             }
             Dest::Unknown(from) => {
                 let part = Part {
@@ -287,6 +289,9 @@ pub async fn handle(
     // Every account's part in one atomic write: a crash can never half-deliver a batch.
     if !events.is_empty() {
         queue.accept(events).await.map_err(|e| inbound::store_failed("", &e))?;
+        for t in &accepted {
+            services.count_accepted(&t.motion.motion.name, &t.account);
+        }
     }
     let (content_type, ack) = kind.ack();
     Ok(text(StatusCode::OK, content_type, ack))

@@ -159,6 +159,50 @@ pub struct Metrics {
     pub cert_loads: Family<CertLabels, Counter>,
     pub cert_expiry: Gauge,
     pub acme_failing: Gauge,
+    pub webhooks_accepted: Family<MotionLabels, Counter>,
+    pub outbound_classes: Family<ClassLabels, Counter>,
+    pub store_size: Gauge,
+}
+
+label_values! {
+    /// An HTTP status by its first digit.
+    StatusClass { Success => "2xx", Redirect => "3xx", ClientError => "4xx", ServerError => "5xx", Other => "other" }
+}
+
+impl StatusClass {
+    pub fn of(status: u16) -> StatusClass {
+        match status {
+            200..=299 => StatusClass::Success,
+            300..=399 => StatusClass::Redirect,
+            400..=499 => StatusClass::ClientError,
+            500..=599 => StatusClass::ServerError,
+            _ => StatusClass::Other,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    pub motion: String,
+    pub class: StatusClass,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub version: &'static str,
+}
+
+/// One Motion's counters since the relay started, as the board shows them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MotionTotals {
+    pub received: u64,
+    pub delivered: u64,
+    pub retries: u64,
+    pub dead_letters: u64,
+    pub rate_limited: u64,
+    pub outbound_2xx: u64,
+    pub outbound_4xx: u64,
+    pub outbound_5xx: u64,
 }
 
 impl Default for Metrics {
@@ -238,6 +282,27 @@ impl Metrics {
         let cert_loads = Family::<CertLabels, Counter>::default();
         let cert_expiry = Gauge::default();
         let acme_failing = Gauge::default();
+        let webhooks_accepted = Family::<MotionLabels, Counter>::default();
+        let outbound_classes = Family::<ClassLabels, Counter>::default();
+        let store_size = Gauge::default();
+        let build_info = Family::<VersionLabels, Gauge>::default();
+        build_info.get_or_create(&VersionLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
+        registry.register("build_info", "1, labelled with the relay's version", build_info);
+        registry.register(
+            "webhooks_accepted",
+            "Webhooks answered 2xx for a Motion (stored, or taken by Motion in direct mode), by motion",
+            webhooks_accepted.clone(),
+        );
+        registry.register(
+            "outbound_sends",
+            "Outbound sends answered, by motion and status class (2xx, 4xx, 5xx: the provider's, or the relay's refusal)",
+            outbound_classes.clone(),
+        );
+        registry.register(
+            "store_size_bytes",
+            "Size of the durable store (the embedded store's file), sampled every few seconds",
+            store_size.clone(),
+        );
         registry.register(
             "config_reloads",
             "Configuration reloads (SIGHUP, POST /admin/reload), by result (ok, refused)",
@@ -274,6 +339,9 @@ impl Metrics {
             cert_loads,
             cert_expiry,
             acme_failing,
+            webhooks_accepted,
+            outbound_classes,
+            store_size,
             requests,
             latency,
             verify_failures,
@@ -285,6 +353,29 @@ impl Metrics {
             dead_letters,
             outbound_requests,
             window_closed,
+        }
+    }
+
+    /// One Motion's counters (read from the families above; a series not seen yet reads 0).
+    pub fn motion_totals(&self, motion: &str) -> MotionTotals {
+        let m = || MotionLabels { motion: motion.to_string() };
+        let outcome =
+            |outcome| self.deliveries.get_or_create(&OutcomeLabels { motion: motion.to_string(), outcome }).get();
+        let class =
+            |class| self.outbound_classes.get_or_create(&ClassLabels { motion: motion.to_string(), class }).get();
+        let dead = ["refused", "gave_up", "no_account", "recorded"]
+            .into_iter()
+            .map(|reason| self.dead_letters.get_or_create(&DeadLabels { motion: motion.to_string(), reason }).get())
+            .sum();
+        MotionTotals {
+            received: self.webhooks_accepted.get_or_create(&m()).get(),
+            delivered: outcome(DeliveryOutcome::Delivered),
+            retries: outcome(DeliveryOutcome::Retry),
+            dead_letters: dead,
+            rate_limited: self.rate_limited.get_or_create(&m()).get(),
+            outbound_2xx: class(StatusClass::Success),
+            outbound_4xx: class(StatusClass::ClientError),
+            outbound_5xx: class(StatusClass::ServerError),
         }
     }
 

@@ -13,8 +13,8 @@
 //! compared, so one Motion's token can never send for another Motion's accounts.
 
 use crate::config::{Account, Motion, WindowPolicy};
-use crate::http_util::{Body, Deadline, ErrorCode, Failure, error_chain, fail, read_body, strip_hop_by_hop};
-use crate::metrics::{OutboundLabels, WindowAction, WindowLabels};
+use crate::http_util::{Body, Deadline, ErrorCode, Failure, error_chain, fail, read_body, streamed, strip_hop_by_hop};
+use crate::metrics::{ClassLabels, OutboundLabels, StatusClass, WindowAction, WindowLabels};
 use crate::provider::sinch::oauth::TokenError;
 use crate::provider::{OutboundAuth, ct_eq};
 use crate::request::{AccessInfo, Conn, client_ip};
@@ -23,7 +23,7 @@ use crate::services::Services;
 use crate::window::{self, State};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body_util::{Either, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use std::sync::Arc;
 
@@ -54,6 +54,8 @@ pub async fn handle(
     };
     let labels = OutboundLabels { motion: t.motion.motion.name.clone(), provider: t.account.provider, status };
     services.metrics.outbound_requests.get_or_create(&labels).inc();
+    let class = ClassLabels { motion: t.motion.motion.name.clone(), class: StatusClass::of(status) };
+    services.metrics.outbound_classes.get_or_create(&class).inc();
     result
 }
 
@@ -206,7 +208,7 @@ async fn send(
     if window_closed {
         head.headers.insert(X_RELAY_WINDOW, HeaderValue::from_static("closed"));
     }
-    Ok(Response::from_parts(head, Either::Right(Deadline::idle(body, deadline, timeout))))
+    Ok(Response::from_parts(head, streamed(Deadline::idle(body, deadline, timeout))))
 }
 
 /// 401 unless the request carries the Motion's outbound token; the message says what to fix.

@@ -81,7 +81,12 @@ impl Relay {
                 info.account = Some(account.id.as_str().into());
                 info.provider = account.provider.as_str();
                 let target = crate::inbound::Target { motion, account, forward_at, by_host };
-                crate::inbound::handle(services, snap, target, req, conn, info).await
+                let webhook = req.method() != Method::GET;
+                let answer = crate::inbound::handle(services, snap, target, req, conn, info).await;
+                if webhook && answer.as_ref().is_ok_and(|r| r.status().is_success()) {
+                    services.count_accepted(&motion.motion.name, account);
+                }
+                answer
             }
             Route::Outbound { motion, account, rest_at } => {
                 info.motion = Some(&motion.motion.name);

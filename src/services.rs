@@ -53,6 +53,13 @@ impl Services {
         self.snapshots.load_full()
     }
 
+    /// A webhook answered 2xx for this Motion's account (what the board counts as "in").
+    pub fn count_accepted(&self, motion: &str, account: &crate::config::Account) {
+        let labels = crate::metrics::MotionLabels { motion: motion.to_string() };
+        self.metrics.webhooks_accepted.get_or_create(&labels).inc();
+        account.received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Milliseconds since the Unix epoch, by the relay's clock.
     pub fn now_unix_ms(&self) -> u64 {
         self.clock.now_unix_ms()

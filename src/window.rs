@@ -112,6 +112,20 @@ impl Window {
         Ok((*e > 0).then_some(*e))
     }
 
+    /// Customers whose window is open now, by Motion and account (what the board shows).
+    pub fn open_counts(&self) -> HashMap<(String, String), u64> {
+        let since = self.now_unix_ms().saturating_sub(WINDOW.as_millis() as u64);
+        let mut out: HashMap<(String, String), u64> = HashMap::new();
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        for key in recent.iter().filter(|(_, t)| **t > since).map(|(k, _)| k) {
+            let mut parts = key.splitn(3, '\u{1f}');
+            if let (Some(m), Some(a)) = (parts.next(), parts.next()) {
+                *out.entry((m.to_string(), a.to_string())).or_default() += 1;
+            }
+        }
+        out
+    }
+
     /// Whether a free-form message to `customer` (as the outbound body spells it) of this
     /// account may go out now.
     pub async fn state(&self, motion: &str, account: &str, customer: &str) -> State {

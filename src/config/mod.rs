@@ -120,6 +120,9 @@ pub struct Account {
     pub app: Option<String>,
     pub phone_number_id: Option<String>,
     pub waba_id: Option<String>,
+    /// Not configuration: the webhooks accepted for this account since this config was loaded
+    /// (the board's per-account figure), kept here so the request path needs no lookup.
+    pub received: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Account {
@@ -683,6 +686,7 @@ impl Validator<'_> {
             app: a.app.as_ref().map(|x| x.get_ref().clone()),
             phone_number_id,
             waba_id: a.waba_id.clone(),
+            received: Default::default(),
         })
     }
 

@@ -34,6 +34,8 @@ pub struct MotionStatus {
     /// Since when its deliveries fail (Unix ms); None while they go through.
     pub failing_since_unix_ms: Option<u64>,
     pub last_errors: Vec<scheduler::LastError>,
+    /// `(account, events waiting, oldest acceptance in Unix ms)`; empty past 100,000 waiting.
+    pub accounts: Vec<(String, u64, u64)>,
 }
 
 /// What a delivery needs: where each Motion is and how to reach it (the current snapshot),
@@ -202,6 +204,7 @@ impl Queue {
             bytes: m.depth().bytes(),
             failing_since_unix_ms: m.health().failing_since(),
             last_errors: m.health().last_errors(),
+            accounts: m.health().accounts(),
         })
     }
 

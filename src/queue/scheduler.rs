@@ -107,7 +107,14 @@ struct HealthState {
     failing_since_unix_ms: Option<u64>,
     last_errors: VecDeque<LastError>,
     retrying: HashMap<String, Retrying>,
+    /// Per account: events waiting and the oldest one's acceptance (Unix ms), refreshed by the
+    /// scheduler's housekeeping.
+    accounts: Vec<(String, u64, u64)>,
 }
+
+/// Waiting events beyond which housekeeping stops counting them per account (the board then
+/// shows the Motion's totals only): the count walks every waiting event.
+const ACCOUNTS_UP_TO: u64 = 100_000;
 
 /// One failed attempt (or dead letter), as the board shows it: no body, no number.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -172,6 +179,11 @@ impl Health {
     /// The last errors, oldest first.
     pub fn last_errors(&self) -> Vec<LastError> {
         self.lock().last_errors.iter().cloned().collect()
+    }
+
+    /// Per account: `(account, events waiting, oldest acceptance in Unix ms)`.
+    pub fn accounts(&self) -> Vec<(String, u64, u64)> {
+        self.lock().accounts.clone()
     }
 
     /// The retry state of a waiting event, if its last attempt failed.
@@ -514,6 +526,18 @@ impl Scheduler {
         }
         self.ctx.metrics.queue_depth.get_or_create(&labels).set(self.depth.events() as i64);
         let oldest = self.convs.values().filter_map(|c| c.queue.front()).map(|e| e.meta.received_unix_ms).min();
+        let accounts = if self.depth.events() <= ACCOUNTS_UP_TO {
+            let mut by: HashMap<&str, (u64, u64)> = HashMap::new();
+            for e in self.convs.values().flat_map(|c| c.queue.iter()) {
+                let a = by.entry(e.meta.account.as_str()).or_insert((0, u64::MAX));
+                a.0 += 1;
+                a.1 = a.1.min(e.meta.received_unix_ms);
+            }
+            by.into_iter().map(|(a, (n, oldest))| (a.to_string(), n, oldest)).collect()
+        } else {
+            Vec::new()
+        };
+        self.health.lock().accounts = accounts;
         let age = oldest.map_or(0, |t| self.ctx.clock.now_unix_ms().saturating_sub(t) / 1000);
         self.ctx.metrics.queue_oldest_seconds.get_or_create(&labels).set(age as i64);
         Continue::Yes

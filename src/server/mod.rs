@@ -5,7 +5,7 @@
 
 mod listen;
 
-use crate::admin;
+use crate::admin::Admin;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::control::{self, Control, Started};
@@ -148,12 +148,13 @@ pub async fn start_with(config: Config, stores: Stores, clock: Arc<dyn Clock>) -
     if let Some(addr) = admin_addr {
         let (listener, bound) = bind(addr, "admin").await?;
         running.admin = Some(bound);
-        let control = control.clone();
+        let admin = Admin::new(control.clone());
+        tasks.spawn(admin.clone().sample(running.stopping()));
         let serve = move |_peer: SocketAddr| {
-            let control = control.clone();
+            let admin = admin.clone();
             service_fn(move |req| {
-                let control = control.clone();
-                async move { Ok::<_, Infallible>(admin::handle(&control, req).await) }
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(admin.handle(req).await) }
             })
         };
         tasks.spawn(accept_loop(listener, None, serve, running.stopping(), limits));

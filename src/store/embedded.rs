@@ -690,6 +690,14 @@ impl QueueStore for EmbeddedStore {
         self.heal()
     }
 
+    fn size_bytes(&self) -> Option<u64> {
+        std::fs::metadata(&self.file).ok().map(|m| m.len())
+    }
+
+    fn backend(&self) -> &'static str {
+        "embedded"
+    }
+
     fn sync(&self) -> Result<(), StoreError> {
         self.write(Commit::Synced, |_| Ok(()))
     }

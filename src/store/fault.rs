@@ -141,6 +141,12 @@ impl QueueStore for FaultyStore {
         self.check()?;
         self.inner.prune_dedup(now_unix_ms)
     }
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    fn size_bytes(&self) -> Option<u64> {
+        self.inner.size_bytes()
+    }
     fn writable(&self) -> bool {
         !self.fail_writes.load(Ordering::SeqCst) && self.inner.writable()
     }

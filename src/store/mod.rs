@@ -209,6 +209,12 @@ pub trait QueueStore: Send + Sync + 'static {
     fn prune_dedup(&self, now_unix_ms: u64) -> Result<usize, StoreError>;
     /// Cheap check that the store can still be written (for /readyz).
     fn writable(&self) -> bool;
+    /// What the store takes on disk, where the backend can tell cheaply.
+    fn size_bytes(&self) -> Option<u64> {
+        None
+    }
+    /// The backend's name, as the board and logs show it.
+    fn backend(&self) -> &'static str;
     /// Makes everything durable (shutdown).
     fn sync(&self) -> Result<(), StoreError>;
 }

@@ -490,6 +490,14 @@ impl Tls {
         Ok(Some(start.into_stream(self.config.clone()).await?))
     }
 
+    /// The certificate served now (None while ACME has none yet).
+    pub fn info(&self) -> Option<Arc<CertInfo>> {
+        match &self.source {
+            CertSource::Files(f) => Some(f.info()),
+            CertSource::Acme(a) => a.info(),
+        }
+    }
+
     /// Reasons `/readyz` should fail: no certificate to serve, or an expired one.
     pub fn problems(&self) -> Vec<String> {
         match &self.source {

@@ -1,6 +1,9 @@
 //! The admin listener: `/healthz`, `/readyz`, `/metrics` (no auth; keep the listener on
-//! loopback), and `/admin/*` behind `Authorization: Bearer {admin.token}`. Handed the
+//! loopback), `/admin/*` behind `Authorization: Bearer {admin.token}`, and the realtime board
+//! (`board`: `/board` and `/board/events`, which also take the token as HTTP Basic). Handed the
 //! [`Control`] (reload, readiness) and, through it, the services it reports on.
+
+mod board;
 
 use crate::control::Control;
 use crate::http_util::{Body, ErrorCode, error, json, text};
@@ -9,8 +12,35 @@ use crate::queue::ops::Count;
 use crate::services::Services;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use std::sync::Arc;
 
-pub async fn handle(control: &Control, req: Request<Incoming>) -> Response<Body> {
+/// The admin listener's state: the control, and the board's history.
+pub struct Admin {
+    control: Arc<Control>,
+    board: board::Board,
+}
+
+impl Admin {
+    pub fn new(control: Arc<Control>) -> Arc<Admin> {
+        let board = board::Board::new(control.services.now_unix_ms());
+        Arc::new(Admin { control, board })
+    }
+
+    /// Samples what the board and `/metrics` show over time (per-minute traffic, the store's
+    /// size) until `stop` flips.
+    pub async fn sample(self: Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
+        board::sample(&self.board, &self.control, stop).await
+    }
+
+    pub async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        if req.uri().path() == "/board" || req.uri().path().starts_with("/board/") {
+            return board::handle(self, req).await;
+        }
+        handle(&self.control, req).await
+    }
+}
+
+async fn handle(control: &Control, req: Request<Incoming>) -> Response<Body> {
     let services = &control.services;
     let path = req.uri().path();
     match (req.method(), path) {
@@ -33,7 +63,7 @@ pub async fn handle(control: &Control, req: Request<Incoming>) -> Response<Body>
             text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", services.metrics.encode())
         }
         (_, p) if p.starts_with("/admin/") => {
-            if let Err(why) = authorize(services, &req) {
+            if let Err(why) = authorize(services, &req, TokenForms::Bearer) {
                 return error(ErrorCode::Unauthorized, why);
             }
             if let Some(rest) = p.strip_prefix("/admin/queue/") {
@@ -63,20 +93,38 @@ pub async fn handle(control: &Control, req: Request<Incoming>) -> Response<Body>
     }
 }
 
-/// Bearer-token check, with the secret comparison every token check shares (constant time,
-/// length included). Without a configured token the admin API is closed.
-fn authorize(services: &Services, req: &Request<Incoming>) -> Result<(), &'static str> {
+/// The forms in which a request may present the admin token.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TokenForms {
+    /// `Authorization: Bearer TOKEN` (the admin API).
+    Bearer,
+    /// Also HTTP Basic with any user name and the token as the password, so a browser can open
+    /// the board (its two GETs only).
+    BearerOrBasic,
+}
+
+/// The admin token check, with the secret comparison every token check shares (constant time,
+/// length included). Without a configured token the admin API and the board are closed.
+pub(crate) fn authorize(services: &Services, req: &Request<Incoming>, forms: TokenForms) -> Result<(), &'static str> {
+    use base64::Engine as _;
     let snap = services.snapshot();
     let Some(token) = &snap.config.admin.token else {
         return Err("the admin API is disabled: set [admin] token");
     };
-    let given = req
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+    let header = req.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let given = match (header.split_once(' '), forms) {
+        (Some(("Bearer", t)), _) => Some(t.as_bytes().to_vec()),
+        (Some(("Basic", b)), TokenForms::BearerOrBasic) => base64::engine::general_purpose::STANDARD
+            .decode(b.trim())
+            .ok()
+            .and_then(|pair| pair.iter().position(|c| *c == b':').map(|i| pair[i + 1..].to_vec())),
+        _ => None,
+    };
     match given {
-        Some(g) if crate::provider::ct_eq(g.as_bytes(), token.expose().as_bytes()) => Ok(()),
+        Some(g) if crate::provider::ct_eq(&g, token.expose().as_bytes()) => Ok(()),
+        _ if forms == TokenForms::BearerOrBasic => {
+            Err("missing or wrong admin token (Bearer, or Basic with the token as the password)")
+        }
         _ => Err("missing or wrong Authorization: Bearer token"),
     }
 }
