@@ -356,23 +356,25 @@ impl Metrics {
         }
     }
 
-    /// One Motion's counters (read from the families above; a series not seen yet reads 0).
+    /// One Motion's counters (read from the families above without creating a series: a
+    /// series not seen yet reads 0 and stays absent from `/metrics`).
     pub fn motion_totals(&self, motion: &str) -> MotionTotals {
+        fn read<S: Clone + std::hash::Hash + Eq>(f: &Family<S, Counter>, labels: S) -> u64 {
+            f.get(&labels).map_or(0, |c| c.get())
+        }
         let m = || MotionLabels { motion: motion.to_string() };
-        let outcome =
-            |outcome| self.deliveries.get_or_create(&OutcomeLabels { motion: motion.to_string(), outcome }).get();
-        let class =
-            |class| self.outbound_classes.get_or_create(&ClassLabels { motion: motion.to_string(), class }).get();
+        let outcome = |outcome| read(&self.deliveries, OutcomeLabels { motion: motion.to_string(), outcome });
+        let class = |class| read(&self.outbound_classes, ClassLabels { motion: motion.to_string(), class });
         let dead = ["refused", "gave_up", "no_account", "recorded"]
             .into_iter()
-            .map(|reason| self.dead_letters.get_or_create(&DeadLabels { motion: motion.to_string(), reason }).get())
+            .map(|reason| read(&self.dead_letters, DeadLabels { motion: motion.to_string(), reason }))
             .sum();
         MotionTotals {
-            received: self.webhooks_accepted.get_or_create(&m()).get(),
+            received: read(&self.webhooks_accepted, m()),
             delivered: outcome(DeliveryOutcome::Delivered),
             retries: outcome(DeliveryOutcome::Retry),
             dead_letters: dead,
-            rate_limited: self.rate_limited.get_or_create(&m()).get(),
+            rate_limited: read(&self.rate_limited, m()),
             outbound_2xx: class(StatusClass::Success),
             outbound_4xx: class(StatusClass::ClientError),
             outbound_5xx: class(StatusClass::ServerError),
