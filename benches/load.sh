@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Load test: the relay against nginx as a reverse proxy, in one interleaved run on loopback.
 #
-#   benches/load.sh [--duration 10] [--rounds 3] [--no-queue] [--no-install] [--no-build] [--keep]
+#   benches/load.sh [--duration 10] [--rounds 3] [--no-queue] [--board] [--no-install] [--no-build] [--keep]
 #
 # Run from the repository root. What it does (see /work/shared/bench/README.md for the method):
 #   - installs nginx and wrk with apt-get when missing, builds the relay and the stand-in Motion
@@ -16,6 +16,8 @@
 #       (c) wrk -> relay, direct mode -> Motion
 #       (d) wrk -> relay, queue mode ~> Motion (distinct bodies: post-unique.lua); only when the
 #           relay accepts `mode = "queue"` (see target_relay_queue below), skip with --no-queue;
+#       (f), (g) with --board: (c) and (d) again, each relay with one realtime-board client
+#           connected for the whole run (`curl -N .../board/events`): what the board costs;
 #       (e) wrk -> bare hyper proxy -> Motion  the floor of the relay's HTTP stack
 #           (examples/bench_bare_proxy.rs: tokio + hyper + hyper-util's client, served per core
 #           like the relay, with no checks, routing or headers): what the stack alone costs;
@@ -33,6 +35,7 @@ WARMUP=3
 THREADS=2
 CONNECTIONS=64
 WITH_QUEUE=auto
+WITH_BOARD=0
 INSTALL=1
 BUILD=1
 KEEP=0
@@ -46,6 +49,7 @@ while [[ $# -gt 0 ]]; do
         --connections) CONNECTIONS="$2"; shift 2 ;;
         --threads) THREADS="$2"; shift 2 ;;
         --no-queue) WITH_QUEUE=0; shift ;;
+        --board) WITH_BOARD=1; shift ;;
         --queue) WITH_QUEUE=1; shift ;;
         --no-install) INSTALL=0; shift ;;
         --no-build) BUILD=0; shift ;;
@@ -226,7 +230,7 @@ wait_port "$NGINX_HTTP_PORT" "$NGINX_PID" nginx "$NG/logs/error.log"
 # ---------------------------------------------------------------------------------------------
 # The relay
 # ---------------------------------------------------------------------------------------------
-# relay_config MODE PORT DATA_DIR: a config with one Motion ("bench") and one Kaleyra account
+# relay_config MODE PORT DATA_DIR ADMIN_PORT: a config with one Motion ("bench") and one Kaleyra account
 # ("1") checked by a shared token from X-Webhook-Token.
 relay_config() {
     cat <<EOF
@@ -242,6 +246,10 @@ path = "$3"
 [delivery]
 mode = "$1"
 
+[admin]
+listen = "127.0.0.1:$4"
+token = "bench-admin-token"
+
 [[motion]]
 name = "bench"
 url = "http://127.0.0.1:$MOTION_PORT"
@@ -254,19 +262,25 @@ EOF
 }
 WEBHOOK_PATH=/bench/api/whatsapp/accounts/1/notify
 
-# start_relay NAME MODE: writes and checks its config, starts it; sets RELAY_PORT and RELAY_PID.
+# start_relay NAME MODE [board]: writes and checks its config, starts it (with one board client
+# connected when asked); sets RELAY_PORT and RELAY_PID.
 # Returns 1 (with the reason in $TMP/NAME.check) when `check` refuses the config.
 start_relay() {
-    local name=$1 mode=$2
+    local name=$1 mode=$2 board=${3:-}
     RELAY_PORT=$(free_port)
+    RELAY_ADMIN_PORT=$(free_port)
     mkdir -p "$TMP/$name-data"
-    relay_config "$mode" "$RELAY_PORT" "$TMP/$name-data" >"$TMP/$name.toml"
+    relay_config "$mode" "$RELAY_PORT" "$TMP/$name-data" "$RELAY_ADMIN_PORT" >"$TMP/$name.toml"
     if ! "$RELAY_BIN" check --config "$TMP/$name.toml" >"$TMP/$name.check" 2>&1; then
         return 1
     fi
     start "$name" "$TMP/$name.log" env RUST_LOG=warn "$RELAY_BIN" --config "$TMP/$name.toml"
     RELAY_PID=$STARTED_PID
     wait_port "$RELAY_PORT" "$RELAY_PID" "the relay ($name)" "$TMP/$name.log"
+    if [[ -n $board ]]; then
+        start "$name-board" "$TMP/$name-board.log" curl -sN -u "bench:bench-admin-token" \
+            "http://127.0.0.1:$RELAY_ADMIN_PORT/board/events"
+    fi
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -298,6 +312,14 @@ target_relay_queue() {
 }
 [[ $WITH_QUEUE == 0 ]] || target_relay_queue
 # ================================================================================================
+
+if [[ $WITH_BOARD == 1 ]]; then
+    start_relay relay-direct-board direct board || die "the relay refuses its direct-mode config"
+    add_target "(f) = (c) with a board client" "http://127.0.0.1:$RELAY_PORT$WEBHOOK_PATH" post.lua "$RELAY_PID" 0
+    if [[ $WITH_QUEUE != 0 ]] && start_relay relay-queue-board queue board; then
+        add_target "(g) = (d) with a board client" "http://127.0.0.1:$RELAY_PORT$WEBHOOK_PATH" post-unique.lua "$RELAY_PID" 1
+    fi
+fi
 
 BARE_PORT=$(free_port)
 start bare-proxy "$TMP/bare-proxy.log" "$BARE_BIN" "$BARE_PORT" "$MOTION_PORT"

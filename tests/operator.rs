@@ -353,3 +353,52 @@ async fn a_replayed_dead_letter_gets_a_whole_give_up_after_again() {
     let (_, out, _) = queue_cli(&relay, &["stats", "--json"]);
     assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["motions"], serde_json::json!([]), "{out}");
 }
+
+/// A Motion that fails is logged once at warn with the reason, not once per attempt; its
+/// recovery once at info with what waits; and `queue list` shows each waiting event's last
+/// error and next attempt, and its delivery id, which the log lines carry too.
+#[tokio::test]
+async fn a_failing_motion_is_logged_once_and_its_recovery_once_and_queue_list_shows_why() {
+    let acme = FakeMotion::start().await;
+    acme.answer_always(Answer::status(503));
+    let relay = RelayProcess::start(&config(&acme.url(), "queue"));
+    for i in 0..3 {
+        let reply =
+            post_meta(&relay.url(META), SECRET, meta_message("1", &format!("165{i}"), &format!("wamid.f{i}"), "x"))
+                .await;
+        assert_eq!(reply.status, 200);
+    }
+    // Several attempts each (retry_max is 200 ms).
+    acme.wait_for(12, Duration::from_secs(10)).await;
+    let (code, out, err) = queue_cli(&relay, &["list", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(list.len(), 3);
+    for w in &list {
+        assert_eq!(w["last_error"], "Motion answered HTTP 503", "{w}");
+        assert!(w["next_attempt_unix_ms"].as_u64().is_some(), "{w}");
+        assert!(w["attempts"].as_u64().unwrap() >= 1, "{w}");
+    }
+    let (_, table, _) = queue_cli(&relay, &["list"]);
+    assert!(table.contains("LAST ERROR") && table.contains("Motion answered HTTP 503"), "{table}");
+
+    acme.answer_always(Answer::ok());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !relay.logs().contains("Motion recovered") {
+        assert!(std::time::Instant::now() < deadline, "no recovery line:\n{}", relay.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let logs = relay.logs();
+    let failing: Vec<&str> = logs.lines().filter(|l| l.contains("Motion is failing")).collect();
+    assert_eq!(failing.len(), 1, "one warn line, not one per attempt:\n{logs}");
+    assert!(
+        failing[0].contains("\"level\":\"WARN\"") && failing[0].contains("Motion answered HTTP 503"),
+        "{}",
+        failing[0]
+    );
+    let recovered = logs.lines().find(|l| l.contains("Motion recovered")).unwrap();
+    assert!(recovered.contains("\"level\":\"INFO\"") && recovered.contains("\"waiting\":"), "{recovered}");
+    // The first failure names its delivery id, as the access line of that webhook did.
+    let id = list.iter().map(|w| w["id"].as_str().unwrap()).find(|id| failing[0].contains(id)).expect("a delivery id");
+    assert!(logs.lines().any(|l| l.contains("\"target\":\"access\"") && l.contains(id)), "{logs}");
+}
