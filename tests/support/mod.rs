@@ -2,6 +2,7 @@
 //! receive, and a small HTTP client. Every test reads as a story built from these pieces.
 #![allow(dead_code)]
 
+pub mod pg;
 pub mod tls;
 
 use bytes::Bytes;
@@ -497,4 +498,67 @@ pub async fn stalling_motion() -> (String, std::sync::Arc<std::sync::Mutex<Vec<V
         }
     });
     (url, bodies)
+}
+
+/// Which store the relays of a story run on: the embedded file (under `{DATA}`) or a PostgreSQL
+/// server of the test's own.
+#[derive(Clone)]
+pub enum Backend {
+    Embedded,
+    Postgres(Arc<Mutex<pg::PgServer>>, String),
+}
+
+impl Backend {
+    /// A fresh PostgreSQL server for `test`, or None when PostgreSQL is missing (said loudly;
+    /// a failure under CI=true).
+    pub fn postgres(test: &str) -> Option<Backend> {
+        let server = pg::PgServer::start(test)?;
+        let url = server.url();
+        Some(Backend::Postgres(Arc::new(Mutex::new(server)), url))
+    }
+
+    /// The `[storage]` section of a relay's config (the embedded folder is `{DATA}`, which
+    /// [`RelayProcess`] fills in; with PostgreSQL it holds only the ACME cache).
+    pub fn storage(&self) -> String {
+        match self {
+            Backend::Embedded => "[storage]\npath = \"{DATA}\"\n".to_string(),
+            Backend::Postgres(_, url) => {
+                format!(
+                    "[storage]\npath = \"{{DATA}}\"\nbackend = \"postgres\"\nurl = \"{url}\"\npool = 8\ntakeover = \"6s\"\n"
+                )
+            }
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Embedded => "embedded",
+            Backend::Postgres(..) => "postgres",
+        }
+    }
+}
+
+/// Runs each named story (`async fn story(backend: Backend)`) once per backend, as
+/// `embedded::story` and `postgres::story`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($story:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test]
+                async fn $story() {
+                    super::$story(super::support::Backend::Embedded).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $story() {
+                    let Some(backend) = super::support::Backend::postgres(stringify!($story)) else { return };
+                    super::$story(backend).await
+                }
+            )*
+        }
+    };
 }
