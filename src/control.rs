@@ -227,6 +227,7 @@ struct Fixed {
     https: Option<SocketAddr>,
     admin: Option<SocketAddr>,
     storage: PathBuf,
+    backend: crate::config::StorageBackend,
     tls_files: bool,
     /// Domains, contact, directory, cache and CA, compared as one.
     acme: Option<String>,
@@ -242,6 +243,7 @@ impl Fixed {
             https: s.https,
             admin: c.admin.listen,
             storage: c.storage_path.clone(),
+            backend: c.storage.clone(),
             tls_files: s.tls.is_some(),
             acme: s.acme.as_ref().map(|a| {
                 format!("{:?} {:?} {} {} {:?}", a.domains, a.contact, a.directory, a.cache_dir.display(), a.ca_file)
@@ -267,6 +269,21 @@ impl Fixed {
         changed("[server] https", opt(self.https), opt(new.https));
         changed("[admin] listen", opt(self.admin), opt(new.admin));
         changed("[storage] path", self.storage.display().to_string(), new.storage.display().to_string());
+        let backend = |b: &crate::config::StorageBackend| match b {
+            crate::config::StorageBackend::Embedded => "embedded".to_string(),
+            crate::config::StorageBackend::Postgres(p) => {
+                format!("postgres (pool {}, takeover {:?})", p.pool, p.takeover)
+            }
+        };
+        changed("[storage] backend", backend(&self.backend), backend(&new.backend));
+        if let (crate::config::StorageBackend::Postgres(a), crate::config::StorageBackend::Postgres(b)) =
+            (&self.backend, &new.backend)
+        {
+            // Never printed: the URL holds a password.
+            if a.url != b.url {
+                changed("[storage] url", "its value at start".into(), "a new value".into());
+            }
+        }
         let source = |f: &Fixed| {
             if f.tls_files {
                 "[server.tls]"

@@ -3,6 +3,7 @@
 //! Loading binds nothing and starts nothing, so `check` and reload can validate alone.
 
 mod error;
+pub mod pg_url;
 mod schema;
 pub mod secret;
 pub mod units;
@@ -28,7 +29,9 @@ pub struct Config {
     pub path: PathBuf,
     pub server: Server,
     pub admin: Admin,
+    /// The embedded store's folder (and the ACME cache's default parent, whatever the backend).
     pub storage_path: PathBuf,
+    pub storage: StorageBackend,
     pub delivery: Delivery,
     pub outbound_timeout: Duration,
     pub motions: Vec<Arc<Motion>>,
@@ -67,6 +70,30 @@ pub struct Acme {
     pub cache_dir: PathBuf,
     pub ca_file: Option<PathBuf>,
 }
+
+/// `[storage] backend`: where the queue, dead letters, dedup keys and windows live.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StorageBackend {
+    /// One relay, a redb file under `[storage] path` (the default).
+    Embedded,
+    /// Any number of relays sharing one PostgreSQL database.
+    Postgres(PostgresStorage),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PostgresStorage {
+    /// `postgres://user:pass@host:port/db?sslmode=disable|require|verify-full&sslrootcert=PATH`,
+    /// parsed (it holds the password: its Debug does not show it).
+    pub url: pg_url::PgUrl,
+    /// Connections per relay.
+    pub pool: u32,
+    /// How soon another relay resumes a dead relay's conversations.
+    pub takeover: Duration,
+}
+
+/// Bounds of `[storage] pool` and `takeover`, given in the error when a value is outside them.
+pub const POOL_RANGE: std::ops::RangeInclusive<i64> = 2..=1000;
+pub const TAKEOVER_RANGE: std::ops::RangeInclusive<Duration> = Duration::from_secs(3)..=Duration::from_secs(600);
 
 #[derive(Debug)]
 pub struct Admin {
@@ -271,6 +298,7 @@ impl Validator<'_> {
     fn config(mut self, f: schema::File) -> R<Config> {
         let mut server = self.server(&f.server)?;
         let storage_path = PathBuf::from(f.storage.path.as_deref().unwrap_or("/var/lib/whatsapp-relay"));
+        let storage = self.storage(&f.storage)?;
         if let Some(acme) = server.acme.as_mut().filter(|a| a.cache_dir.as_os_str().is_empty()) {
             acme.cache_dir = storage_path.join("acme");
         }
@@ -329,6 +357,7 @@ impl Validator<'_> {
             server,
             admin,
             storage_path,
+            storage,
             delivery,
             outbound_timeout: f.outbound.timeout.map_or(Duration::from_secs(30), |x| x.0),
             motions,
@@ -425,6 +454,79 @@ impl Validator<'_> {
             tls,
             acme,
         })
+    }
+
+    fn storage(&mut self, s: &schema::Storage) -> R<StorageBackend> {
+        let postgres = match &s.backend {
+            None => false,
+            Some(b) => match b.get_ref().as_str() {
+                "embedded" => false,
+                "postgres" => true,
+                other => {
+                    return self
+                        .err(b.span(), format!("unknown storage backend {other:?}: use \"embedded\" or \"postgres\""));
+                }
+            },
+        };
+        if !postgres {
+            let unused = [
+                s.url.as_ref().map(|v| ("url", v.span())),
+                s.pool.as_ref().map(|v| ("pool", v.span())),
+                s.takeover.as_ref().map(|v| ("takeover", v.span())),
+            ];
+            for (key, span) in unused.into_iter().flatten() {
+                self.warn(
+                    span,
+                    format!("[storage] {key} is unused with the embedded backend (set backend = \"postgres\")"),
+                );
+            }
+            return Ok(StorageBackend::Embedded);
+        }
+        let backend_span = s.backend.as_ref().map(|b| b.span()).unwrap_or_default();
+        let Some(url_ref) = &s.url else {
+            return self.err(
+                backend_span,
+                "[storage] backend = \"postgres\" needs url, a secret holding the database URL \
+                 (e.g. url = \"env:WHATSAPP_RELAY_PG_URL\" with postgres://user:pass@host:5432/relay?sslmode=verify-full)",
+            );
+        };
+        let url = self.secret(url_ref)?;
+        let url = match pg_url::parse(url.expose()) {
+            Ok(u) => u,
+            // The message never repeats the URL: it holds a password.
+            Err(e) => return self.err(url_ref.span(), format!("[storage] url: {e}")),
+        };
+        let pool = match &s.pool {
+            None => 16,
+            Some(p) if POOL_RANGE.contains(p.get_ref()) => *p.get_ref() as u32,
+            Some(p) => {
+                return self.err(
+                    p.span(),
+                    format!(
+                        "[storage] pool = {} is out of range: connections per relay, {} to {}",
+                        p.get_ref(),
+                        POOL_RANGE.start(),
+                        POOL_RANGE.end()
+                    ),
+                );
+            }
+        };
+        let takeover = match &s.takeover {
+            None => Duration::from_secs(15),
+            Some(t) if TAKEOVER_RANGE.contains(&t.get_ref().0) => t.get_ref().0,
+            Some(t) => {
+                return self.err(
+                    t.span(),
+                    format!(
+                        "[storage] takeover = {:?} is out of range: from {:?} to {:?} (a dead relay's conversations wait this long)",
+                        t.get_ref().0,
+                        TAKEOVER_RANGE.start(),
+                        TAKEOVER_RANGE.end()
+                    ),
+                );
+            }
+        };
+        Ok(StorageBackend::Postgres(PostgresStorage { url, pool, takeover }))
     }
 
     fn readable(&self, p: &S<String>) -> R<PathBuf> {
@@ -749,7 +851,14 @@ impl Config {
             opt(self.admin.listen)
         );
         let _ = writeln!(out, "public_url: {}", s.public_url.as_deref().unwrap_or("-"));
-        let _ = writeln!(out, "storage: {}", self.storage_path.display());
+        match &self.storage {
+            StorageBackend::Embedded => {
+                let _ = writeln!(out, "storage: embedded, {}", self.storage_path.display());
+            }
+            StorageBackend::Postgres(p) => {
+                let _ = writeln!(out, "storage: postgres, pool {}, takeover {:?}", p.pool, p.takeover);
+            }
+        }
         let _ = writeln!(out, "delivery: mode {}, timeout {:?}", self.delivery.mode, self.delivery.timeout);
         let accounts: usize = self.motions.iter().map(|m| m.accounts.len()).sum();
         let _ = writeln!(

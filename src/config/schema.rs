@@ -73,6 +73,10 @@ pub struct Admin {
 #[serde(deny_unknown_fields)]
 pub struct Storage {
     pub path: Option<String>,
+    pub backend: Option<S<String>>,
+    pub url: Option<S<String>>,
+    pub pool: Option<S<i64>>,
+    pub takeover: Option<S<Dur>>,
 }
 
 #[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

@@ -254,4 +254,28 @@ fn a_rate_limit_on_a_motion_with_twilio_accounts_is_a_warning() {
     let c = parse_str(&twilio).unwrap();
     let w = c.warnings.iter().find(|w| w.contains("Twilio")).expect("a warning");
     assert!(w.starts_with("relay.toml:8:14:") && w.contains("does not retry a 429"), "{w}");
+#[test]
+fn storage_backend_postgres_needs_a_url_and_sane_values() {
+    let c = parse_str(BASE).unwrap();
+    assert_eq!(c.storage, StorageBackend::Embedded);
+    let e = err(&format!("[storage]\nbackend = \"postgres\"\n{BASE}"));
+    assert!(e.starts_with("relay.toml:2:11:") && e.contains("needs url"), "{e}");
+    let e = err(&format!("[storage]\nbackend = \"mysql\"\n{BASE}"));
+    assert!(e.starts_with("relay.toml:2:11:") && e.contains("\"embedded\" or \"postgres\""), "{e}");
+    let pg = "[storage]\nbackend = \"postgres\"\nurl = \"postgres://relay:pw@db:5432/relay?sslmode=disable\"\n";
+    let c = parse_str(&format!("{pg}{BASE}")).unwrap();
+    let StorageBackend::Postgres(p) = &c.storage else { panic!("postgres") };
+    assert_eq!((p.pool, p.takeover), (16, Duration::from_secs(15)));
+    assert!(c.summary().contains("storage: postgres, pool 16"), "{}", c.summary());
+    let e = err(&format!("{pg}pool = 0\n{BASE}"));
+    assert!(e.starts_with("relay.toml:4:8:") && e.contains("2 to 1000"), "{e}");
+    let e = err(&format!("{pg}takeover = \"100ms\"\n{BASE}"));
+    assert!(e.starts_with("relay.toml:4:12:") && e.contains("out of range"), "{e}");
+    let e = err(&format!("{pg}takeover = \"1d\"\n{BASE}"));
+    assert!(e.contains("out of range"), "{e}");
+    let e = err(&format!("[storage]\nbackend = \"postgres\"\nurl = \"postgres://relay:hunter2@db/relay\"\n{BASE}"));
+    assert!(e.starts_with("relay.toml:3:7:") && e.contains("sslmode") && !e.contains("hunter2"), "{e}");
+    // Postgres keys without the backend are pointed out, not silently ignored.
+    let c = parse_str(&format!("[storage]\npool = 4\n{BASE}")).unwrap();
+    assert!(c.warnings.iter().any(|w| w.contains("pool is unused")), "{:?}", c.warnings);
 }
