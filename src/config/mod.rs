@@ -77,7 +77,7 @@ pub enum StorageBackend {
     /// One relay, a redb file under `[storage] path` (the default).
     Embedded,
     /// Any number of relays sharing one PostgreSQL database.
-    Postgres(PostgresStorage),
+    Postgres(Box<PostgresStorage>),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -526,7 +526,7 @@ impl Validator<'_> {
                 );
             }
         };
-        Ok(StorageBackend::Postgres(PostgresStorage { url, pool, takeover }))
+        Ok(StorageBackend::Postgres(Box::new(PostgresStorage { url, pool, takeover })))
     }
 
     fn readable(&self, p: &S<String>) -> R<PathBuf> {
