@@ -98,7 +98,12 @@ impl Window {
     /// The last inbound time recorded for `key`, if any.
     async fn last(&self, key: &str) -> Result<Option<u64>, crate::store::StoreError> {
         if let Some(&t) = self.recent.lock().unwrap_or_else(|e| e.into_inner()).get(key) {
-            return Ok((t > 0).then_some(t));
+            // Another relay sharing the store may have seen the customer since: only an open
+            // window is taken from memory then.
+            let open = t > 0 && self.now_unix_ms().saturating_sub(t) < WINDOW.as_millis() as u64;
+            if open || !self.store.shared() {
+                return Ok((t > 0).then_some(t));
+            }
         }
         let store = self.store.clone();
         let k = key.to_string();

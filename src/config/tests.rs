@@ -254,6 +254,8 @@ fn a_rate_limit_on_a_motion_with_twilio_accounts_is_a_warning() {
     let c = parse_str(&twilio).unwrap();
     let w = c.warnings.iter().find(|w| w.contains("Twilio")).expect("a warning");
     assert!(w.starts_with("relay.toml:8:14:") && w.contains("does not retry a 429"), "{w}");
+}
+
 #[test]
 fn storage_backend_postgres_needs_a_url_and_sane_values() {
     let c = parse_str(BASE).unwrap();

@@ -9,6 +9,10 @@
 //!
 //! Takes from the rest of the relay only a [`DeliveryContext`]: the routing snapshot (each
 //! Motion's URL, client and delivery settings), the metrics and the clock.
+//!
+//! With a store other relays share, it schedules only what the store's [`Leases`] grant this
+//! relay, and follows the store's news: events other relays stored (announced, and looked for
+//! every second in case an announcement was missed) and changed leases (a full look).
 
 pub mod ops;
 pub mod retry;
@@ -17,7 +21,7 @@ mod scheduler;
 use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::routing::Snapshots;
-use crate::store::{Appended, EventMeta, GroupCommit, NewEvent, QueueStore, StoreError};
+use crate::store::{Appended, EventMeta, GroupCommit, Leases, NewEvent, News, QueueStore, StoreError};
 use arc_swap::ArcSwap;
 pub use scheduler::DirectAnswer;
 use scheduler::MotionQueue;
@@ -53,6 +57,7 @@ const STOP_WAIT: Duration = Duration::from_secs(5);
 
 pub struct Queue {
     store: Arc<dyn QueueStore>,
+    leases: Arc<dyn Leases>,
     commit: GroupCommit,
     motions: ArcSwap<HashMap<String, MotionQueue>>,
     // Serialises creation of schedulers only (start, reload, first event of a new Motion).
@@ -81,6 +86,7 @@ impl Queue {
             });
             Queue {
                 commit: GroupCommit::with_hook(store.clone(), on_commit),
+                leases: store.leases(),
                 store,
                 motions: ArcSwap::from_pointee(HashMap::new()),
                 create: Mutex::new(()),
@@ -89,10 +95,14 @@ impl Queue {
                 waiters: Mutex::new(HashMap::new()),
             }
         });
-        let pending = queue.store.pending()?;
+        let news = queue.leases.news();
+        let (top, pending) = match news {
+            Some(_) => queue.store.pending_after(0)?,
+            None => (0, queue.store.pending()?),
+        };
         let resumed = pending.len();
         for meta in pending {
-            queue.motion(&meta.motion).enqueue(meta, None, None);
+            queue.enqueue(meta, None, None);
         }
         for m in ctx.snapshots.load().table.motions() {
             queue.motion(&m.motion.name);
@@ -101,6 +111,9 @@ impl Queue {
             tracing::info!(events = resumed, "resuming undelivered events from the store");
         }
         tokio::spawn(prune_dedup(Arc::downgrade(&queue)));
+        if let Some(news) = news {
+            tokio::spawn(follow(Arc::downgrade(&queue), news, top));
+        }
         Ok(queue)
     }
 
@@ -122,7 +135,13 @@ impl Queue {
         if let Some(m) = current.get(name).filter(|m| m.running()) {
             return m.clone();
         }
-        let m = MotionQueue::spawn(&self.runtime, name.to_string(), self.ctx.clone(), self.store.clone());
+        let m = MotionQueue::spawn(
+            &self.runtime,
+            name.to_string(),
+            self.ctx.clone(),
+            self.store.clone(),
+            self.leases.clone(),
+        );
         let mut next = (*current).clone();
         next.insert(name.to_string(), m.clone());
         self.motions.store(Arc::new(next));
@@ -171,14 +190,23 @@ impl Queue {
             let waiter = self.waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&ev.delivery_id);
             if let Appended::Stored(seq) = r {
                 let meta = EventMeta::of(*seq, 0, &ev);
-                self.motion(&ev.motion).enqueue(meta, Some(Arc::new(ev)), waiter);
+                self.enqueue(meta, Some(Arc::new(ev)), waiter);
             }
+        }
+    }
+
+    /// Hands a stored event to its Motion's scheduler if this relay holds its conversation
+    /// (its holder hears of it from the store otherwise; an `auto` waiter is then answered with
+    /// the acknowledgement, by dropping it).
+    fn enqueue(&self, meta: EventMeta, cached: Option<Arc<NewEvent>>, waiter: Option<scheduler::Waiter>) {
+        if self.leases.holds(&meta.motion, &meta.conversation) {
+            self.motion(&meta.motion).enqueue(meta, cached, waiter);
         }
     }
 
     /// Schedules an event that is already stored (a replayed dead letter).
     pub fn schedule(&self, meta: EventMeta) {
-        self.motion(&meta.motion).enqueue(meta, None, None);
+        self.enqueue(meta, None, None);
     }
 
     /// After a reload: creates schedulers for Motions it added and forgets those that ended
@@ -227,6 +255,42 @@ impl Queue {
         self.commit.close();
         if let Err(e) = self.store.sync() {
             tracing::error!("final store sync failed: {e}");
+        }
+        // Nothing is in flight any more: the other relays may take over at once.
+        self.leases.release();
+    }
+}
+
+/// Follows a shared store: events other relays stored for conversations this relay holds, and
+/// changed leases (then every scheduler drops what it lost and the whole queue is looked at
+/// again for what it gained). `seen` is the seq up to which the store was looked at.
+async fn follow(queue: Weak<Queue>, mut news: tokio::sync::watch::Receiver<News>, mut seen: u64) {
+    let mut last = *news.borrow_and_update();
+    loop {
+        // Announcements wake it at once; the timeout covers one that was missed.
+        if let Ok(Err(_)) = tokio::time::timeout(Duration::from_secs(1), news.changed()).await {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let Some(q) = queue.upgrade() else { return };
+        let now = *news.borrow_and_update();
+        let full = now.epoch != last.epoch;
+        if full {
+            for m in q.motions.load().values() {
+                m.leases_changed();
+            }
+        }
+        let store = q.store.clone();
+        let after = if full { 0 } else { seen };
+        match tokio::task::spawn_blocking(move || store.pending_after(after)).await {
+            Ok(Ok((top, metas))) => {
+                last = now;
+                seen = seen.max(top);
+                for meta in metas {
+                    q.enqueue(meta, None, None);
+                }
+            }
+            Ok(Err(e)) => tracing::debug!("could not look at the shared queue: {e}"),
+            Err(_) => {}
         }
     }
 }

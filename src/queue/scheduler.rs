@@ -2,17 +2,23 @@
 //! (no locks), keeps them per conversation in acceptance order, and runs deliveries: at most
 //! one in flight per conversation (that is what keeps order), at most `delivery.concurrency`
 //! per Motion. A conversation whose head is failing waits out its backoff alone; the others go on.
+//!
+//! With several relays on one store, the scheduler attempts only the conversations the store's
+//! [`Leases`] grant this relay at that moment; when the grant changes it drops what it no longer
+//! holds (an attempt in flight finishes first) and is handed what it gained. Events it was handed
+//! twice (from its own commit and from a look at the store) are kept once: it knows every seq it
+//! holds, delivered ones included until their removal from the store is written.
 
 use super::DeliveryContext;
 use super::retry::{Verdict, backoff, classify};
 use crate::deliver::{self, Attempt, AttemptError};
 use crate::metrics::{DeadLabels, DeliveryOutcome, MotionLabels, OutcomeLabels};
-use crate::store::{DeadInfo, DeadReason, Event, EventMeta, MAX_ANSWER, NewEvent, QueueStore};
+use crate::store::{DeadInfo, DeadReason, Event, EventMeta, Leases, MAX_ANSWER, NewEvent, QueueStore};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body_util::BodyExt;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -44,6 +50,8 @@ enum Msg {
     },
     /// Stop delivering; answer on the channel once delivered events are pruned from the store.
     Stop(std::sync::mpsc::Sender<()>),
+    /// The conversations this relay holds changed: drop those it lost, resume those parked.
+    LeasesChanged,
 }
 
 enum Outcome {
@@ -64,6 +72,10 @@ struct Conv {
     queue: VecDeque<Entry>,
     busy: bool,
     waiting: bool,
+    /// Ready, but not held by this relay when its turn came: resumed when the leases change.
+    parked: bool,
+    /// No longer held: dropped once its attempt in flight ends.
+    lost: bool,
 }
 
 /// What one Motion has waiting: events and their bytes, read on the request path for
@@ -208,6 +220,7 @@ impl MotionQueue {
         name: String,
         ctx: Arc<DeliveryContext>,
         store: Arc<dyn QueueStore>,
+        leases: Arc<dyn Leases>,
     ) -> MotionQueue {
         let (tx, rx) = mpsc::unbounded_channel();
         let depth = Arc::new(Depth::default());
@@ -216,6 +229,8 @@ impl MotionQueue {
             name: name.into(),
             ctx,
             store,
+            leases,
+            known: HashSet::new(),
             tx: tx.clone(),
             depth: depth.clone(),
             health: health.clone(),
@@ -250,6 +265,11 @@ impl MotionQueue {
         let _ = self.tx.send(Msg::Enqueue(Entry { meta, cached, waiter }));
     }
 
+    /// Tells the scheduler that the conversations this relay holds changed.
+    pub fn leases_changed(&self) {
+        let _ = self.tx.send(Msg::LeasesChanged);
+    }
+
     /// Asks the scheduler to stop; the receiver hears once it has pruned what it delivered.
     pub fn stop(&self) -> std::sync::mpsc::Receiver<()> {
         let (done, heard) = std::sync::mpsc::channel();
@@ -262,6 +282,10 @@ struct Scheduler {
     name: Arc<str>,
     ctx: Arc<DeliveryContext>,
     store: Arc<dyn QueueStore>,
+    leases: Arc<dyn Leases>,
+    /// Every seq this scheduler holds: waiting, in flight, or delivered and not yet removed
+    /// from the store (an event handed over again meanwhile must not be sent again).
+    known: HashSet<u64>,
     tx: mpsc::UnboundedSender<Msg>,
     depth: Arc<Depth>,
     health: Arc<Health>,
@@ -313,7 +337,11 @@ impl Scheduler {
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(Msg::Enqueue(e)) => self.enqueue(e),
-                    Some(Msg::Done { conv, outcome }) => self.done(conv, outcome).await,
+                    Some(Msg::Done { conv, outcome }) => {
+                        self.done(conv.clone(), outcome).await;
+                        self.drop_if_lost(&conv);
+                    }
+                    Some(Msg::LeasesChanged) => self.leases_changed(),
                     Some(Msg::Stop(done)) => {
                         self.flush().await;
                         let _ = done.send(());
@@ -335,6 +363,11 @@ impl Scheduler {
     }
 
     fn enqueue(&mut self, mut e: Entry) {
+        if !self.known.insert(e.meta.seq) {
+            // Handed over twice (its commit, then a look at the store): kept once.
+            self.depth.remove(&e.meta);
+            return;
+        }
         let key: Arc<str> = e.meta.conversation.as_str().into();
         let conv = self.convs.entry(key.clone()).or_default();
         if !conv.queue.is_empty() {
@@ -345,7 +378,11 @@ impl Scheduler {
             e.cached = None;
         }
         e.cached = keep_cached(&mut self.cached_bytes, e.cached.take());
-        conv.queue.push_back(e);
+        // Seq order within the conversation: events stored by other relays may be handed over
+        // after later ones (never before the head in flight).
+        let from = usize::from(conv.busy);
+        let at = conv.queue.range(from..).position(|x| x.meta.seq > e.meta.seq).map_or(conv.queue.len(), |i| i + from);
+        conv.queue.insert(at, e);
         if conv.queue.len() == 1 && !conv.busy && !conv.waiting {
             self.ready.push_back(key);
         }
@@ -372,6 +409,14 @@ impl Scheduler {
         while self.in_flight < limit {
             let Some(key) = self.ready.pop_front() else { break };
             let Some(conv) = self.convs.get_mut(&key) else { continue };
+            if conv.busy || conv.queue.is_empty() {
+                continue;
+            }
+            if !self.leases.holds(&self.name, &key) {
+                // Another relay's (or no one's while the leases cannot be renewed): wait.
+                conv.parked = true;
+                continue;
+            }
             let Some(head) = conv.queue.front_mut() else { continue };
             conv.busy = true;
             self.in_flight += 1;
@@ -481,6 +526,7 @@ impl Scheduler {
                                 e.meta.attempts + 1,
                             );
                             self.health.forget(&e.meta.delivery_id);
+                            self.known.remove(&e.meta.seq);
                         }
                     }
                     _ => {
@@ -507,9 +553,57 @@ impl Scheduler {
         }
         let (seqs, attempts) = (std::mem::take(&mut self.delivered), std::mem::take(&mut self.attempts));
         let store = self.store.clone();
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.progress(&seqs, &attempts)).await {
-            // Not fatal: the events are redelivered after a restart (at-least-once).
-            tracing::warn!(motion = %self.name, "could not prune delivered events: {e}");
+        let done = seqs.clone();
+        match tokio::task::spawn_blocking(move || store.progress(&seqs, &attempts)).await {
+            Ok(Ok(())) => {
+                for seq in done {
+                    self.known.remove(&seq);
+                }
+            }
+            Ok(Err(e)) => {
+                // Not fatal (at-least-once), but tried again with the next flush: until then a
+                // look at the store still finds them and must not send them again.
+                tracing::warn!(motion = %self.name, "could not prune delivered events: {e}");
+                self.delivered.extend(done);
+            }
+            Err(_) => self.delivered.extend(done),
+        }
+    }
+
+    /// The leases changed: conversations no longer held are dropped (after their attempt in
+    /// flight), parked ones that are held again become ready.
+    fn leases_changed(&mut self) {
+        let keys: Vec<Arc<str>> = self.convs.keys().cloned().collect();
+        for key in keys {
+            let held = self.leases.holds(&self.name, &key);
+            let Some(conv) = self.convs.get_mut(&key) else { continue };
+            if held {
+                conv.lost = false;
+                if std::mem::take(&mut conv.parked) && !conv.busy && !conv.waiting && !conv.queue.is_empty() {
+                    self.ready.push_back(key);
+                }
+            } else {
+                conv.lost = true;
+                self.drop_if_lost(&key);
+            }
+        }
+    }
+
+    /// Forgets a conversation this relay no longer holds, keeping only an attempt in flight
+    /// (dropped when it ends); its holder delivers the rest.
+    fn drop_if_lost(&mut self, key: &Arc<str>) {
+        let Some(conv) = self.convs.get_mut(key) else { return };
+        if !conv.lost {
+            return;
+        }
+        let keep = usize::from(conv.busy);
+        for e in conv.queue.drain(keep..) {
+            self.known.remove(&e.meta.seq);
+            self.cached_bytes -= cached_weight(&e);
+            self.depth.remove(&e.meta);
+        }
+        if keep == 0 {
+            self.convs.remove(key);
         }
     }
 

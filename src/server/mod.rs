@@ -7,12 +7,12 @@ mod listen;
 
 use crate::admin::Admin;
 use crate::clock::{Clock, SystemClock};
-use crate::config::Config;
+use crate::config::{Config, StorageBackend};
 use crate::control::{self, Control, Started};
 use crate::relay::Relay;
 use crate::request::{Conn, Scheme};
 use crate::services::Services;
-use crate::store::{EmbeddedStore, Stores};
+use crate::store::{EmbeddedStore, PostgresStore, Stores};
 use crate::tls::{self, CertSource, FileCerts, Tls};
 use hyper::service::service_fn;
 use listen::{Limits, accept_loop, bind, serve_per_core};
@@ -57,15 +57,35 @@ impl Running {
     }
 }
 
-/// Opens the embedded store under `[storage] path`, binds every listener of `config` and starts
-/// serving. Port 0 binds an ephemeral port; the bound addresses are returned and logged.
+/// Opens the store `[storage]` names (the one place that picks a backend), binds every
+/// listener of `config` and starts serving. Port 0 binds an ephemeral port; the bound addresses
+/// are returned and logged.
 pub async fn start(config: Config) -> Result<Running, ServeError> {
-    let path = config.storage_path.clone();
-    let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&path))
-        .await
-        .map_err(|e| ServeError::Setup(e.to_string()))?
-        .map_err(|e| ServeError::Setup(format!("{e} (check [storage] path and its permissions)")))?;
-    start_with(config, Stores::of(Arc::new(store)), Arc::new(SystemClock)).await
+    let stores = open_stores(&config).await?;
+    start_with(config, stores, Arc::new(SystemClock)).await
+}
+
+/// The backend of `[storage]`, opened off the runtime's workers (disk or network I/O).
+async fn open_stores(config: &Config) -> Result<Stores, ServeError> {
+    let setup = |e: tokio::task::JoinError| ServeError::Setup(e.to_string());
+    match &config.storage {
+        StorageBackend::Embedded => {
+            let path = config.storage_path.clone();
+            let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&path))
+                .await
+                .map_err(setup)?
+                .map_err(|e| ServeError::Setup(format!("{e} (check [storage] path and its permissions)")))?;
+            Ok(Stores::of(Arc::new(store)))
+        }
+        StorageBackend::Postgres(settings) => {
+            let settings = settings.clone();
+            let store = tokio::task::spawn_blocking(move || PostgresStore::open(&settings))
+                .await
+                .map_err(setup)?
+                .map_err(|e| ServeError::Setup(format!("[storage] backend = \"postgres\": {e}")))?;
+            Ok(Stores::of(Arc::new(store)))
+        }
+    }
 }
 
 /// Like [`start`], over stores the caller opened and with its notion of "now" (tests inject

@@ -100,6 +100,12 @@ impl QueueStore for FaultyStore {
     fn pending(&self) -> Result<Vec<EventMeta>, StoreError> {
         self.inner.pending()
     }
+    fn pending_after(&self, after: u64) -> Result<(u64, Vec<EventMeta>), StoreError> {
+        self.inner.pending_after(after)
+    }
+    fn leases(&self) -> Arc<dyn super::Leases> {
+        self.inner.leases()
+    }
     fn load(&self, seq: u64) -> Result<Option<Event>, StoreError> {
         let delay = self.load_delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
@@ -167,6 +173,9 @@ impl WindowStore for FaultyStore {
     fn prune_window(&self, before_unix_ms: u64) -> Result<usize, StoreError> {
         self.check()?;
         self.window.prune_window(before_unix_ms)
+    }
+    fn shared(&self) -> bool {
+        self.window.shared()
     }
 }
 

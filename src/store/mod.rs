@@ -3,8 +3,11 @@
 //! window), plus the types that cross them.
 //!
 //! Owns: what "stored" means (synced to disk before an acknowledgement), sequence numbers,
-//! dead letters, dedup keys and the window table. Backends implement both interfaces:
-//! [`EmbeddedStore`] (redb, the default); nothing outside this module may depend on redb.
+//! dead letters, dedup keys and the window table, and which conversations this relay may
+//! deliver ([`Leases`]). Backends implement both interfaces: [`EmbeddedStore`] (redb, the
+//! default: one relay, which holds every conversation) and [`PostgresStore`] (several relays on
+//! one database, conversations held by lease); nothing outside this module may depend on redb
+//! or on PostgreSQL, or know which backend runs.
 //! [`GroupCommit`] shares one fsync among concurrent appends; `FaultyStore` (feature
 //! `test-support`) is the fault-injection seam for tests.
 //!
@@ -18,12 +21,14 @@ pub mod embedded;
 #[cfg(any(test, feature = "test-support"))]
 pub mod fault;
 pub mod group_commit;
+pub mod postgres;
 mod types;
 
 pub use embedded::EmbeddedStore;
 #[cfg(any(test, feature = "test-support"))]
 pub use fault::FaultyStore;
 pub use group_commit::GroupCommit;
+pub use postgres::PostgresStore;
 pub use types::{DeadReason, Unowned, UnownedKey};
 
 use std::path::PathBuf;
@@ -49,6 +54,46 @@ pub enum StoreError {
     Read(String),
     #[error("storage is shutting down")]
     Closed,
+    /// The shared database could not be reached in time (PostgreSQL down, failing over, or
+    /// the network cut): nothing was written.
+    #[error("storage unreachable: {0}")]
+    Unreachable(String),
+}
+
+/// Which conversations this relay may deliver now, as the backend grants them. The embedded
+/// store holds everything ([`HoldAll`]); a shared store holds conversations by lease, and one
+/// relay at a time holds each.
+pub trait Leases: Send + Sync + 'static {
+    /// Whether this relay may start a delivery attempt for this conversation now. Cheap (no
+    /// I/O): called before every attempt.
+    fn holds(&self, motion: &str, conversation: &str) -> bool;
+    /// News from the other relays: None when no other relay shares the store (nothing
+    /// changes behind this relay's back).
+    fn news(&self) -> Option<tokio::sync::watch::Receiver<News>>;
+    /// Gives every lease up at once (clean shutdown, after the last attempt ended), so the
+    /// others take over without waiting for the leases to expire.
+    fn release(&self) {}
+}
+
+/// What changed in a shared store: `epoch` moves when the conversations this relay holds
+/// change (gained, lost, or fenced off because leases could not be renewed), `appended` when
+/// another relay stored events (the highest seq announced).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct News {
+    pub epoch: u64,
+    pub appended: u64,
+}
+
+/// The embedded store's leases: one relay, every conversation.
+pub struct HoldAll;
+
+impl Leases for HoldAll {
+    fn holds(&self, _: &str, _: &str) -> bool {
+        true
+    }
+    fn news(&self) -> Option<tokio::sync::watch::Receiver<News>> {
+        None
+    }
 }
 
 /// An event to store, as accepted from a provider.
@@ -180,6 +225,18 @@ pub trait QueueStore: Send + Sync + 'static {
     fn append_dead(&self, ev: &NewEvent, info: DeadInfo) -> Result<Appended, StoreError>;
     /// Every waiting (not delivered, not dead) event, in seq order, without bodies.
     fn pending(&self) -> Result<Vec<EventMeta>, StoreError>;
+    /// The waiting events with a seq above `after`, in seq order, and a seq up to which
+    /// everything committed was seen (the `after` of the next call): a shared store's events
+    /// stored by other relays.
+    fn pending_after(&self, after: u64) -> Result<(u64, Vec<EventMeta>), StoreError> {
+        let all = self.pending()?;
+        let top = all.last().map_or(after, |m| m.seq.max(after));
+        Ok((top, all.into_iter().filter(|m| m.seq > after).collect()))
+    }
+    /// The conversations this relay may deliver (see [`Leases`]).
+    fn leases(&self) -> Arc<dyn Leases> {
+        Arc::new(HoldAll)
+    }
     fn load(&self, seq: u64) -> Result<Option<Event>, StoreError>;
     /// Removes delivered events and records attempt counts (`(seq, attempts)`; informational:
     /// `X-Relay-Attempt` after a restart), in one transaction. Not synced (a crash may
@@ -228,6 +285,10 @@ pub trait WindowStore: Send + Sync + 'static {
     /// Deletes window entries last touched before `before_unix_ms` (one entry per customer
     /// ever seen would otherwise grow forever). Returns how many.
     fn prune_window(&self, before_unix_ms: u64) -> Result<usize, StoreError>;
+    /// Whether other relays write this store too (then what one relay remembers may be stale).
+    fn shared(&self) -> bool {
+        false
+    }
 }
 
 /// The dedup key of an event: the Motion and account (account ids are unique only within one

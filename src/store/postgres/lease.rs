@@ -1,0 +1,320 @@
+//! Which relay delivers which conversations: conversations hash into [`PARTITIONS`]
+//! partitions, each held by one relay at a time through a lease row that expires unless renewed.
+//!
+//! Timing, from `takeover` (T): leases last 2T/3 and are renewed every T/6; a relay whose
+//! heartbeat is older than 2T/3 is dead, its partitions go to the live ones (spread by a fixed
+//! rule over the live relays' ids, so every relay computes the same plan) once its leases have
+//! expired: within 2T/3 + T/6 < T of its death. Fencing: a relay that has not renewed for T/2
+//! (measured on its own monotonic clock from the start of its last successful renewal, which is
+//! no later than the database's `now()` its lease expiry counts from) stops starting attempts,
+//! well before another relay may take its leases (2T/3). A partition a relay should hand over
+//! (a relay joined) is dropped locally at once and released in the database one renewal later,
+//! which leaves attempts in flight that time to finish.
+//!
+//! Also here: LISTEN for other relays' appends (NOTIFY carries the appending relay's id), and the
+//! health probe behind `/readyz`.
+//!
+//! Must never: report a partition held once its local validity has passed, or let the database
+//! clock and the local clock be compared (expiry is the database's `now()`, fencing local time).
+
+use super::connect::Connector;
+use super::schema::PARTITIONS;
+use crate::store::{Leases, News};
+use deadpool_postgres::Pool;
+use sha2::{Digest, Sha256};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// The NOTIFY channel appends announce themselves on.
+pub const CHANNEL: &str = "relay_events";
+
+/// The partition of a conversation (stable across releases: stored with every event).
+pub fn partition(motion: &str, conversation: &str) -> u32 {
+    let mut h = Sha256::new();
+    h.update((motion.len() as u64).to_le_bytes());
+    h.update(motion.as_bytes());
+    h.update(conversation.as_bytes());
+    let d = h.finalize();
+    (u64::from_le_bytes(d[..8].try_into().expect("8 bytes")) % PARTITIONS as u64) as u32
+}
+
+#[derive(Clone, Copy)]
+struct Held {
+    mask: u64,
+    valid_until: Option<Instant>,
+}
+
+pub struct PgLeases {
+    pub me: String,
+    takeover: Duration,
+    held: Mutex<Held>,
+    news: watch::Sender<News>,
+    /// Set by `release` (shutdown): the renewal loop stops taking leases.
+    leaving: AtomicBool,
+    fenced: AtomicBool,
+    pool: Pool,
+    runtime: tokio::runtime::Handle,
+}
+
+impl PgLeases {
+    pub fn new(takeover: Duration, pool: Pool, runtime: tokio::runtime::Handle) -> Arc<PgLeases> {
+        let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+        let me = format!(
+            "{}-{}-{}",
+            if host.is_empty() { "relay" } else { &host },
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        Arc::new(PgLeases {
+            me,
+            takeover,
+            held: Mutex::new(Held { mask: 0, valid_until: None }),
+            news: watch::channel(News::default()).0,
+            leaving: AtomicBool::new(false),
+            fenced: AtomicBool::new(false),
+            pool,
+            runtime,
+        })
+    }
+
+    fn lease_len(&self) -> Duration {
+        self.takeover * 2 / 3
+    }
+
+    fn tick(&self) -> Duration {
+        self.takeover / 6
+    }
+
+    fn held(&self) -> Held {
+        *self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits (at most `limit`) for the first renewal, so a starting relay resumes the
+    /// conversations it holds at once.
+    pub async fn first_grant(&self, limit: Duration) {
+        let until = Instant::now() + limit;
+        while self.held().valid_until.is_none() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Runs until `release`: renews, takes and hands over leases every T/6.
+    pub async fn run(self: Arc<Self>) {
+        let mut draining: Vec<i32> = Vec::new();
+        let mut failing = false;
+        loop {
+            if self.leaving.load(Ordering::Acquire) {
+                return;
+            }
+            let started = Instant::now();
+            match tokio::time::timeout(self.tick(), self.renew(&draining)).await {
+                Ok(Ok((mask, next_draining))) => {
+                    if failing {
+                        tracing::info!("leases renewed again; delivering");
+                        failing = false;
+                    }
+                    draining = next_draining;
+                    self.granted(mask, started + self.takeover / 2);
+                }
+                outcome => {
+                    let why = match outcome {
+                        Ok(Err(e)) => e,
+                        _ => "the database did not answer in time".to_string(),
+                    };
+                    if !failing {
+                        tracing::warn!("cannot renew conversation leases: {why}; retrying");
+                        failing = true;
+                    }
+                    self.check_fence();
+                }
+            }
+            tokio::time::sleep_until((started + self.tick()).into()).await;
+            self.check_fence();
+        }
+    }
+
+    /// One renewal, in one transaction: heartbeat, forget dead relays, plan the spread,
+    /// release what was handed over, renew and take the partitions this relay should hold.
+    /// Returns the partitions held and those to release next time.
+    async fn renew(&self, draining: &[i32]) -> Result<(u64, Vec<i32>), String> {
+        let err = |e: tokio_postgres::Error| e.to_string();
+        let mut client = self.pool.get().await.map_err(|e| e.to_string())?;
+        let tx = client.transaction().await.map_err(err)?;
+        let lease = self.lease_len().as_secs_f64();
+        tx.execute(
+            "INSERT INTO relay_nodes (id, seen, started) VALUES ($1, now(), now()) \
+             ON CONFLICT (id) DO UPDATE SET seen = now()",
+            &[&self.me],
+        )
+        .await
+        .map_err(err)?;
+        tx.execute("DELETE FROM relay_nodes WHERE seen < now() - make_interval(secs => $1)", &[&lease])
+            .await
+            .map_err(err)?;
+        let live: Vec<String> = tx
+            .query("SELECT id FROM relay_nodes ORDER BY id", &[])
+            .await
+            .map_err(err)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let index = live.iter().position(|id| *id == self.me).unwrap_or(0);
+        let target: Vec<i32> =
+            (0..PARTITIONS as usize).filter(|p| p % live.len().max(1) == index).map(|p| p as i32).collect();
+        tx.execute(
+            "UPDATE relay_leases SET holder = NULL, expires = '-infinity' \
+             WHERE holder = $1 AND part = ANY($2) AND NOT (part = ANY($3))",
+            &[&self.me, &draining, &target],
+        )
+        .await
+        .map_err(err)?;
+        let rows = tx
+            .query(
+                "UPDATE relay_leases SET holder = $1, expires = now() + make_interval(secs => $2) \
+                 WHERE part = ANY($3) AND (holder = $1 OR holder IS NULL OR expires < now()) RETURNING part",
+                &[&self.me, &lease, &target],
+            )
+            .await
+            .map_err(err)?;
+        let still: Vec<i32> = tx
+            .query("SELECT part FROM relay_leases WHERE holder = $1 AND NOT (part = ANY($2))", &[&self.me, &target])
+            .await
+            .map_err(err)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        tx.commit().await.map_err(err)?;
+        let mask = rows.iter().fold(0u64, |m, r| m | 1 << r.get::<_, i32>(0));
+        Ok((mask, still))
+    }
+
+    fn granted(&self, mask: u64, valid_until: Instant) {
+        let before = {
+            let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+            let before = *held;
+            *held = Held { mask, valid_until: Some(valid_until) };
+            before
+        };
+        let was_fenced = self.fenced.swap(false, Ordering::AcqRel);
+        if before.mask != mask || was_fenced {
+            tracing::info!(partitions = mask.count_ones(), of = PARTITIONS, "conversation leases changed");
+            self.news.send_modify(|n| n.epoch += 1);
+        }
+    }
+
+    /// Past the validity of the last renewal: stop delivering (once), and say so.
+    fn check_fence(&self) {
+        let held = self.held();
+        let expired = held.valid_until.is_some_and(|v| Instant::now() >= v);
+        if expired && held.mask != 0 && !self.fenced.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                "conversation leases not renewed for half of [storage] takeover: delivering nothing until \
+                 the database answers again (another relay may take these conversations over)"
+            );
+            self.news.send_modify(|n| n.epoch += 1);
+        }
+    }
+
+    /// Announces another relay's append (a notification with another relay's id).
+    pub fn appended_elsewhere(&self) {
+        self.news.send_modify(|n| n.appended += 1);
+    }
+
+    /// Announces something that calls for a full look at the queue (e.g. LISTEN reconnected:
+    /// notifications may have been missed).
+    pub fn resync(&self) {
+        self.news.send_modify(|n| n.epoch += 1);
+    }
+}
+
+impl Leases for PgLeases {
+    fn holds(&self, motion: &str, conversation: &str) -> bool {
+        let held = self.held();
+        held.valid_until.is_some_and(|v| Instant::now() < v) && held.mask & (1 << partition(motion, conversation)) != 0
+    }
+
+    fn news(&self) -> Option<watch::Receiver<News>> {
+        Some(self.news.subscribe())
+    }
+
+    fn release(&self) {
+        self.leaving.store(true, Ordering::Release);
+        *self.held.lock().unwrap_or_else(PoisonError::into_inner) = Held { mask: 0, valid_until: None };
+        let (pool, me) = (self.pool.clone(), self.me.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.runtime.spawn(async move {
+            let done = tokio::time::timeout(Duration::from_secs(3), async {
+                let client = pool.get().await.map_err(|e| e.to_string())?;
+                client
+                    .execute("UPDATE relay_leases SET holder = NULL, expires = '-infinity' WHERE holder = $1", &[&me])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                client.execute("DELETE FROM relay_nodes WHERE id = $1", &[&me]).await.map_err(|e| e.to_string())
+            })
+            .await;
+            let _ = tx.send(done);
+        });
+        match rx.recv_timeout(Duration::from_secs(4)) {
+            Ok(Ok(Ok(_))) => tracing::info!("conversation leases released"),
+            _ => tracing::warn!("could not release the conversation leases: the others take over when they expire"),
+        }
+    }
+}
+
+/// Listens for other relays' appends, reconnecting with a backoff of at most 5 s.
+pub async fn listen(connector: Connector, leases: Arc<PgLeases>) {
+    let mut backoff = Duration::from_millis(250);
+    let mut first = true;
+    loop {
+        if leases.leaving.load(Ordering::Acquire) {
+            return;
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        match connector.connect(Some(tx)).await {
+            Ok(client) => match client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+                Ok(()) => {
+                    backoff = Duration::from_millis(250);
+                    if !first {
+                        // Notifications sent while it was down are lost: look at the queue.
+                        leases.resync();
+                    }
+                    first = false;
+                    while let Some(n) = rx.recv().await {
+                        if n.payload() != leases.me {
+                            leases.appended_elsewhere();
+                        }
+                    }
+                    tracing::warn!("the LISTEN connection to the database broke; reconnecting");
+                }
+                Err(e) => tracing::warn!("LISTEN failed: {e}"),
+            },
+            Err(e) => tracing::debug!("cannot open the LISTEN connection: {e}"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The store's health for `/readyz`: a trivial query every second.
+pub async fn probe(pool: Pool, healthy: Arc<Mutex<Option<Instant>>>, leaving: Arc<AtomicBool>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if leaving.load(Ordering::Acquire) {
+            return;
+        }
+        let ok = tokio::time::timeout(Duration::from_secs(2), async {
+            let client = pool.get().await.ok()?;
+            client.simple_query("SELECT 1").await.ok()
+        })
+        .await;
+        let mut last = healthy.lock().unwrap_or_else(PoisonError::into_inner);
+        match ok {
+            Ok(Some(_)) => *last = Some(Instant::now()),
+            _ => *last = None,
+        }
+    }
+}
