@@ -84,10 +84,9 @@ fn relay_signature_ok(r: &Received, secret: &str) -> bool {
     hex::encode(hmac_sha256(secret, &[t.as_bytes(), b".", &r.body])) == v1
 }
 
-#[tokio::test]
-async fn a_batch_for_one_number_reaches_only_its_tenant_byte_for_byte() {
+async fn a_batch_for_one_number_reaches_only_its_tenant_byte_for_byte(backend: Backend) {
     let (a, b) = (FakeMotion::start().await, FakeMotion::start().await);
-    let relay = RelayProcess::start(&config(&a.url(), &b.url(), ""));
+    let relay = RelayProcess::start(&backend.apply(&config(&a.url(), &b.url(), "")));
     let body =
         batch(vec![("W1", vec![change("111", "16505550001", "wamid.1"), change("111", "16505550001", "wamid.2")])]);
     let reply = post_meta(&relay.url("/meta/main"), APP_SECRET, body.clone()).await;
@@ -103,10 +102,9 @@ async fn a_batch_for_one_number_reaches_only_its_tenant_byte_for_byte() {
     assert_eq!(a.count(), 1);
 }
 
-#[tokio::test]
-async fn a_batch_spanning_tenants_is_split_per_account_in_order() {
+async fn a_batch_spanning_tenants_is_split_per_account_in_order(backend: Backend) {
     let (a, b) = (FakeMotion::start().await, FakeMotion::start().await);
-    let relay = RelayProcess::start(&config(&a.url(), &b.url(), ""));
+    let relay = RelayProcess::start(&backend.apply(&config(&a.url(), &b.url(), "")));
     // Two entries: A, B in the first, A in the second.
     let body = batch(vec![
         ("W1", vec![change("111", "1650001", "wamid.A1"), change("222", "1650002", "wamid.B1")]),
@@ -142,10 +140,9 @@ async fn a_batch_spanning_tenants_is_split_per_account_in_order() {
     assert_eq!(got_b[0].uri, "/api/whatsapp/accounts/b1/notify");
 }
 
-#[tokio::test]
-async fn account_level_changes_go_once_per_motion_by_waba_id() {
+async fn account_level_changes_go_once_per_motion_by_waba_id(backend: Backend) {
     let (a, b) = (FakeMotion::start().await, FakeMotion::start().await);
-    let relay = RelayProcess::start(&config(&a.url(), &b.url(), ""));
+    let relay = RelayProcess::start(&backend.apply(&config(&a.url(), &b.url(), "")));
     let template =
         json!({"field": "message_template_status_update", "value": {"event": "APPROVED", "message_template_id": 1}});
     assert_eq!(post_meta(&relay.url("/meta/main"), APP_SECRET, batch(vec![("W1", vec![template])])).await.status, 200);
@@ -155,10 +152,9 @@ async fn account_level_changes_go_once_per_motion_by_waba_id() {
     assert_eq!((a.count(), b.count()), (1, 1), "tenant-a has two accounts on W1 but gets it once");
 }
 
-#[tokio::test]
-async fn a_forged_batch_reaches_nobody_and_the_handshake_is_answered() {
+async fn a_forged_batch_reaches_nobody_and_the_handshake_is_answered(backend: Backend) {
     let (a, b) = (FakeMotion::start().await, FakeMotion::start().await);
-    let relay = RelayProcess::start(&config(&a.url(), &b.url(), ""));
+    let relay = RelayProcess::start(&backend.apply(&config(&a.url(), &b.url(), "")));
     let body = batch(vec![("W1", vec![change("111", "1", "wamid.f")])]);
     let reply = post(&relay.url("/meta/main"), &[("x-hub-signature-256", &meta_signature("wrong", &body))], body).await;
     assert_eq!(reply.status, 401);
@@ -172,10 +168,9 @@ async fn a_forged_batch_reaches_nobody_and_the_handshake_is_answered() {
     assert_eq!(a.count() + b.count(), 0);
 }
 
-#[tokio::test]
-async fn an_unknown_number_is_a_dead_letter_replayed_once_an_account_claims_it() {
+async fn an_unknown_number_is_a_dead_letter_replayed_once_an_account_claims_it(backend: Backend) {
     let (a, b) = (FakeMotion::start().await, FakeMotion::start().await);
-    let relay = RelayProcess::start(&config(&a.url(), &b.url(), ""));
+    let relay = RelayProcess::start(&backend.apply(&config(&a.url(), &b.url(), "")));
     let admin = format!("http://{}", relay.admin.unwrap());
     let auth = [("authorization", "Bearer admin-secret")];
     let body = batch(vec![("W1", vec![change("333", "1650003", "wamid.U1"), change("111", "1650001", "wamid.K1")])]);
@@ -209,10 +204,10 @@ async fn an_unknown_number_is_a_dead_letter_replayed_once_an_account_claims_it()
     assert_eq!(dead.as_array().unwrap().len(), 0);
 }
 
-#[tokio::test]
-async fn sigkill_right_after_acknowledging_a_split_batch_loses_no_part() {
+async fn sigkill_right_after_acknowledging_a_split_batch_loses_no_part(backend: Backend) {
     let (down_a, down_b) = (dead_addr().await, dead_addr().await);
-    let relay = RelayProcess::start(&config(&format!("http://{down_a}"), &format!("http://{down_b}"), ""));
+    let relay =
+        RelayProcess::start(&backend.apply(&config(&format!("http://{down_a}"), &format!("http://{down_b}"), "")));
     let body = batch(vec![(
         "W1",
         vec![change("111", "1", "wamid.s1"), change("222", "2", "wamid.s2"), change("112", "3", "wamid.s3")],
@@ -229,13 +224,12 @@ async fn sigkill_right_after_acknowledging_a_split_batch_loses_no_part() {
     drop(relay);
 }
 
-#[tokio::test]
-async fn a_360dialog_partner_app_routes_the_same_cloud_api_shape() {
+async fn a_360dialog_partner_app_routes_the_same_cloud_api_shape(backend: Backend) {
     let (a, b) = (FakeMotion::start().await, FakeMotion::start().await);
     let cfg = config(&a.url(), &b.url(), "")
         .replace("[[meta_app]]\nname = \"main\"", "[[meta_app]]\nname = \"d360\"\nprovider = \"360dialog\"\nplatform_secret = \"partner-secret\"\n\n[[meta_app]]\nname = \"main\"")
         + "  [[motion.account]]\n  id = \"b360\"\n  provider = \"360dialog\"\n  app = \"d360\"\n  phone_number_id = \"360360\"\n";
-    let relay = RelayProcess::start(&cfg);
+    let relay = RelayProcess::start(&backend.apply(&cfg));
     let body = batch(vec![("W9", vec![change("360360", "1650009", "wamid.d1")])]);
     let sig = hex::encode(hmac_sha256("partner-secret", &[&body]));
     let reply = post(&relay.url("/meta/d360"), &[("x-360dialog-signature", &sig)], body.clone()).await;
@@ -249,10 +243,9 @@ async fn a_360dialog_partner_app_routes_the_same_cloud_api_shape() {
     assert_eq!(a.count(), 0);
 }
 
-#[tokio::test]
-async fn an_app_account_takes_nothing_on_its_own_path_not_even_a_batch_signed_for_the_app() {
+async fn an_app_account_takes_nothing_on_its_own_path_not_even_a_batch_signed_for_the_app(backend: Backend) {
     let (a, b) = (FakeMotion::start().await, FakeMotion::start().await);
-    let relay = RelayProcess::start(&config(&a.url(), &b.url(), ""));
+    let relay = RelayProcess::start(&backend.apply(&config(&a.url(), &b.url(), "")));
     // Tenant A's own batch, validly signed by Meta for the app, replayed by A to B's account path:
     // the app's secret verifies it, so only refusing the path keeps it out of B's Motion.
     let body = batch(vec![("W1", vec![change("111", "16505550001", "wamid.from-a")])]);
@@ -266,8 +259,7 @@ async fn an_app_account_takes_nothing_on_its_own_path_not_even_a_batch_signed_fo
     assert_eq!((a.count(), b.count()), (1, 0));
 }
 
-#[tokio::test]
-async fn an_apps_shared_token_never_reaches_its_tenants() {
+async fn an_apps_shared_token_never_reaches_its_tenants(backend: Backend) {
     let (a, b) = (FakeMotion::start().await, FakeMotion::start().await);
     let account = |id: &str, phone: &str| {
         format!(
@@ -280,7 +272,7 @@ async fn an_apps_shared_token_never_reaches_its_tenants() {
             "[[meta_app]]\nname = \"bsp\"\nprovider = \"360dialog\"\nshared_token = \"app-wide-token\"\n\n[[meta_app]]\nname = \"main\"",
         )
         .replace("[[motion]]\nname = \"tenant-b\"", &format!("{}\n[[motion]]\nname = \"tenant-b\"", account("a9", "998")));
-    let relay = RelayProcess::start(&cfg);
+    let relay = RelayProcess::start(&backend.apply(&cfg));
     // Whole (one account) and split (two accounts) batches alike.
     let whole = batch(vec![("W9", vec![change("999", "1650009", "wamid.t1")])]);
     let split = batch(vec![("W9", vec![change("999", "1650009", "wamid.t2"), change("998", "1650008", "wamid.t3")])]);
@@ -295,3 +287,15 @@ async fn an_apps_shared_token_never_reaches_its_tenants() {
     }
     assert!(got_b.iter().any(|r| r.headers.contains_key("x-relay-split")), "one of them was split");
 }
+
+on_both_backends!(
+    a_batch_for_one_number_reaches_only_its_tenant_byte_for_byte,
+    a_batch_spanning_tenants_is_split_per_account_in_order,
+    account_level_changes_go_once_per_motion_by_waba_id,
+    a_forged_batch_reaches_nobody_and_the_handshake_is_answered,
+    an_unknown_number_is_a_dead_letter_replayed_once_an_account_claims_it,
+    sigkill_right_after_acknowledging_a_split_batch_loses_no_part,
+    a_360dialog_partner_app_routes_the_same_cloud_api_shape,
+    an_app_account_takes_nothing_on_its_own_path_not_even_a_batch_signed_for_the_app,
+    an_apps_shared_token_never_reaches_its_tenants,
+);

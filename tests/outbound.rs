@@ -474,8 +474,7 @@ window_policy = "enforce"
 }
 
 /// The window is durable: a customer who wrote before a restart can still be answered after it.
-#[tokio::test]
-async fn the_window_survives_a_restart() {
+async fn the_window_survives_a_restart(backend: Backend) {
     let provider = FakeMotion::start().await;
     let motion = FakeMotion::start().await;
     let text = format!(
@@ -500,7 +499,7 @@ window_policy = "enforce"
         motion.url(),
         provider.url()
     );
-    let mut relay = RelayProcess::start(&text);
+    let mut relay = RelayProcess::start(&backend.apply(&text));
     let reply = post(
         &relay.url("/acme/api/whatsapp/accounts/12/notify"),
         &[("x-webhook-token", "kaleyra-hook"), ("content-type", "application/json")],
@@ -528,3 +527,5 @@ window_policy = "enforce"
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].headers["api-key"], "kaleyra-key", "the relay's key replaces the client's");
 }
+
+on_both_backends!(the_window_survives_a_restart);

@@ -67,11 +67,10 @@ fn assert_in_order_per_conversation(got: &[Received]) -> usize {
     dups
 }
 
-#[tokio::test]
-async fn motion_down_then_up_every_acknowledged_webhook_arrives_in_order() {
+async fn motion_down_then_up_every_acknowledged_webhook_arrives_in_order(backend: Backend) {
     let down = dead_addr().await;
     let globex = FakeMotion::start().await;
-    let relay = RelayProcess::start(&config(&format!("http://{down}"), &globex.url(), ""));
+    let relay = RelayProcess::start(&backend.apply(&config(&format!("http://{down}"), &globex.url(), "")));
 
     for i in 0..200 {
         let body =
@@ -92,12 +91,11 @@ async fn motion_down_then_up_every_acknowledged_webhook_arrives_in_order() {
     }
 }
 
-#[tokio::test]
-async fn a_failing_motion_is_retried_with_the_same_delivery_id() {
+async fn a_failing_motion_is_retried_with_the_same_delivery_id(backend: Backend) {
     let acme = FakeMotion::start().await;
     acme.script([Answer::status(500), Answer::status(503), Answer::ok()]);
     let globex = FakeMotion::start().await;
-    let relay = RelayProcess::start(&config(&acme.url(), &globex.url(), ""));
+    let relay = RelayProcess::start(&backend.apply(&config(&acme.url(), &globex.url(), "")));
     let reply = post_meta(&relay.url(ACME), SECRET, meta_message("1", "16505550000", "wamid.x", "0")).await;
     assert_eq!(reply.status, 200);
     let got = acme.wait_for(3, Duration::from_secs(10)).await;
@@ -111,12 +109,11 @@ async fn a_failing_motion_is_retried_with_the_same_delivery_id() {
     assert!(got.iter().all(|r| r.body == got[0].body));
 }
 
-#[tokio::test]
-async fn motion_refusing_with_a_4xx_is_not_retried() {
+async fn motion_refusing_with_a_4xx_is_not_retried(backend: Backend) {
     let acme = FakeMotion::start().await;
     acme.script([Answer::status(404)]);
     let globex = FakeMotion::start().await;
-    let relay = RelayProcess::start(&config(&acme.url(), &globex.url(), ""));
+    let relay = RelayProcess::start(&backend.apply(&config(&acme.url(), &globex.url(), "")));
     post_meta(&relay.url(ACME), SECRET, meta_message("1", "16505550000", "wamid.a", "0")).await;
     post_meta(&relay.url(ACME), SECRET, meta_message("1", "16505550000", "wamid.b", "1")).await;
     // The 404'd event goes to the dead letters; the next one of the conversation follows.
@@ -129,13 +126,12 @@ async fn motion_refusing_with_a_4xx_is_not_retried() {
     assert!(text.contains("whatsapp_relay_dead_letters_total{motion=\"acme\",reason=\"refused\"} 1"), "{text}");
 }
 
-#[tokio::test]
-async fn sigkill_mid_stream_loses_nothing_acknowledged() {
+async fn sigkill_mid_stream_loses_nothing_acknowledged(backend: Backend) {
     let down = dead_addr().await;
     let globex = FakeMotion::start().await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(&format!("http://{down}"), &globex.url(), "");
-    let relay = RelayProcess::start_in(dir, &cfg);
+    let relay = RelayProcess::start_in(dir, &backend.apply(&cfg));
     let url = relay.url(ACME);
 
     // 50 conversations, 10 messages each, sent concurrently; each conversation waits for its ack.
@@ -190,11 +186,11 @@ async fn sigkill_mid_stream_loses_nothing_acknowledged() {
     eprintln!("SIGKILL story: {acked_count} acknowledged, {} received, {dups} duplicates", got.len());
 }
 
-#[tokio::test]
-async fn a_full_motion_gets_503_while_others_flow() {
+async fn a_full_motion_gets_503_while_others_flow(backend: Backend) {
     let down = dead_addr().await;
     let globex = FakeMotion::start().await;
-    let relay = RelayProcess::start(&config(&format!("http://{down}"), &globex.url(), "max_queued = 5"));
+    let relay =
+        RelayProcess::start(&backend.apply(&config(&format!("http://{down}"), &globex.url(), "max_queued = 5")));
     for i in 0..5 {
         let reply = post_meta(&relay.url(ACME), SECRET, meta_message("1", "1", &format!("w{i}"), &i.to_string())).await;
         assert_eq!(reply.status, 200);
@@ -214,8 +210,7 @@ async fn a_full_motion_gets_503_while_others_flow() {
     globex.wait_for(20, Duration::from_secs(10)).await;
 }
 
-#[tokio::test]
-async fn twilio_gets_empty_twiml_and_sigterm_keeps_undelivered_events() {
+async fn twilio_gets_empty_twiml_and_sigterm_keeps_undelivered_events(backend: Backend) {
     let down = dead_addr().await;
     let cfg = format!(
         r#"
@@ -236,7 +231,7 @@ url = "http://{down}"
   auth_token = "12345"
 "#
     );
-    let mut relay = RelayProcess::start(&cfg);
+    let mut relay = RelayProcess::start(&backend.apply(&cfg));
     let body = fixture("twilio-inbound.form");
     let url = "https://chat.example.com/acme/api/whatsapp/accounts/12/notify";
     let sig = twilio_signature("12345", url, &body);
@@ -260,11 +255,10 @@ url = "http://{down}"
     drop(relay);
 }
 
-#[tokio::test]
-async fn a_motion_that_stalls_mid_answer_does_not_hold_the_conversation() {
+async fn a_motion_that_stalls_mid_answer_does_not_hold_the_conversation(backend: Backend) {
     let (acme, bodies) = stalling_motion().await;
     let globex = FakeMotion::start().await;
-    let relay = RelayProcess::start(&config(&acme, &globex.url(), ""));
+    let relay = RelayProcess::start(&backend.apply(&config(&acme, &globex.url(), "")));
     for (i, wamid) in ["wamid.s0", "wamid.s1"].into_iter().enumerate() {
         let reply = post_meta(&relay.url(ACME), SECRET, meta_message("1", "16505550000", wamid, &i.to_string())).await;
         assert_eq!(reply.status, 200);
@@ -281,3 +275,13 @@ async fn a_motion_that_stalls_mid_answer_does_not_hold_the_conversation() {
     assert_eq!(got.len(), 2, "the 200 was not retried");
     assert_eq!(meta_customer_and_text(&got[1]).1, "1");
 }
+
+on_both_backends!(
+    motion_down_then_up_every_acknowledged_webhook_arrives_in_order,
+    a_failing_motion_is_retried_with_the_same_delivery_id,
+    motion_refusing_with_a_4xx_is_not_retried,
+    sigkill_mid_stream_loses_nothing_acknowledged,
+    a_full_motion_gets_503_while_others_flow,
+    twilio_gets_empty_twiml_and_sigterm_keeps_undelivered_events,
+    a_motion_that_stalls_mid_answer_does_not_hold_the_conversation,
+);

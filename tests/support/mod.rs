@@ -530,6 +530,13 @@ impl Backend {
         }
     }
 
+    /// `config` with its `[storage]` section (`path = "{DATA}"`) written for this backend.
+    pub fn apply(&self, config: &str) -> String {
+        let embedded = "[storage]\npath = \"{DATA}\"\n";
+        assert!(config.contains(embedded), "the story's config has no [storage] section to rewrite");
+        config.replacen(embedded, &self.storage(), 1)
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Backend::Embedded => "embedded",
