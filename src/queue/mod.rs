@@ -58,6 +58,14 @@ const STOP_WAIT: Duration = Duration::from_secs(5);
 pub struct Queue {
     store: Arc<dyn QueueStore>,
     leases: Arc<dyn Leases>,
+    /// Every waiting event up to this seq has been handed to its scheduler (u64::MAX when no
+    /// other relay shares the store); what new schedulers start from.
+    seen: std::sync::atomic::AtomicU64,
+    /// The lease epoch `seen` was reached in.
+    seen_epoch: std::sync::atomic::AtomicU64,
+    /// Asks `follow` to look at the store now (an event was stored here: events stored just
+    /// before it elsewhere must be handed over before it goes).
+    poke: Arc<tokio::sync::Notify>,
     commit: GroupCommit,
     motions: ArcSwap<HashMap<String, MotionQueue>>,
     // Serialises creation of schedulers only (start, reload, first event of a new Motion).
@@ -87,6 +95,9 @@ impl Queue {
             Queue {
                 commit: GroupCommit::with_hook(store.clone(), on_commit),
                 leases: store.leases(),
+                seen: std::sync::atomic::AtomicU64::new(u64::MAX),
+                seen_epoch: std::sync::atomic::AtomicU64::new(0),
+                poke: Default::default(),
                 store,
                 motions: ArcSwap::from_pointee(HashMap::new()),
                 create: Mutex::new(()),
@@ -96,11 +107,16 @@ impl Queue {
             }
         });
         let news = queue.leases.news();
+        let epoch = news.as_ref().map_or(0, |n| n.borrow().epoch);
         let (top, pending) = match news {
             Some(_) => queue.store.pending_after(0)?,
             None => (0, queue.store.pending()?),
         };
         let resumed = pending.len();
+        if news.is_some() {
+            queue.seen.store(top, std::sync::atomic::Ordering::Release);
+            queue.seen_epoch.store(epoch, std::sync::atomic::Ordering::Release);
+        }
         for meta in pending {
             queue.enqueue(meta, None, None);
         }
@@ -141,6 +157,10 @@ impl Queue {
             self.ctx.clone(),
             self.store.clone(),
             self.leases.clone(),
+            (
+                self.seen.load(std::sync::atomic::Ordering::Acquire),
+                self.seen_epoch.load(std::sync::atomic::Ordering::Acquire),
+            ),
         );
         let mut next = (*current).clone();
         next.insert(name.to_string(), m.clone());
@@ -186,6 +206,9 @@ impl Queue {
 
     /// Hands freshly stored events to their schedulers (writer thread, commit order).
     fn schedule_stored(&self, events: Vec<NewEvent>, results: &[Appended]) {
+        if self.seen.load(std::sync::atomic::Ordering::Acquire) != u64::MAX {
+            self.poke.notify_one();
+        }
         for (ev, r) in events.into_iter().zip(results) {
             let waiter = self.waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&ev.delivery_id);
             if let Appended::Stored(seq) = r {
@@ -266,10 +289,16 @@ impl Queue {
 /// again for what it gained). `seen` is the seq up to which the store was looked at.
 async fn follow(queue: Weak<Queue>, mut news: tokio::sync::watch::Receiver<News>, mut seen: u64) {
     let mut last = *news.borrow_and_update();
+    let Some(poke) = queue.upgrade().map(|q| q.poke.clone()) else { return };
     loop {
-        // Announcements wake it at once; the timeout covers one that was missed.
-        if let Ok(Err(_)) = tokio::time::timeout(Duration::from_secs(1), news.changed()).await {
-            tokio::time::sleep(Duration::from_secs(1)).await;
+        // Announcements and this relay's own appends wake it at once; the timeout covers an
+        // announcement that was missed.
+        tokio::select! {
+            changed = news.changed() => if changed.is_err() {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            },
+            _ = poke.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         let Some(q) = queue.upgrade() else { return };
         let now = *news.borrow_and_update();
@@ -287,6 +316,12 @@ async fn follow(queue: Weak<Queue>, mut news: tokio::sync::watch::Receiver<News>
                 seen = seen.max(top);
                 for meta in metas {
                     q.enqueue(meta, None, None);
+                }
+                // After what it handed over, in each scheduler's order of messages.
+                q.seen.store(seen, std::sync::atomic::Ordering::Release);
+                q.seen_epoch.store(now.epoch, std::sync::atomic::Ordering::Release);
+                for m in q.motions.load().values() {
+                    m.seen(seen, now.epoch);
                 }
             }
             Ok(Err(e)) => tracing::debug!("could not look at the shared queue: {e}"),

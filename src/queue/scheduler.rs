@@ -52,6 +52,12 @@ enum Msg {
     Stop(std::sync::mpsc::Sender<()>),
     /// The conversations this relay holds changed: drop those it lost, resume those parked.
     LeasesChanged,
+    /// Every waiting event with a seq up to this one (of the conversations held) has been
+    /// handed over, in this lease epoch: later ones may go.
+    Seen {
+        seq: u64,
+        epoch: u64,
+    },
 }
 
 enum Outcome {
@@ -221,6 +227,7 @@ impl MotionQueue {
         ctx: Arc<DeliveryContext>,
         store: Arc<dyn QueueStore>,
         leases: Arc<dyn Leases>,
+        (seen, seen_epoch): (u64, u64),
     ) -> MotionQueue {
         let (tx, rx) = mpsc::unbounded_channel();
         let depth = Arc::new(Depth::default());
@@ -231,6 +238,9 @@ impl MotionQueue {
             store,
             leases,
             known: HashSet::new(),
+            seen,
+            seen_epoch,
+            parked: Vec::new(),
             tx: tx.clone(),
             depth: depth.clone(),
             health: health.clone(),
@@ -270,6 +280,11 @@ impl MotionQueue {
         let _ = self.tx.send(Msg::LeasesChanged);
     }
 
+    /// Tells the scheduler that every waiting event up to `seq` has been handed to it.
+    pub fn seen(&self, seq: u64, epoch: u64) {
+        let _ = self.tx.send(Msg::Seen { seq, epoch });
+    }
+
     /// Asks the scheduler to stop; the receiver hears once it has pruned what it delivered.
     pub fn stop(&self) -> std::sync::mpsc::Receiver<()> {
         let (done, heard) = std::sync::mpsc::channel();
@@ -283,6 +298,15 @@ struct Scheduler {
     ctx: Arc<DeliveryContext>,
     store: Arc<dyn QueueStore>,
     leases: Arc<dyn Leases>,
+    /// Events up to this seq have all been handed over (u64::MAX when no other relay shares
+    /// the store). One with a higher seq waits: an event another relay stored just before it,
+    /// for the same conversation, may not have been handed over yet.
+    seen: u64,
+    /// The lease epoch of the last look at the store: a conversation granted in a later epoch
+    /// (just gained) waits for a look in its epoch.
+    seen_epoch: u64,
+    /// Conversations that could not go when their turn came (not held, or not yet `seen`).
+    parked: Vec<Arc<str>>,
     /// Every seq this scheduler holds: waiting, in flight, or delivered and not yet removed
     /// from the store (an event handed over again meanwhile must not be sent again).
     known: HashSet<u64>,
@@ -342,6 +366,11 @@ impl Scheduler {
                         self.drop_if_lost(&conv);
                     }
                     Some(Msg::LeasesChanged) => self.leases_changed(),
+                    Some(Msg::Seen { seq, epoch }) => {
+                        self.seen = self.seen.max(seq);
+                        self.seen_epoch = self.seen_epoch.max(epoch);
+                        self.unpark();
+                    }
                     Some(Msg::Stop(done)) => {
                         self.flush().await;
                         let _ = done.send(());
@@ -412,9 +441,13 @@ impl Scheduler {
             if conv.busy || conv.queue.is_empty() {
                 continue;
             }
-            if !self.leases.holds(&self.name, &key) {
-                // Another relay's (or no one's while the leases cannot be renewed): wait.
-                conv.parked = true;
+            let unseen = conv.queue.front().is_some_and(|h| h.meta.seq > self.seen);
+            if unseen || self.leases.grant(&self.name, &key) != Some(self.seen_epoch) {
+                // Another relay's (or no one's while the leases cannot be renewed), or events
+                // stored before it elsewhere may still be on their way here: wait.
+                if !std::mem::replace(&mut conv.parked, true) {
+                    self.parked.push(key);
+                }
                 continue;
             }
             let Some(head) = conv.queue.front_mut() else { continue };
@@ -579,12 +612,20 @@ impl Scheduler {
             let Some(conv) = self.convs.get_mut(&key) else { continue };
             if held {
                 conv.lost = false;
-                if std::mem::take(&mut conv.parked) && !conv.busy && !conv.waiting && !conv.queue.is_empty() {
-                    self.ready.push_back(key);
-                }
             } else {
                 conv.lost = true;
                 self.drop_if_lost(&key);
+            }
+        }
+        self.unpark();
+    }
+
+    /// Parked conversations become ready again (dispatch parks those that still cannot go).
+    fn unpark(&mut self) {
+        for key in std::mem::take(&mut self.parked) {
+            let Some(conv) = self.convs.get_mut(&key) else { continue };
+            if std::mem::take(&mut conv.parked) && !conv.busy && !conv.waiting && !conv.queue.is_empty() {
+                self.ready.push_back(key);
             }
         }
     }

@@ -66,7 +66,12 @@ pub enum StoreError {
 pub trait Leases: Send + Sync + 'static {
     /// Whether this relay may start a delivery attempt for this conversation now. Cheap (no
     /// I/O): called before every attempt.
-    fn holds(&self, motion: &str, conversation: &str) -> bool;
+    fn holds(&self, motion: &str, conversation: &str) -> bool {
+        self.grant(motion, conversation).is_some()
+    }
+    /// Like `holds`, with the lease epoch (`News::epoch`) the grant belongs to, read together:
+    /// a conversation just gained may only go once the queue was looked at in that epoch.
+    fn grant(&self, motion: &str, conversation: &str) -> Option<u64>;
     /// News from the other relays: None when no other relay shares the store (nothing
     /// changes behind this relay's back).
     fn news(&self) -> Option<tokio::sync::watch::Receiver<News>>;
@@ -88,8 +93,8 @@ pub struct News {
 pub struct HoldAll;
 
 impl Leases for HoldAll {
-    fn holds(&self, _: &str, _: &str) -> bool {
-        true
+    fn grant(&self, _: &str, _: &str) -> Option<u64> {
+        Some(0)
     }
     fn news(&self) -> Option<tokio::sync::watch::Receiver<News>> {
         None

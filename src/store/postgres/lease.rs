@@ -44,6 +44,9 @@ pub fn partition(motion: &str, conversation: &str) -> u32 {
 struct Held {
     mask: u64,
     valid_until: Option<Instant>,
+    /// Moves with every change of `mask` or validity (under the same lock: a reader that sees
+    /// a new grant sees its epoch).
+    epoch: u64,
 }
 
 pub struct PgLeases {
@@ -70,7 +73,7 @@ impl PgLeases {
         Arc::new(PgLeases {
             me,
             takeover,
-            held: Mutex::new(Held { mask: 0, valid_until: None }),
+            held: Mutex::new(Held { mask: 0, valid_until: None, epoch: 0 }),
             news: watch::channel(News::default()).0,
             leaving: AtomicBool::new(false),
             fenced: AtomicBool::new(false),
@@ -191,17 +194,27 @@ impl PgLeases {
     }
 
     fn granted(&self, mask: u64, valid_until: Instant) {
-        let before = {
-            let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-            let before = *held;
-            *held = Held { mask, valid_until: Some(valid_until) };
-            before
-        };
         let was_fenced = self.fenced.swap(false, Ordering::AcqRel);
-        if before.mask != mask || was_fenced {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let changed = held.mask != mask || was_fenced || held.valid_until.is_none();
+        held.mask = mask;
+        held.valid_until = Some(valid_until);
+        if changed {
+            held.epoch += 1;
+            let epoch = held.epoch;
+            drop(held);
             tracing::info!(partitions = mask.count_ones(), of = PARTITIONS, "conversation leases changed");
-            self.news.send_modify(|n| n.epoch += 1);
+            self.news.send_modify(|n| n.epoch = epoch);
         }
+    }
+
+    /// A new epoch: what this relay holds (or may know of it) changed.
+    fn bump(&self) {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        held.epoch += 1;
+        let epoch = held.epoch;
+        drop(held);
+        self.news.send_modify(|n| n.epoch = epoch);
     }
 
     /// Past the validity of the last renewal: stop delivering (once), and say so.
@@ -213,7 +226,7 @@ impl PgLeases {
                 "conversation leases not renewed for half of [storage] takeover: delivering nothing until \
                  the database answers again (another relay may take these conversations over)"
             );
-            self.news.send_modify(|n| n.epoch += 1);
+            self.bump();
         }
     }
 
@@ -225,14 +238,15 @@ impl PgLeases {
     /// Announces something that calls for a full look at the queue (e.g. LISTEN reconnected:
     /// notifications may have been missed).
     pub fn resync(&self) {
-        self.news.send_modify(|n| n.epoch += 1);
+        self.bump();
     }
 }
 
 impl Leases for PgLeases {
-    fn holds(&self, motion: &str, conversation: &str) -> bool {
+    fn grant(&self, motion: &str, conversation: &str) -> Option<u64> {
         let held = self.held();
-        held.valid_until.is_some_and(|v| Instant::now() < v) && held.mask & (1 << partition(motion, conversation)) != 0
+        let valid = held.valid_until.is_some_and(|v| Instant::now() < v);
+        (valid && held.mask & (1 << partition(motion, conversation)) != 0).then_some(held.epoch)
     }
 
     fn news(&self) -> Option<watch::Receiver<News>> {
@@ -241,7 +255,10 @@ impl Leases for PgLeases {
 
     fn release(&self) {
         self.leaving.store(true, Ordering::Release);
-        *self.held.lock().unwrap_or_else(PoisonError::into_inner) = Held { mask: 0, valid_until: None };
+        {
+            let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+            (held.mask, held.valid_until) = (0, None);
+        }
         let (pool, me) = (self.pool.clone(), self.me.clone());
         let (tx, rx) = std::sync::mpsc::channel();
         self.runtime.spawn(async move {
