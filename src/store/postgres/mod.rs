@@ -638,6 +638,10 @@ impl QueueStore for PostgresStore {
         probe && writes
     }
 
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
     fn sync(&self) -> Result<(), StoreError> {
         // A synced commit flushes the WAL up to it, and so every cheap commit before it.
         self.write(|inner| async move {
