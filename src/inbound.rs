@@ -187,12 +187,13 @@ async fn queued_answer(
     let queue = &services.queue;
     over_max_queued(queue, motion)?;
     let labels = MotionLabels { motion: motion.name.clone() };
+    let delivery = ev.delivery_id.clone();
     let accepted = if auto {
         queue.accept_waiting(ev).await.map(|(appended, rx)| (appended, Some(rx)))
     } else {
         queue.accept(vec![ev]).await.map(|mut r| (r.remove(0), None))
     };
-    let (appended, waiter) = accepted.map_err(|e| store_failed(&motion.name, &e))?;
+    let (appended, waiter) = accepted.map_err(|e| store_failed(&motion.name, &delivery, &e))?;
     if appended == Appended::Duplicate {
         services.metrics.dedup_hits.get_or_create(&labels).inc();
     }
@@ -240,8 +241,8 @@ pub(crate) fn over_max_queued(queue: &Queue, motion: &Motion) -> Result<(), Fail
 }
 
 /// 503 when the store refused a write: never acknowledge what is not on disk.
-pub(crate) fn store_failed(motion: &str, e: &StoreError) -> Failure {
-    tracing::error!(motion, "could not store a webhook: {e}");
+pub(crate) fn store_failed(motion: &str, delivery: &str, e: &StoreError) -> Failure {
+    tracing::error!(motion, delivery, "could not store a webhook: {e}");
     Failure::new(ErrorCode::Unavailable, "the relay cannot store events right now; retry later")
 }
 

@@ -241,7 +241,8 @@ pub async fn handle(
         let payload = kind.payload(Some("application/json"), &body);
         match dest {
             Dest::Account(t) => {
-                inbound::admit(services, &t.motion)?;
+                // No rate limit here: the batch is one webhook of the operator's own app, stored
+                // atomically; refusing it for one tenant's limit would refuse every tenant in it.
                 inbound::over_max_queued(queue, &t.motion.motion)?;
                 if t.motion.motion.tracks_window() {
                     services.window.record_inbound(&t.motion.motion.name, &t.account.id, &payload.senders);
@@ -269,6 +270,7 @@ pub async fn handle(
     // acknowledgement and redelivers; dedup keys make the second try store each part once.
     for ev in dead {
         let from = ev.unowned.as_ref().map(|u| u.to_string()).unwrap_or_default();
+        let delivery = ev.delivery_id.clone();
         let store = queue.store().clone();
         let info = DeadInfo {
             reason: DeadReason::NoAccount,
@@ -280,15 +282,16 @@ pub async fn handle(
         match tokio::task::spawn_blocking(move || store.append_dead(&ev, info)).await {
             Ok(Ok(_)) => {
                 services.metrics.unknown_numbers.get_or_create(&AppLabels { app: app.app.name.clone() }).inc();
-                tracing::warn!(meta_app = %app.app.name, "changes for an unknown number kept as a dead letter ({from})");
+                tracing::warn!(meta_app = %app.app.name, delivery, "changes for an unknown number kept as a dead letter ({from})");
             }
-            Ok(Err(e)) => return Err(inbound::store_failed("", &e)),
+            Ok(Err(e)) => return Err(inbound::store_failed("", &delivery, &e)),
             Err(e) => return fail(ErrorCode::Unavailable, e.to_string()),
         }
     }
     // Every account's part in one atomic write: a crash can never half-deliver a batch.
     if !events.is_empty() {
-        queue.accept(events).await.map_err(|e| inbound::store_failed("", &e))?;
+        let ids: Vec<String> = events.iter().map(|e| e.delivery_id.clone()).collect();
+        queue.accept(events).await.map_err(|e| inbound::store_failed("", &ids.join(","), &e))?;
         for t in &accepted {
             services.count_accepted(&t.motion.motion.name, &t.account);
         }

@@ -40,11 +40,31 @@ pub struct Board {
     streams: AtomicUsize,
     /// Per Motion, the (in, out) totals at the start of each of the last minutes, oldest first.
     history: Mutex<HashMap<String, VecDeque<(u64, u64)>>>,
+    /// The last snapshot and when it was built: every open stream shares one a second.
+    latest: Mutex<Option<(Instant, Arc<str>)>>,
 }
 
 impl Board {
-    pub fn new(_now_unix_ms: u64) -> Board {
-        Board { started: Instant::now(), streams: AtomicUsize::new(0), history: Mutex::new(HashMap::new()) }
+    pub fn new() -> Board {
+        Board {
+            started: Instant::now(),
+            streams: AtomicUsize::new(0),
+            history: Mutex::new(HashMap::new()),
+            latest: Mutex::new(None),
+        }
+    }
+
+    /// The snapshot as an event's text, built at most once a second whatever the number of
+    /// streams. Blocking (it reads the window's map and the store's state): call it off the
+    /// runtime's workers.
+    fn shared_snapshot(&self, control: &Control) -> Arc<str> {
+        let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, text)) = latest.as_ref().filter(|(at, _)| at.elapsed() < Duration::from_millis(900)) {
+            return text.clone();
+        }
+        let text: Arc<str> = format!("data: {}\n\n", self.snapshot(control)).into();
+        *latest = Some((Instant::now(), text.clone()));
+        text
     }
 
     /// Records the current totals as the start of a new minute.
@@ -182,6 +202,10 @@ pub async fn handle(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Body
         "/board" | "/board/events" => {}
         _ => return error(ErrorCode::NotFound, "no such board resource"),
     }
+    if control.services.snapshot().config.admin.token.is_none() {
+        // No prompt for a password that cannot exist.
+        return hardened(error(ErrorCode::NotFound, "the board is disabled: set [admin] token"));
+    }
     if let Err(why) = authorize(&control.services, &req, TokenForms::BearerOrBasic) {
         let mut resp = error(ErrorCode::Unauthorized, why);
         resp.headers_mut().insert(
@@ -208,18 +232,34 @@ fn events(admin: &Arc<Admin>) -> Response<Body> {
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(2);
     let slot = Slot(admin.clone());
+    let token = admin.control.services.snapshot().config.admin.token.clone();
+    let mut stopping = admin.stopping.clone();
     tokio::spawn(async move {
-        let admin = &slot.0;
+        let admin = slot.0.clone();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
-            let value = admin.board.snapshot(&admin.control);
-            // Ends when the client goes away (the body, and with it the receiver, is dropped).
-            if tx.send(Bytes::from(format!("data: {value}\n\n"))).await.is_err() {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stopping.changed() => break,
+            }
+            // A token changed by a reload ends the streams opened with the old one (the browser
+            // reconnects, and is asked again).
+            if admin.control.services.snapshot().config.admin.token != token {
                 break;
             }
+            let a = admin.clone();
+            let Ok(text) = tokio::task::spawn_blocking(move || a.board.shared_snapshot(&a.control)).await else {
+                break;
+            };
+            // Ends when the client goes away (the body, and with it the receiver, is dropped),
+            // or stops reading for 5 s: a stalled client must not hold a place for good.
+            match tokio::time::timeout(Duration::from_secs(5), tx.send(Bytes::copy_from_slice(text.as_bytes()))).await {
+                Ok(Ok(())) => {}
+                _ => break,
+            }
         }
+        drop(slot);
     });
     let mut resp = Response::new(Either::Right(Either::Right(Channel(rx))));
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));

@@ -18,12 +18,13 @@ use std::sync::Arc;
 pub struct Admin {
     control: Arc<Control>,
     board: board::Board,
+    /// Flips when the relay shuts down: open board streams end then.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Admin {
-    pub fn new(control: Arc<Control>) -> Arc<Admin> {
-        let board = board::Board::new(control.services.now_unix_ms());
-        Arc::new(Admin { control, board })
+    pub fn new(control: Arc<Control>, stopping: tokio::sync::watch::Receiver<bool>) -> Arc<Admin> {
+        Arc::new(Admin { control, board: board::Board::new(), stopping })
     }
 
     /// Samples what the board and `/metrics` show over time (per-minute traffic, the store's

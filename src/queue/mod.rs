@@ -223,7 +223,15 @@ impl Queue {
     /// the acknowledgement, by dropping it).
     fn enqueue(&self, meta: EventMeta, cached: Option<Arc<NewEvent>>, waiter: Option<scheduler::Waiter>) {
         if self.leases.holds(&meta.motion, &meta.conversation) {
-            self.motion(&meta.motion).enqueue(meta, cached, waiter);
+            let mut event = scheduler::Refused { meta, cached, waiter };
+            // A scheduler that just ended gives the event back: the next one takes it.
+            for _ in 0..3 {
+                match self.motion(&event.meta.motion).enqueue(event.meta, event.cached, event.waiter) {
+                    Ok(()) => return,
+                    Err(back) => event = *back,
+                }
+            }
+            tracing::error!(motion = %event.meta.motion, delivery = %event.meta.delivery_id, "no scheduler took the event; it is delivered after a restart");
         }
     }
 

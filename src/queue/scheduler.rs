@@ -159,10 +159,30 @@ impl Health {
     }
 
     /// An attempt failed (`next`: when it is retried; None: it became a dead letter). The first
-    /// failure after a success is logged at warn, the next ones are not.
+    /// failure after a success is logged at warn, the next ones are not. A refusal (Motion
+    /// answered, and said no) is a last error but does not make the Motion failing.
     fn failed(&self, motion: &str, delivery_id: &str, reason: String, now: u64, next: Option<u64>, attempts: u32) {
+        self.record(motion, delivery_id, reason, now, next, attempts, true)
+    }
+
+    /// A refusal: kept among the last errors only.
+    fn refused(&self, motion: &str, delivery_id: &str, reason: String, now: u64, attempts: u32) {
+        self.record(motion, delivery_id, reason, now, None, attempts, false)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &self,
+        motion: &str,
+        delivery_id: &str,
+        reason: String,
+        now: u64,
+        next: Option<u64>,
+        attempts: u32,
+        failing: bool,
+    ) {
         let mut s = self.lock();
-        if s.failing_since_unix_ms.is_none() {
+        if failing && s.failing_since_unix_ms.is_none() {
             s.failing_since_unix_ms = Some(now);
             tracing::warn!(motion, delivery = delivery_id, "Motion is failing; its deliveries are retried: {reason}");
         }
@@ -176,11 +196,13 @@ impl Health {
         s.last_errors.push_back(LastError { delivery_id: delivery_id.to_string(), reason, at_unix_ms: now });
     }
 
-    /// An attempt went through: a failing Motion has recovered (logged at info, with what waits).
+    /// An attempt went through: a failing Motion has recovered (logged at info, with what waits)
+    /// once none of its events is waiting out a retry; one poisoned conversation among good
+    /// ones keeps it failing instead of flapping.
     fn delivered(&self, motion: &str, delivery_id: &str, waiting: u64) {
         let mut s = self.lock();
         s.retrying.remove(delivery_id);
-        if s.failing_since_unix_ms.take().is_some() {
+        if s.retrying.is_empty() && s.failing_since_unix_ms.take().is_some() {
             tracing::info!(motion, delivery = delivery_id, waiting, "Motion recovered; delivering what waits");
         }
     }
@@ -216,6 +238,15 @@ pub struct MotionQueue {
     tx: mpsc::UnboundedSender<Msg>,
     depth: Arc<Depth>,
     health: Arc<Health>,
+    /// False once the scheduler has ended by itself; see [`MotionQueue::enqueue`].
+    alive: Arc<std::sync::Mutex<bool>>,
+}
+
+/// An event a scheduler that had ended did not take, given back whole.
+pub struct Refused {
+    pub meta: EventMeta,
+    pub cached: Option<Arc<NewEvent>>,
+    pub waiter: Option<Waiter>,
 }
 
 impl MotionQueue {
@@ -232,7 +263,10 @@ impl MotionQueue {
         let (tx, rx) = mpsc::unbounded_channel();
         let depth = Arc::new(Depth::default());
         let health = Arc::new(Health::default());
+        let alive = Arc::new(std::sync::Mutex::new(true));
         let s = Scheduler {
+            alive: alive.clone(),
+            ticks: 0,
             name: name.into(),
             ctx,
             store,
@@ -253,7 +287,7 @@ impl MotionQueue {
             cached_bytes: 0,
         };
         runtime.spawn(s.run(rx));
-        MotionQueue { tx, depth, health }
+        MotionQueue { tx, depth, health, alive }
     }
 
     pub fn depth(&self) -> &Depth {
@@ -267,12 +301,25 @@ impl MotionQueue {
     /// False once the scheduler ended (stopped, or its Motion left the config and it held
     /// nothing): a new one takes its place on the next event.
     pub fn running(&self) -> bool {
-        !self.tx.is_closed()
+        *self.alive.lock().unwrap_or_else(|e| e.into_inner()) && !self.tx.is_closed()
     }
 
-    pub fn enqueue(&self, meta: EventMeta, cached: Option<Arc<NewEvent>>, waiter: Option<Waiter>) {
+    /// Hands an event to the scheduler; `Err` gives it back when the scheduler has ended (the
+    /// caller starts a new one). Under the `alive` lock, so an event is never sent to a
+    /// scheduler that is ending: it ends only under that lock, with nothing left to receive.
+    pub fn enqueue(
+        &self,
+        meta: EventMeta,
+        cached: Option<Arc<NewEvent>>,
+        waiter: Option<Waiter>,
+    ) -> Result<(), Box<Refused>> {
+        let alive = self.alive.lock().unwrap_or_else(|e| e.into_inner());
+        if !*alive {
+            return Err(Box::new(Refused { meta, cached, waiter }));
+        }
         self.depth.add(&meta);
         let _ = self.tx.send(Msg::Enqueue(Entry { meta, cached, waiter }));
+        Ok(())
     }
 
     /// Tells the scheduler that the conversations this relay holds changed.
@@ -294,6 +341,9 @@ impl MotionQueue {
 }
 
 struct Scheduler {
+    alive: Arc<std::sync::Mutex<bool>>,
+    /// Housekeeping ticks so far.
+    ticks: u32,
     name: Arc<str>,
     ctx: Arc<DeliveryContext>,
     store: Arc<dyn QueueStore>,
@@ -381,8 +431,17 @@ impl Scheduler {
                 _ = sleep_until(next_timer) => self.fire_timers(),
                 _ = tick.tick() => {
                     if self.housekeeping().await == Continue::End {
-                        tracing::debug!(motion = %self.name, "scheduler ended: its motion left the configuration");
-                        return;
+                        // Ends only if nothing was sent meanwhile; senders check `alive` under
+                        // the same lock, so nothing can be sent after this.
+                        let mut alive = self.alive.lock().unwrap_or_else(|e| e.into_inner());
+                        if rx.is_empty() {
+                            *alive = false;
+                            drop(alive);
+                            self.ctx.metrics.queue_depth.remove(&MotionLabels { motion: self.name.to_string() });
+                            self.ctx.metrics.queue_oldest_seconds.remove(&MotionLabels { motion: self.name.to_string() });
+                            tracing::debug!(motion = %self.name, "scheduler ended: its motion left the configuration");
+                            return;
+                        }
                     }
                 }
             }
@@ -550,15 +609,13 @@ impl Scheduler {
                             self.cached_bytes -= cached_weight(&e);
                             self.depth.remove(&e.meta);
                             let now = ctx.clock.now_unix_ms();
-                            self.health.failed(
-                                &self.name,
-                                &e.meta.delivery_id,
-                                reason.to_string(),
-                                now,
-                                None,
-                                e.meta.attempts + 1,
-                            );
-                            self.health.forget(&e.meta.delivery_id);
+                            let (id, attempts) = (&e.meta.delivery_id, e.meta.attempts + 1);
+                            if matches!(reason, DeadReason::Refused { .. }) {
+                                self.health.refused(&self.name, id, reason.to_string(), now, attempts);
+                            } else {
+                                self.health.failed(&self.name, id, reason.to_string(), now, None, attempts);
+                            }
+                            self.health.forget(id);
                             self.known.remove(&e.meta.seq);
                         }
                     }
@@ -655,26 +712,28 @@ impl Scheduler {
         if snap.table.motion(&self.name).is_none() && self.convs.is_empty() && self.in_flight == 0 {
             // Its Motion left the config and nothing of it waits: a reload that brings it back,
             // or an event for it, starts a new scheduler.
-            self.ctx.metrics.queue_depth.remove(&labels);
-            self.ctx.metrics.queue_oldest_seconds.remove(&labels);
             return Continue::End;
         }
         self.ctx.metrics.queue_depth.get_or_create(&labels).set(self.depth.events() as i64);
         let oldest = self.convs.values().filter_map(|c| c.queue.front()).map(|e| e.meta.received_unix_ms).min();
-        let accounts = if self.depth.events() <= ACCOUNTS_UP_TO {
-            let mut by: HashMap<&str, (u64, u64)> = HashMap::new();
-            for e in self.convs.values().flat_map(|c| c.queue.iter()) {
-                let a = by.entry(e.meta.account.as_str()).or_insert((0, u64::MAX));
-                a.0 += 1;
-                a.1 = a.1.min(e.meta.received_unix_ms);
-            }
-            by.into_iter().map(|(a, (n, oldest))| (a.to_string(), n, oldest)).collect()
-        } else {
-            Vec::new()
-        };
-        self.health.lock().accounts = accounts;
         let age = oldest.map_or(0, |t| self.ctx.clock.now_unix_ms().saturating_sub(t) / 1000);
         self.ctx.metrics.queue_oldest_seconds.get_or_create(&labels).set(age as i64);
+        // Per account once a second (every fifth tick): the count walks every waiting event.
+        self.ticks = self.ticks.wrapping_add(1);
+        if self.ticks % 5 == 0 {
+            let accounts = if self.depth.events() <= ACCOUNTS_UP_TO {
+                let mut by: HashMap<&str, (u64, u64)> = HashMap::new();
+                for e in self.convs.values().flat_map(|c| c.queue.iter()) {
+                    let a = by.entry(e.meta.account.as_str()).or_insert((0, u64::MAX));
+                    a.0 += 1;
+                    a.1 = a.1.min(e.meta.received_unix_ms);
+                }
+                by.into_iter().map(|(a, (n, oldest))| (a.to_string(), n, oldest)).collect()
+            } else {
+                Vec::new()
+            };
+            self.health.lock().accounts = accounts;
+        }
         Continue::Yes
     }
 }

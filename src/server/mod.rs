@@ -168,7 +168,7 @@ pub async fn start_with(config: Config, stores: Stores, clock: Arc<dyn Clock>) -
     if let Some(addr) = admin_addr {
         let (listener, bound) = bind(addr, "admin").await?;
         running.admin = Some(bound);
-        let admin = Admin::new(control.clone());
+        let admin = Admin::new(control.clone(), running.stopping());
         tasks.spawn(admin.clone().sample(running.stopping()));
         let serve = move |_peer: SocketAddr| {
             let admin = admin.clone();

@@ -425,24 +425,38 @@ impl From<format1::NewEvent> for NewEvent {
 /// Rewrites every waiting event and dead letter of a format-1 file in the new encoding, inside
 /// the caller's transaction (which also records the new format).
 fn migrate_from_1(txn: &WriteTransaction) -> DbResult<()> {
+    // Keys first, then one row at a time: a backlog of gigabytes is never held in memory.
     let mut events = txn.open_table(EVENTS)?;
     let mut waiting = txn.open_table(WAITING)?;
-    let old: Vec<(u64, Vec<u8>)> =
-        events.iter()?.map(|r| r.map(|(k, v)| (k.value(), v.value().to_vec()))).collect::<Result<_, _>>()?;
-    for (seq, bytes) in &old {
-        let ev: NewEvent = decode::<format1::NewEvent>(bytes)?.into();
-        insert_event(&mut events, *seq, &[], &ev)?;
-        let attempts = match waiting.get(*seq)? {
+    let seqs: Vec<u64> = events.iter()?.map(|r| r.map(|(k, _)| k.value())).collect::<Result<_, _>>()?;
+    for seq in seqs {
+        let Some(bytes) = events.get(seq)?.map(|v| v.value().to_vec()) else { continue };
+        let ev: NewEvent = decode::<format1::NewEvent>(&bytes)?.into();
+        drop(bytes);
+        insert_event(&mut events, seq, &[], &ev)?;
+        let attempts = match waiting.get(seq)? {
             Some(m) => decode::<format1::EventMeta>(m.value())?.attempts,
             None => 0,
         };
-        waiting.insert(*seq, encode(&EventMeta::of(*seq, attempts, &ev))?.as_slice())?;
+        waiting.insert(seq, encode(&EventMeta::of(seq, attempts, &ev))?.as_slice())?;
+    }
+    // A waiting row without its event (never written so, but it would stop every later open):
+    // nothing to deliver, so it goes.
+    let orphans: Vec<u64> = waiting
+        .iter()?
+        .map(|r| r.map(|(k, _)| k.value()))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .filter(|seq| events.get(*seq).map(|e| e.is_none()).unwrap_or(false))
+        .collect();
+    for seq in orphans {
+        waiting.remove(seq)?;
     }
     let mut dead = txn.open_table(DEAD)?;
-    let old: Vec<(u64, Vec<u8>)> =
-        dead.iter()?.map(|r| r.map(|(k, v)| (k.value(), v.value().to_vec()))).collect::<Result<_, _>>()?;
-    for (seq, bytes) in &old {
-        let (info, rest) = postcard::take_from_bytes::<format1::DeadInfo>(bytes).map_err(codec)?;
+    let seqs: Vec<u64> = dead.iter()?.map(|r| r.map(|(k, _)| k.value())).collect::<Result<_, _>>()?;
+    for seq in seqs {
+        let Some(bytes) = dead.get(seq)?.map(|v| v.value().to_vec()) else { continue };
+        let (info, rest) = postcard::take_from_bytes::<format1::DeadInfo>(&bytes).map_err(codec)?;
         let ev: NewEvent = decode::<format1::NewEvent>(rest)?.into();
         let info = DeadInfo {
             reason: DeadReason::from_text(info.reason),
@@ -451,7 +465,7 @@ fn migrate_from_1(txn: &WriteTransaction) -> DbResult<()> {
             attempts: info.attempts,
             died_unix_ms: info.died_unix_ms,
         };
-        insert_event(&mut dead, *seq, &encode_info(info)?, &ev)?;
+        insert_event(&mut dead, seq, &encode_info(info)?, &ev)?;
     }
     tracing::info!(events = events.len()?, dead_letters = dead.len()?, "store migrated from record format 1 to 2");
     Ok(())

@@ -87,7 +87,7 @@ fn payload(content_type: Option<&str>, body: &[u8]) -> Payload {
         for (k, v) in form_urlencoded::parse(body) {
             match &*k {
                 "status" => status = true,
-                "from" => from = Some(v.into_owned()),
+                "from" if from.is_none() => from = Some(v.into_owned()),
                 _ => {}
             }
         }
