@@ -26,6 +26,7 @@ http = "127.0.0.1:0"
 shutdown_grace = "5s"
 [admin]
 listen = "127.0.0.1:0"
+token = "cluster-admin-token"
 [storage]
 path = "{{DATA}}"
 [delivery]
@@ -187,6 +188,40 @@ async fn one_conversation_sent_alternately_to_two_relays_arrives_in_order() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     let copies = motion.received().iter().filter(|r| meta_customer_and_text(&r.body).1 == "0").count();
     assert_eq!(copies, 1, "the redelivery to the other relay was a duplicate");
+
+    // The board names the live relays and what each holds: every partition, once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let event = first_board_event(relays[0].admin.unwrap()).await;
+        let cluster = &event["relay"]["cluster"];
+        let held: u64 = cluster["relays"].as_array().map_or(0, |r| r.iter().map(|r| r[1].as_u64().unwrap()).sum());
+        if cluster["relays"].as_array().map(Vec::len) == Some(2) && held == cluster["partitions"].as_u64().unwrap() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the board's cluster view: {cluster}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The first event of the board's stream on `admin`.
+async fn first_board_event(admin: std::net::SocketAddr) -> serde_json::Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let request =
+        format!("GET /board/events HTTP/1.1\r\nHost: {admin}\r\nAuthorization: Bearer cluster-admin-token\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = String::new();
+    loop {
+        if let Some(start) = buf.find("data: ") {
+            if let Some(end) = buf[start..].find("\n\n") {
+                return serde_json::from_str(&buf[start + 6..start + end]).unwrap();
+            }
+        }
+        let mut chunk = [0u8; 65536];
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(n > 0, "stream closed: {buf}");
+        buf.push_str(&String::from_utf8_lossy(&chunk[..n]));
+    }
 }
 
 #[tokio::test]

@@ -160,6 +160,7 @@ impl Board {
                 "warnings": warnings,
                 "storage": {"backend": store.backend(), "writable": store.writable(), "size_bytes": store.size_bytes()},
                 "certificate": certificate,
+                "cluster": services.queue.cluster(),
             },
             "motions": motions,
         })

@@ -133,6 +133,11 @@ impl Queue {
         Ok(queue)
     }
 
+    /// The relays sharing the store and what each holds (None: this relay alone).
+    pub fn cluster(&self) -> Option<crate::store::Cluster> {
+        self.leases.cluster()
+    }
+
     pub fn store(&self) -> &Arc<dyn QueueStore> {
         &self.store
     }

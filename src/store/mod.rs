@@ -78,6 +78,22 @@ pub trait Leases: Send + Sync + 'static {
     /// Gives every lease up at once (clean shutdown, after the last attempt ended), so the
     /// others take over without waiting for the leases to expire.
     fn release(&self) {}
+    /// The relays sharing the store and what each holds, as of the last renewal (None: this
+    /// relay is alone, and holds every conversation).
+    fn cluster(&self) -> Option<Cluster> {
+        None
+    }
+}
+
+/// The relays sharing one store, as the board shows them.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Cluster {
+    /// This relay's id.
+    pub me: String,
+    /// Conversations are hashed into this many partitions, each held by one relay at a time.
+    pub partitions: u32,
+    /// Every live relay, with the partitions it holds now.
+    pub relays: Vec<(String, u32)>,
 }
 
 /// What changed in a shared store: `epoch` moves when the conversations this relay holds

@@ -82,6 +82,10 @@ function render(s) {
   const store = `${r.storage.backend} store${r.storage.writable ? "" : " NOT WRITABLE"}${r.storage.size_bytes != null ? `, ${num(Math.round(r.storage.size_bytes / 1024))} KiB` : ""}`;
   relay.append(`v${r.version} · up ${age(r.uptime_seconds)} · ${store} · ${cert} · `);
   relay.append(r.ready ? el("span", {}, "ready") : el("span", { class: "bad" }, `not ready: ${r.problems.join("; ")}`));
+  if (r.cluster) {
+    const relays = r.cluster.relays.map(([id, n]) => `${id === r.cluster.me ? "this relay" : id}: ${n}/${r.cluster.partitions}`);
+    relay.append(el("div", { class: "cluster" }, `relays live: ${relays.join(" · ")} (conversation partitions held)`));
+  }
   const main = document.getElementById("motions");
   // Failing Motions first, then those with a backlog, then the rest by name.
   const rank = (m) => (m.failing ? 0 : m.depth > 0 ? 1 : 2);

@@ -59,6 +59,8 @@ pub struct PgLeases {
     fenced: AtomicBool,
     pool: Pool,
     runtime: tokio::runtime::Handle,
+    /// What the last renewal saw of the cluster (for the board).
+    cluster: Mutex<Option<crate::store::Cluster>>,
 }
 
 impl PgLeases {
@@ -79,6 +81,7 @@ impl PgLeases {
             fenced: AtomicBool::new(false),
             pool,
             runtime,
+            cluster: Mutex::new(None),
         })
     }
 
@@ -188,7 +191,23 @@ impl PgLeases {
             .iter()
             .map(|r| r.get(0))
             .collect();
+        let holders: Vec<(String, i64)> = tx
+            .query(
+                "SELECT holder, count(*) FROM relay_leases WHERE holder IS NOT NULL AND expires > now() GROUP BY holder",
+                &[],
+            )
+            .await
+            .map_err(err)?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
         tx.commit().await.map_err(err)?;
+        let relays = live
+            .iter()
+            .map(|id| (id.clone(), holders.iter().find(|(h, _)| h == id).map_or(0, |(_, n)| *n as u32)))
+            .collect();
+        let view = crate::store::Cluster { me: self.me.clone(), partitions: PARTITIONS, relays };
+        *self.cluster.lock().unwrap_or_else(PoisonError::into_inner) = Some(view);
         let mask = rows.iter().fold(0u64, |m, r| m | 1 << r.get::<_, i32>(0));
         Ok((mask, still))
     }
@@ -251,6 +270,10 @@ impl Leases for PgLeases {
 
     fn news(&self) -> Option<watch::Receiver<News>> {
         Some(self.news.subscribe())
+    }
+
+    fn cluster(&self) -> Option<crate::store::Cluster> {
+        self.cluster.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     fn release(&self) {
