@@ -93,6 +93,14 @@ pub fn main() -> ExitCode {
             for w in &config.warnings {
                 tracing::warn!("{w}");
             }
+            // Before the runtime starts threads: taking them unsets LISTEN_PID and LISTEN_FDS.
+            let passed = match crate::server::Passed::from_env() {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("whatsapp-relay: {e}");
+                    return ExitCode::from(1);
+                }
+            };
             let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -100,7 +108,7 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            match rt.block_on(crate::server::run(config)) {
+            match rt.block_on(crate::server::run(config, passed)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");

@@ -4,10 +4,10 @@
 //! the graceful end of open connections within `shutdown_grace`.
 
 use super::ServeError;
+use super::drain::{Drain, Marking};
 use crate::tls::Tls;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -113,7 +113,7 @@ pub(super) async fn accept_loop<F, S>(
     S: Handler,
 {
     let Limits { grace, header_timeout } = limits;
-    let graceful = GracefulShutdown::new();
+    let drain = Drain::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout).keep_alive(true);
     builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
@@ -131,14 +131,14 @@ pub(super) async fn accept_loop<F, S>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let service = serve(peer);
                 // Taken now, so a shutdown that starts during the handshake still waits for
-                // this connection (and ends it gracefully once it is served).
-                let watcher = graceful.watcher();
+                // this connection (and ends it gracefully once its first request is served).
+                let watcher = drain.watch();
+                let service = Marking { inner: serve(peer), first: watcher.first() };
                 let (builder, tls) = (builder.clone(), tls.clone());
                 tokio::spawn(async move {
                     let ended = match tls {
-                        None => watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await,
+                        None => watcher.serve(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await,
                         Some(tls) => {
                             let stream = match tokio::time::timeout(header_timeout, tls.accept(stream)).await {
                                 Ok(Ok(Some(s))) => s,
@@ -152,7 +152,7 @@ pub(super) async fn accept_loop<F, S>(
                                     return;
                                 }
                             };
-                            watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await
+                            watcher.serve(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await
                         }
                     };
                     if let Err(e) = ended {
@@ -164,7 +164,7 @@ pub(super) async fn accept_loop<F, S>(
         }
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    if !drain.shutdown(grace).await {
         tracing::warn!("shutdown_grace ({grace:?}) passed with connections still open; closing them");
     }
 }

@@ -3,7 +3,11 @@
 //! on plain http), reloads on SIGHUP and `POST /admin/reload`, and on SIGTERM/SIGINT stops
 //! accepting and lets requests in flight finish within `shutdown_grace`.
 
+mod drain;
 mod listen;
+mod passed;
+
+pub use passed::Passed;
 
 use crate::admin::Admin;
 use crate::clock::{Clock, SystemClock};
@@ -61,8 +65,14 @@ impl Running {
 /// listener of `config` and starts serving. Port 0 binds an ephemeral port; the bound addresses
 /// are returned and logged.
 pub async fn start(config: Config) -> Result<Running, ServeError> {
+    start_passed(config, Passed::default()).await
+}
+
+/// Like [`start`], serving the sockets the service manager passed (see [`Passed`]) in place of
+/// binding the configured addresses of the listeners they name.
+pub async fn start_passed(config: Config, passed: Passed) -> Result<Running, ServeError> {
     let stores = open_stores(&config).await?;
-    start_with(config, stores, Arc::new(SystemClock)).await
+    start_inner(config, stores, Arc::new(SystemClock), passed).await
 }
 
 /// The backend of `[storage]`, opened off the runtime's workers (disk or network I/O).
@@ -91,6 +101,15 @@ async fn open_stores(config: &Config) -> Result<Stores, ServeError> {
 /// Like [`start`], over stores the caller opened and with its notion of "now" (tests inject
 /// store faults, and move a manual clock across the 24-hour window or `give_up_after`).
 pub async fn start_with(config: Config, stores: Stores, clock: Arc<dyn Clock>) -> Result<Running, ServeError> {
+    start_inner(config, stores, clock, Passed::default()).await
+}
+
+async fn start_inner(
+    config: Config,
+    stores: Stores,
+    clock: Arc<dyn Clock>,
+    mut passed: Passed,
+) -> Result<Running, ServeError> {
     let grace = config.server.shutdown_grace;
     let header_timeout = config.server.header_timeout;
     let (http_addr, https_addr, admin_addr) = (config.server.http, config.server.https, config.admin.listen);
@@ -136,13 +155,21 @@ pub async fn start_with(config: Config, stores: Stores, clock: Arc<dyn Clock>) -
     };
 
     // Bound before anything is served: the public handler needs the https port (redirects).
-    let http = match http_addr {
-        Some(addr) => Some(bind(addr, "http").await?),
-        None => None,
+    // A passed socket (systemd) stands in for the configured address of the listener it names.
+    let http = match (passed.take("http", http_addr)?, http_addr) {
+        (Some(socket), _) => Some(socket),
+        (None, Some(addr)) => Some(bind(addr, "http").await?),
+        (None, None) => None,
     };
-    let https = match (https_addr, &tls) {
-        (Some(addr), Some(_)) => Some(bind(addr, "https").await?),
+    let https = match (passed.take("https", https_addr.filter(|_| tls.is_some()))?, https_addr, &tls) {
+        (Some(socket), ..) => Some(socket),
+        (None, Some(addr), Some(_)) => Some(bind(addr, "https").await?),
         _ => None,
+    };
+    let admin = match (passed.take("admin", admin_addr)?, admin_addr) {
+        (Some(socket), _) => Some(socket),
+        (None, Some(addr)) => Some(bind(addr, "admin").await?),
+        (None, None) => None,
     };
     let relay = Arc::new(Relay::new(services.clone(), https.as_ref().map(|(_, bound)| bound.port())));
     let public = |scheme: Scheme| {
@@ -165,8 +192,7 @@ pub async fn start_with(config: Config, stores: Stores, clock: Arc<dyn Clock>) -
         running.https = Some(bound);
         serve_per_core(&mut tasks, listener, tls.clone(), public(Scheme::Https), running.stopping(), limits)?;
     }
-    if let Some(addr) = admin_addr {
-        let (listener, bound) = bind(addr, "admin").await?;
+    if let Some((listener, bound)) = admin {
         running.admin = Some(bound);
         let admin = Admin::new(control.clone(), running.stopping());
         tasks.spawn(admin.clone().sample(running.stopping()));
@@ -204,12 +230,13 @@ pub async fn start_with(config: Config, stores: Stores, clock: Arc<dyn Clock>) -
 }
 
 /// Runs until SIGTERM/SIGINT; SIGHUP reloads the configuration and the certificate files.
-pub async fn run(config: Config) -> Result<(), ServeError> {
+/// `passed`: the sockets the service manager passed ([`Passed::from_env`]).
+pub async fn run(config: Config, passed: Passed) -> Result<(), ServeError> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(|e| ServeError::Setup(e.to_string()))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| ServeError::Setup(e.to_string()))?;
     let mut hup = signal(SignalKind::hangup()).map_err(|e| ServeError::Setup(e.to_string()))?;
-    let running = start(config).await?;
+    let running = start_passed(config, passed).await?;
     control::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("serving")]);
     loop {
         tokio::select! {

@@ -198,15 +198,40 @@ impl RelayProcess {
     }
 
     pub fn spawn_with_env(dir: tempfile::TempDir, config_path: PathBuf, env: &[(&str, &str)]) -> RelayProcess {
-        let mut child = Command::new(bin())
+        let mut cmd = Command::new(bin());
+        cmd.args(["--log-format", "json", "--config"]).arg(&config_path).envs(env.iter().copied());
+        Self::spawn_command(dir, config_path, cmd)
+    }
+
+    /// Starts the relay the way systemd does with a socket unit: `socket` (a listening socket
+    /// the test holds across restarts) is the relay's fd 3, named `name` in `LISTEN_FDNAMES`,
+    /// with `LISTEN_PID` the relay's own pid. A shell does the fd juggling: the socket arrives
+    /// as its stdin (the one way std passes a descriptor without `unsafe`), is moved to fd 3, and
+    /// the shell `exec`s the relay, keeping its pid for `LISTEN_PID=$$`.
+    pub fn spawn_passed(
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        socket: &std::net::TcpListener,
+        name: &str,
+    ) -> RelayProcess {
+        let fd = std::os::fd::OwnedFd::from(socket.try_clone().unwrap());
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg("exec 3<&0 0</dev/null; export LISTEN_PID=$$; exec \"$0\" \"$@\"")
+            .arg(bin())
             .args(["--log-format", "json", "--config"])
             .arg(&config_path)
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn relay");
+            .env("LISTEN_FDS", "1")
+            .env("LISTEN_FDNAMES", name)
+            .stdin(Stdio::from(fd));
+        Self::spawn_command(dir, config_path, cmd)
+    }
+
+    fn spawn_command(dir: tempfile::TempDir, config_path: PathBuf, mut cmd: Command) -> RelayProcess {
+        if cmd.get_envs().all(|(k, _)| k != "RUST_LOG") {
+            cmd.env("RUST_LOG", "info");
+        }
+        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn relay");
         let stderr = child.stderr.take().unwrap();
         let lines: Arc<Mutex<Vec<String>>> = Default::default();
         let (tx, rx) = std::sync::mpsc::channel();
