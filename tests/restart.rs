@@ -143,3 +143,52 @@ async fn restarts_on_a_held_socket_refuse_nothing_and_lose_nothing(backend: Back
 }
 
 on_both_backends!(restarts_on_a_held_socket_refuse_nothing_and_lose_nothing);
+
+/// A passed socket replaces the configured address of the listener it names, and says so at
+/// warn when the two differ; the listeners it does not name bind their configured addresses.
+#[tokio::test]
+async fn a_passed_socket_replaces_the_configured_address_with_a_warning() {
+    let motion = FakeMotion::start().await;
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    let elsewhere = dead_addr().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("relay.toml");
+    let text = config(elsewhere, &motion.url()).replace("{DATA}", &dir.path().join("data").display().to_string());
+    std::fs::write(&config_path, text).unwrap();
+    let relay = RelayProcess::spawn_passed(dir, config_path, &socket, "http");
+    assert_eq!(relay.http, addr);
+    assert!(relay.admin.is_some_and(|a| a.port() != 0), "admin binds its configured address");
+    relay.wait_log(
+        &format!("serving the passed socket {addr} instead of the configured {elsewhere}"),
+        Duration::from_secs(5),
+    );
+    let body = meta_message("106540352242922", "31612340000", "wamid.x", "hello");
+    assert_eq!(post_once(&format!("http://{addr}{PATH}"), body).await, Ok(200));
+    assert!(std::net::TcpStream::connect(elsewhere).is_err(), "the configured address is not bound");
+}
+
+/// Sockets without names (or with too few) are refused: the relay cannot tell which is which.
+#[test]
+fn unnamed_passed_sockets_are_refused() {
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("relay.toml");
+    let text = config("127.0.0.1:0".parse().unwrap(), "http://127.0.0.1:9")
+        .replace("{DATA}", &dir.path().join("data").display().to_string());
+    std::fs::write(&config_path, text).unwrap();
+    let out = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg("exec 3<&0 0</dev/null; export LISTEN_PID=$$; exec \"$0\" \"$@\"")
+        .arg(bin())
+        .arg("--config")
+        .arg(&config_path)
+        .env("LISTEN_FDS", "1")
+        .env_remove("LISTEN_FDNAMES")
+        .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(socket)))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("LISTEN_FDNAMES names 0"), "{said}");
+}
