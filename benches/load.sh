@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Load test: the relay against nginx as a reverse proxy, in one interleaved run on loopback.
 #
-#   benches/load.sh [--duration 10] [--rounds 3] [--no-queue] [--board] [--no-install] [--no-build] [--keep]
+#   benches/load.sh [--duration 10] [--rounds 3] [--no-queue] [--no-pg] [--board] [--no-install] [--no-build] [--keep]
 #
 # Run from the repository root. What it does (see /work/shared/bench/README.md for the method):
 #   - installs nginx and wrk with apt-get when missing, builds the relay and the stand-in Motion
@@ -18,6 +18,11 @@
 #           relay accepts `mode = "queue"` (see target_relay_queue below), skip with --no-queue;
 #       (f), (g) with --board: (c) and (d) again, each relay with one realtime-board client
 #           connected for the whole run (`curl -N .../board/events`): what the board costs;
+#       (h), (i) queue mode on PostgreSQL ([storage] backend = "postgres"), one relay and two
+#           relays on one database (wrk's two threads split over the two relays: post-unique.lua
+#           with RELAY_ADDRS); a throwaway PostgreSQL (Debian's /usr/lib/postgresql/*/bin) on
+#           127.0.0.1 in the temporary directory, synchronous_commit on, fsync on; skipped loudly
+#           when PostgreSQL is missing (--no-pg skips them quietly);
 #       (e) wrk -> bare hyper proxy -> Motion  the floor of the relay's HTTP stack
 #           (examples/bench_bare_proxy.rs: tokio + hyper + hyper-util's client, served per core
 #           like the relay, with no checks, routing or headers): what the stack alone costs;
@@ -36,6 +41,7 @@ THREADS=2
 CONNECTIONS=64
 WITH_QUEUE=auto
 WITH_BOARD=0
+WITH_PG=1
 INSTALL=1
 BUILD=1
 KEEP=0
@@ -50,6 +56,7 @@ while [[ $# -gt 0 ]]; do
         --threads) THREADS="$2"; shift 2 ;;
         --no-queue) WITH_QUEUE=0; shift ;;
         --board) WITH_BOARD=1; shift ;;
+        --no-pg) WITH_PG=0; shift ;;
         --queue) WITH_QUEUE=1; shift ;;
         --no-install) INSTALL=0; shift ;;
         --no-build) BUILD=0; shift ;;
@@ -99,7 +106,8 @@ TMP=$(mktemp -d "${TMPDIR:-/tmp}/relay-load.XXXXXX")
 chmod 755 "$TMP"               # nginx workers run as nobody when started by root
 PGIDS=()                       # process groups to stop (timeout makes itself a group leader)
 WRK_PID=""                     # the wrk run in progress
-N_TARGETS=5
+N_TARGETS=7
+PG_PID=""                      # the throwaway PostgreSQL of targets (h), (i)
 # Budget: warm-ups, rounds (with up to 30 s of queue drain each), start-up and slack.
 BUDGET=$(( N_TARGETS * (WARMUP + ROUNDS * (DURATION + 35)) + 120 ))
 
@@ -173,6 +181,13 @@ tree_ticks() {
     echo "$total"
 }
 
+# ticks_of "PID [PID…]": tree_ticks summed over several processes (two relays).
+ticks_of() {
+    local p t=0
+    for p in $1; do t=$((t + $(tree_ticks "$p"))); done
+    echo "$t"
+}
+
 # ---------------------------------------------------------------------------------------------
 # Stand-in Motion
 # ---------------------------------------------------------------------------------------------
@@ -206,8 +221,8 @@ tree_pids() {
 motion_conns() {
     [[ -n $1 ]] || { echo "-"; return; }
     command -v ss >/dev/null || { echo "?"; return; }
-    local pids
-    pids=$(tree_pids "$1" | paste -sd'|')
+    local pids p
+    pids=$(for p in $1; do tree_pids "$p"; done | paste -sd'|')
     ss -Htnp state established "( dport = :$MOTION_PORT )" 2>/dev/null | grep -cE "pid=($pids)," || true
 }
 
@@ -242,6 +257,7 @@ shutdown_grace = "2s"
 
 [storage]
 path = "$3"
+${RELAY_STORAGE:-}
 
 [delivery]
 mode = "$1"
@@ -287,8 +303,9 @@ start_relay() {
 # Targets: name, URL, wrk script, the process whose CPU is the proxy's, and whether deliveries
 # are asynchronous (then Motion is waited for after each run)
 # ---------------------------------------------------------------------------------------------
-T_NAME=() T_URL=() T_LUA=() T_PID=() T_ASYNC=()
-add_target() { T_NAME+=("$1"); T_URL+=("$2"); T_LUA+=("$3"); T_PID+=("$4"); T_ASYNC+=("$5"); }
+# T_PID may list several pids (two relays); T_ADDRS splits wrk's threads over several addresses.
+T_NAME=() T_URL=() T_LUA=() T_PID=() T_ASYNC=() T_ADDRS=()
+add_target() { T_NAME+=("$1"); T_URL+=("$2"); T_LUA+=("$3"); T_PID+=("$4"); T_ASYNC+=("$5"); T_ADDRS+=("${6:-}"); }
 
 add_target "(a) wrk -> Motion (ceiling)" "http://127.0.0.1:$MOTION_PORT$WEBHOOK_PATH" post.lua "" 0
 add_target "(b) wrk -> nginx (HTTP) -> Motion" "http://127.0.0.1:$NGINX_HTTP_PORT$WEBHOOK_PATH" post.lua "$NGINX_PID" 0
@@ -313,6 +330,54 @@ target_relay_queue() {
 [[ $WITH_QUEUE == 0 ]] || target_relay_queue
 # ================================================================================================
 
+
+# ===== Targets (h), (i): queue mode on PostgreSQL, one and two relays ===========================
+# start_pg: a throwaway PostgreSQL on 127.0.0.1 (as the postgres user when run as root: it refuses
+# root); sets PG_URL. Returns 1, saying why, when PostgreSQL is missing.
+start_pg() {
+    local bin
+    bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+    [[ -n $bin && -x $bin/postgres && -x $bin/initdb ]] || return 1
+    local as=() dir="$TMP/pg"
+    mkdir -p "$dir"
+    if [[ $(id -u) == 0 ]]; then
+        id postgres >/dev/null 2>&1 || { log "no postgres user to run PostgreSQL as"; return 1; }
+        chown postgres "$dir"
+        as=(runuser -u postgres --)
+    fi
+    "${as[@]}" "$bin/initdb" -U relay --auth=trust -E UTF8 --locale=C -D "$dir/data" >"$TMP/pg-initdb.log" 2>&1 ||
+        { tail -n 5 "$TMP/pg-initdb.log" >&2; return 1; }
+    PG_PORT=$(free_port)
+    start postgres "$TMP/pg.log" "${as[@]}" "$bin/postgres" -D "$dir/data" -p "$PG_PORT" -k "$dir" \
+        -c listen_addresses=127.0.0.1 -c max_connections=100 -c synchronous_commit=on -c fsync=on
+    PG_PID=$STARTED_PID
+    wait_port "$PG_PORT" "$PG_PID" PostgreSQL "$TMP/pg.log"
+    sleep 0.5
+    "$bin/createdb" -h 127.0.0.1 -p "$PG_PORT" -U relay one && "$bin/createdb" -h 127.0.0.1 -p "$PG_PORT" -U relay two ||
+        die "createdb failed"
+    PG_URL="postgres://relay@127.0.0.1:$PG_PORT"
+}
+
+target_relay_pg() {
+    if ! start_pg; then
+        printf '\n[load] !!!!!!!! SKIPPED (h), (i): PostgreSQL is missing (apt-get install postgresql) !!!!!!!!\n\n' >&2
+        return
+    fi
+    # (h) alone on database "one"; (i)'s two relays share database "two".
+    RELAY_STORAGE=$(printf 'backend = "postgres"\nurl = "%s/one?sslmode=disable"\npool = 16' "$PG_URL")
+    start_relay relay-pg1 queue || { cat "$TMP/relay-pg1.check" >&2; die "the relay refuses its postgres config"; }
+    add_target "(h) wrk -> relay queue on PostgreSQL ~> Motion" "http://127.0.0.1:$RELAY_PORT$WEBHOOK_PATH" post-unique.lua "$RELAY_PID" 1
+    RELAY_STORAGE=$(printf 'backend = "postgres"\nurl = "%s/two?sslmode=disable"\npool = 16' "$PG_URL")
+    start_relay relay-pg2a queue || die "the relay refuses its postgres config"
+    local a_port=$RELAY_PORT a_pid=$RELAY_PID
+    start_relay relay-pg2b queue || die "the relay refuses its postgres config"
+    add_target "(i) wrk -> 2 relays queue on PostgreSQL ~> Motion" "http://127.0.0.1:$a_port$WEBHOOK_PATH" post-unique.lua \
+        "$a_pid $RELAY_PID" 1 "127.0.0.1:$a_port,127.0.0.1:$RELAY_PORT"
+    RELAY_STORAGE=""
+}
+[[ $WITH_PG == 0 || $WITH_QUEUE == 0 ]] || target_relay_pg
+# ================================================================================================
+
 if [[ $WITH_BOARD == 1 ]]; then
     start_relay relay-direct-board direct board || die "the relay refuses its direct-mode config"
     add_target "(f) = (c) with a board client" "http://127.0.0.1:$RELAY_PORT$WEBHOOK_PATH" post.lua "$RELAY_PID" 0
@@ -335,13 +400,14 @@ cd "$TMP"
 RUN_NO=0
 run_wrk() {
     local i=$1 secs=$2 tag=$3 out line ppid=${T_PID[$1]}
-    local p0=0 p1=0 m0 m1 c0 c1 rps p50 p99 reqs errs non2xx backlog=0 conns
+    local p0=0 p1=0 m0 m1 c0 c1 rps p50 p99 reqs errs non2xx backlog=0 conns d0=0 d1=0
     RUN_NO=$((RUN_NO + 1))
     out="$TMP/wrk.$i.$tag.txt"
     c0=$(motion_count)
     m0=$(tree_ticks "$MOTION_PID")
-    [[ -n $ppid ]] && p0=$(tree_ticks "$ppid")
-    RUN_ID=$(( $(date +%s) % 1000000 * 1000 + RUN_NO )) wrk -t"$THREADS" -c"$CONNECTIONS" -d"${secs}s" --latency -s "${T_LUA[$i]}" \
+    [[ -n $PG_PID ]] && d0=$(tree_ticks "$PG_PID")
+    [[ -n $ppid ]] && p0=$(ticks_of "$ppid")
+    RELAY_ADDRS="${T_ADDRS[$i]}" RUN_ID=$(( $(date +%s) % 1000000 * 1000 + RUN_NO )) wrk -t"$THREADS" -c"$CONNECTIONS" -d"${secs}s" --latency -s "${T_LUA[$i]}" \
         "${T_URL[$i]}" >"$out" 2>&1 &
     WRK_PID=$!
     # Halfway through: how many connections the proxy holds open to Motion.
@@ -349,8 +415,10 @@ run_wrk() {
     conns=$(motion_conns "$ppid")
     wait "$WRK_PID" || true
     WRK_PID=""
-    [[ -n $ppid ]] && p1=$(tree_ticks "$ppid")
+    [[ -n $ppid ]] && p1=$(ticks_of "$ppid")
     m1=$(tree_ticks "$MOTION_PID")
+    # PostgreSQL's CPU during any run (its share of the others' is nil: it is idle then).
+    [[ -n $PG_PID ]] && d1=$(tree_ticks "$PG_PID")
     line=$(grep '^RESULT ' "$out" || true)
     [[ -n $line ]] || { cat "$out" >&2; die "wrk gave no result for ${T_NAME[$i]}"; }
     rps=$(sed 's/.* rps=\([0-9.]*\).*/\1/' <<<"$line")
@@ -373,8 +441,8 @@ run_wrk() {
     fi
     if [[ $tag != warmup ]]; then
         awk -v tck="$CLK_TCK" -v r="$reqs" -v pp="$((p1 - p0))" -v mm="$((m1 - m0))" \
-            -v has="${ppid:+1}" -v l="$rps $p50 $p99 $reqs $errs $non2xx" -v b="$backlog" \
-            'BEGIN { printf "%s %s %s %s\n", l, (has && r ? pp / tck * 1e6 / r : "-"), (r ? mm / tck * 1e6 / r : "-"), b }' \
+            -v has="${ppid:+1}" -v l="$rps $p50 $p99 $reqs $errs $non2xx" -v b="$backlog" -v dd="$((d1 - d0))" \
+            'BEGIN { printf "%s %s %s %s %s\n", l, (has && r ? pp / tck * 1e6 / r : "-"), (r ? mm / tck * 1e6 / r : "-"), b, (r ? dd / tck * 1e6 / r : "-") }' \
             >>"$TMP/results.$i"
     fi
     log "  $tag ${T_NAME[$i]}: $rps req/s, p50 $p50 ms, p99 $p99 ms, errors $errs, non-2xx $non2xx, proxy's connections to Motion $conns"
@@ -426,6 +494,13 @@ FAIL=0
     done
     echo "- ratio: req/s over nginx's req/s (higher is better); p99 vs nginx: p99 over nginx's p99 (lower is better)."
     echo "- CPU: utime+stime from /proc of the proxy (nginx master + workers, or the relay) and of Motion, per request."
+    if [[ -n $PG_PID ]]; then
+        for i in "${!T_NAME[@]}"; do
+            if [[ ${T_NAME[$i]} == *PostgreSQL* ]]; then
+                echo "- ${T_NAME[$i]}: PostgreSQL's CPU $(median "$TMP/results.$i" 10 | awk '{ printf "%.1f", $1 }') µs/req (all its processes)"
+            fi
+        done
+    fi
 } | tee "$TMP/report.md"
 
 if [[ $FAIL == 1 ]]; then

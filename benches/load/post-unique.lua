@@ -38,9 +38,17 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["X-Webhook-Token"] = "bench-token"
 
 -- Each wrk thread has its own Lua state; setup() (in the main state) gives each one a number.
+-- RELAY_ADDRS ("host:port,host:port"): the threads take the addresses in turn (two relays behind
+-- no load balancer: thread 0 on the first, thread 1 on the second, ...).
+local addrs = {}
+for a in (os.getenv("RELAY_ADDRS") or ""):gmatch("[^,]+") do addrs[#addrs + 1] = a end
 local threads = 0
 function setup(thread)
   thread:set("tid", threads)
+  if #addrs > 0 then
+    local host, port = addrs[threads % #addrs + 1]:match("^(.*):(%d+)$")
+    thread.addr = wrk.lookup(host, port)[1]
+  end
   threads = threads + 1
 end
 
