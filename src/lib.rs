@@ -13,6 +13,10 @@
 //! `http_util`, `upstream`, `metrics`, `clock`).
 #![forbid(unsafe_code)]
 
+/// The release and the commit it was built from (see `build.rs`): `--version` and the start-up
+/// log line, so an operator can tell which build is running.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("WHATSAPP_RELAY_COMMIT"), ")");
+
 pub mod admin;
 pub mod cli;
 pub mod clock;

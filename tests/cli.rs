@@ -113,3 +113,21 @@ async fn simulate_sends_a_signed_sample_for_every_provider() {
     let out = Command::new(bin()).args(["simulate", "acme/nope", "--config"]).arg(&cli_cfg).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// `--version` names the release and the commit it was built from (git's when the build had
+/// one, "unknown" otherwise), so an operator can tell which build runs.
+#[test]
+fn version_names_the_release_and_the_commit() {
+    let out = Command::new(bin()).arg("--version").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let want = format!("whatsapp-relay {} (commit ", env!("CARGO_PKG_VERSION"));
+    assert!(text.starts_with(&want), "{text}");
+    let commit = text.trim().trim_start_matches(&want).trim_end_matches(')');
+    let head = Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).output();
+    match head {
+        // Built from this checkout: the commit is HEAD's (the build script reran when HEAD moved).
+        Ok(h) if h.status.success() => assert_eq!(commit, String::from_utf8_lossy(&h.stdout).trim(), "{text}"),
+        _ => assert!(commit == "unknown" || commit.len() == 12, "{text}"),
+    }
+}

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 #[derive(Parser, Debug)]
 #[command(
     name = "whatsapp-relay",
-    version,
+    version = crate::VERSION,
     about = "Verifying, durable relay between WhatsApp providers and Motion servers"
 )]
 pub struct Cli {

@@ -223,6 +223,7 @@ async fn start_inner(
         http = %show(running.http),
         https = %show(running.https),
         admin = %show(running.admin),
+        version = crate::VERSION,
         "whatsapp-relay listening"
     );
     running.tasks = tasks;
