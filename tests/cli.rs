@@ -131,3 +131,56 @@ fn version_names_the_release_and_the_commit() {
         _ => assert!(commit == "unknown" || commit.len() == 12, "{text}"),
     }
 }
+
+/// What `check` points out about where things live: an admin listener reachable from the
+/// network without TLS, a relative storage path, and a storage folder the user running `check`
+/// (under systemd: the service's own user) could not write. Warnings, not errors: exit 0.
+#[test]
+fn check_warns_about_the_admin_address_and_the_storage_folder() {
+    let check = |text: &str| {
+        let (dir, path) = write(text);
+        let out =
+            Command::new(bin()).args(["check", "--config"]).arg(&path).env("CLI_TEST_TOKEN", "x").output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        (dir, String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (dir, _) = check(GOOD);
+    let data = dir.path().join("data");
+    let with = |extra: &str| format!("{GOOD}{extra}");
+
+    // A writable absolute folder on loopback: nothing to say.
+    let (_d, text) =
+        check(&with(&format!("[admin]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = \"{}\"\n", data.display())));
+    assert!(!text.contains("[admin]") && !text.contains("[storage]"), "{text}");
+
+    let (_d, text) =
+        check(&with(&format!("[admin]\nlisten = \"0.0.0.0:9090\"\n[storage]\npath = \"{}\"\n", data.display())));
+    assert!(
+        text.contains("warning: ")
+            && text.contains("relay.toml:13:10: [admin] listen 0.0.0.0:9090 is not a loopback address"),
+        "{text}"
+    );
+    assert!(text.contains("plain HTTP"), "{text}");
+
+    let (_d, text) = check(&with("[storage]\npath = \"./data\"\n"));
+    assert!(text.contains("[storage] path \"./data\" is relative"), "{text}");
+    assert!(text.contains("/var/lib/whatsapp-relay") && text.contains("StateDirectory=whatsapp-relay"), "{text}");
+
+    // A folder nobody can create (its parent is a file): even root is refused.
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let (_d, text) = check(&with(&format!("[storage]\npath = \"{}/queue\"\n", file.display())));
+    assert!(text.contains("does not exist and this user (uid ") && text.contains("cannot create it"), "{text}");
+    assert!(text.contains("StateDirectory=whatsapp-relay"), "{text}");
+
+    // A folder that exists but is not writable, for a user the file modes bind (not root).
+    let ro = dir.path().join("read-only");
+    std::fs::create_dir(&ro).unwrap();
+    std::fs::set_permissions(&ro, std::os::unix::fs::PermissionsExt::from_mode(0o555)).unwrap();
+    let (_d, text) = check(&with(&format!("[storage]\npath = \"{}\"\n", ro.display())));
+    if std::fs::write(ro.join("probe"), "").is_ok() {
+        eprintln!("running as root: the read-only folder case is not observable, skipped");
+    } else {
+        assert!(text.contains("is not writable by this user"), "{text}");
+    }
+}

@@ -59,7 +59,10 @@ pub fn main() -> ExitCode {
     init_logging(cli.log_format);
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => match config::load(&cli.config) {
-            Ok(c) => {
+            Ok(mut c) => {
+                if let Some(problem) = c.storage_problem() {
+                    c.warnings.push(format!("{}: {problem}", c.path.display()));
+                }
                 print!("{}", c.summary());
                 ExitCode::SUCCESS
             }

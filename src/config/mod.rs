@@ -191,6 +191,10 @@ impl std::fmt::Debug for MetaApp {
 /// `max_queued_bytes` when unset: one tenant's backlog of large payloads must not fill the disk.
 pub const DEFAULT_MAX_QUEUED_BYTES: u64 = 1 << 30;
 
+/// `[storage] path` by default: the folder systemd's `StateDirectory=whatsapp-relay` gives the
+/// service (`systemd/whatsapp-relay.service`).
+pub const DEFAULT_STORAGE: &str = "/var/lib/whatsapp-relay";
+
 /// Motion names that would collide with the relay's own paths.
 const RESERVED: &[&str] = &["meta", "admin", "healthz", "outbound"];
 
@@ -297,7 +301,7 @@ impl Validator<'_> {
 
     fn config(mut self, f: schema::File) -> R<Config> {
         let mut server = self.server(&f.server)?;
-        let storage_path = PathBuf::from(f.storage.path.as_deref().unwrap_or("/var/lib/whatsapp-relay"));
+        let storage_path = PathBuf::from(f.storage.path.as_deref().unwrap_or(DEFAULT_STORAGE));
         let storage = self.storage(&f.storage)?;
         if let Some(acme) = server.acme.as_mut().filter(|a| a.cache_dir.as_os_str().is_empty()) {
             acme.cache_dir = storage_path.join("acme");
@@ -306,6 +310,28 @@ impl Validator<'_> {
             listen: f.admin.listen.as_ref().map(|a| self.addr(a)).transpose()?,
             token: self.opt_secret(&f.admin.token)?,
         };
+        if let (Some(addr), Some(raw)) = (admin.listen, &f.admin.listen) {
+            if !addr.ip().is_loopback() {
+                // The admin listener has no TLS: its bearer token would cross the network in clear.
+                self.warn(
+                    raw.span(),
+                    format!(
+                        "[admin] listen {addr} is not a loopback address, and the admin listener speaks plain HTTP: \
+                         its token and metrics cross the network unencrypted; listen on 127.0.0.1 (reach it over \
+                         SSH, or through a TLS proxy) or firewall the port"
+                    ),
+                );
+            }
+        }
+        if storage_path.is_relative() && matches!(storage, StorageBackend::Embedded) {
+            self.warnings.push(format!(
+                "{}: [storage] path {:?} is relative, so it depends on the directory the relay starts in (/ under \
+                 systemd); write an absolute path, such as {DEFAULT_STORAGE} (the folder systemd's \
+                 StateDirectory=whatsapp-relay gives the service)",
+                self.loc.path.display(),
+                storage_path.display()
+            ));
+        }
         let d = &f.delivery;
         let delivery = Delivery {
             mode: d.mode.as_ref().map_or(Mode::Queue, |m| *m.get_ref()),
@@ -829,6 +855,59 @@ impl Validator<'_> {
 }
 
 impl Config {
+    /// Whether the user running this could keep the store at `[storage] path`: `check` runs it
+    /// (under systemd, `ExecStartPre=` runs `check` as the service's own user, so the answer is
+    /// the service's). None when it could; otherwise what is wrong and what to do.
+    pub fn storage_problem(&self) -> Option<String> {
+        if !matches!(self.storage, StorageBackend::Embedded) {
+            return None; // `path` is unused
+        }
+        let dir = self.storage_path.as_path();
+        let uid = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").ok()?);
+        let fix = format!(
+            "under systemd, use {DEFAULT_STORAGE}, the folder StateDirectory=whatsapp-relay creates for the \
+             service user; elsewhere make the folder writable by the user the relay runs as"
+        );
+        if dir.exists() {
+            if !dir.is_dir() {
+                return Some(format!("[storage] path {} is not a folder; {fix}", dir.display()));
+            }
+            // A real write, not the mode bits: ACLs, read-only mounts and ProtectSystem= all count.
+            let probe = dir.join(format!(".whatsapp-relay-check-{}", std::process::id()));
+            return match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
+                Ok(_) => {
+                    let _ = std::fs::remove_file(&probe);
+                    None
+                }
+                Err(e) => Some(format!(
+                    "[storage] path {} is not writable by this user (uid {uid}): {e}; {fix}",
+                    dir.display()
+                )),
+            };
+        }
+        if dir == Path::new(DEFAULT_STORAGE) {
+            return None; // systemd creates it when the service starts
+        }
+        // The relay creates the folder at start: the nearest existing parent must let it.
+        let mut parent = dir.parent();
+        while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
+            parent = p.parent();
+        }
+        let parent = parent.filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let probe = parent.join(format!(".whatsapp-relay-check-{}", std::process::id()));
+        match std::fs::create_dir(&probe) {
+            Ok(()) => {
+                let _ = std::fs::remove_dir(&probe);
+                None
+            }
+            Err(e) => Some(format!(
+                "[storage] path {} does not exist and this user (uid {uid}) cannot create it in {}: {e}; {fix}",
+                dir.display(),
+                parent.display()
+            )),
+        }
+    }
+
     /// The one-screen summary `check` prints.
     pub fn summary(&self) -> String {
         use std::fmt::Write;

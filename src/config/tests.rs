@@ -46,6 +46,41 @@ fn wrong_type_has_line_and_column() {
     assert!(e.starts_with("relay.toml:2:19:") && e.contains("invalid duration"), "{e}");
 }
 
+/// Every duration and size key says how to write it right, whatever was wrong: a bare number
+/// (`shutdown_grace = 10`), a wrong type, or a string without a known unit.
+#[test]
+fn duration_and_size_errors_show_the_right_spelling() {
+    let durations = [
+        ("server", "request_timeout"),
+        ("server", "header_timeout"),
+        ("server", "shutdown_grace"),
+        ("delivery", "timeout"),
+        ("delivery", "retry_initial"),
+        ("delivery", "retry_max"),
+        ("delivery", "give_up_after"),
+        ("delivery", "dedup_window"),
+        ("delivery", "auto_budget"),
+        ("outbound", "timeout"),
+    ];
+    for (table, key) in durations {
+        let e = err(&format!("[{table}]\n{key} = 10\n"));
+        assert!(e.starts_with("relay.toml:2:"), "{e}");
+        assert!(e.contains("write \"10s\" for 10 seconds") && e.contains("\"500ms\", \"10s\""), "{key}: {e}");
+        let e = err(&format!("[{table}]\n{key} = 1.5\n"));
+        assert!(e.contains("\"1500ms\"") && e.contains("\"5m\""), "{key}: {e}");
+        for bad in ["true", "\"10 parsecs\"", "[1]"] {
+            let e = err(&format!("[{table}]\n{key} = {bad}\n"));
+            assert!(e.contains("\"500ms\", \"10s\", \"5m\", \"7d\""), "{key} = {bad}: {e}");
+        }
+    }
+    let e = err(&BASE.replace("url = \"http://127.0.0.1:9000\"", "url = \"http://127.0.0.1:9000\"\ntimeout = 3"));
+    assert!(e.contains("write \"3s\" for 3 seconds"), "{e}");
+    for bad in ["-1", "1.5", "true", "\"4 parsecs\""] {
+        let e = err(&format!("[server]\nmax_body = {bad}\n"));
+        assert!(e.starts_with("relay.toml:2:12:") && e.contains("\"512KiB\", \"4MiB\", \"1MB\""), "{bad}: {e}");
+    }
+}
+
 #[test]
 fn unset_and_unreadable_secrets() {
     let e = err(&BASE.replace("shared_token = \"t\"", "shared_token = \"env:WHATSAPP_RELAY_SURELY_UNSET\""));

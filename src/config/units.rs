@@ -12,12 +12,42 @@ pub struct Dur(pub Duration);
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
-            de::Error::custom(format!("invalid duration {s:?} ({e}); write e.g. \"500ms\", \"10s\", \"5m\", \"7d\""))
-        })
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(DURATION_EXAMPLE)
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Dur, E> {
+                humantime::parse_duration(s.trim())
+                    .map(Dur)
+                    .map_err(|e| E::custom(format!("invalid duration {s:?} ({e}); expected {DURATION_EXAMPLE}")))
+            }
+            // A bare number has no unit: say which string was probably meant.
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Dur, E> {
+                Err(E::custom(format!(
+                    "a duration needs a unit: write \"{v}s\" for {v} seconds (expected {DURATION_EXAMPLE})"
+                )))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Dur, E> {
+                self.visit_i64(v as i64)
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Dur, E> {
+                Err(E::custom(format!(
+                    "a duration needs a unit: write \"{}ms\" for {v} seconds (expected {DURATION_EXAMPLE})",
+                    (v * 1000.0).round() as i64
+                )))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
+
+/// How every duration error ends: the right spelling.
+const DURATION_EXAMPLE: &str = "a duration written as a string with a unit, e.g. \"500ms\", \"10s\", \"5m\", \"7d\"";
+/// How every size error ends: the right spelling.
+const SIZE_EXAMPLE: &str =
+    "a size written as bytes (an integer) or a string with a unit, e.g. \"512KiB\", \"4MiB\", \"1MB\"";
 
 /// A size in bytes, written as an integer or a string with a unit (`"512KiB"`, `"4MiB"`, `"1MB"`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,18 +59,21 @@ impl<'de> Deserialize<'de> for Size {
         impl Visitor<'_> for V {
             type Value = Size;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a size in bytes (integer) or a string such as \"4MiB\"")
+                f.write_str(SIZE_EXAMPLE)
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Size, E> {
-                u64::try_from(v).map(Size).map_err(|_| E::custom("a size cannot be negative"))
+                u64::try_from(v)
+                    .map(Size)
+                    .map_err(|_| E::custom(format!("a size cannot be negative; expected {SIZE_EXAMPLE}")))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Size, E> {
+                Err(E::custom(format!("a size is a whole number, not {v}; expected {SIZE_EXAMPLE}")))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Size, E> {
                 Ok(Size(v))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Size, E> {
-                parse_size(v).map(Size).ok_or_else(|| {
-                    E::custom(format!("invalid size {v:?}; write bytes or e.g. \"512KiB\", \"4MiB\", \"1MB\""))
-                })
+                parse_size(v).map(Size).ok_or_else(|| E::custom(format!("invalid size {v:?}; expected {SIZE_EXAMPLE}")))
             }
         }
         d.deserialize_any(V)
