@@ -184,3 +184,93 @@ fn check_warns_about_the_admin_address_and_the_storage_folder() {
         assert!(text.contains("is not writable by this user"), "{text}");
     }
 }
+
+const URLS: &str = r#"[server]
+public_url = "https://chat.example.com"
+http = "127.0.0.1:0"
+[storage]
+path = "{DATA}"
+[[meta_app]]
+name = "main"
+app_secret = "app-secret"
+verify_token = "app-verify"
+[[motion]]
+name = "acme"
+url = "{MOTION}"
+hosts = ["acme.chat.example.com"]
+signing_secret = "acme-signing"
+  [[motion.account]]
+  id = "12"
+  provider = "twilio"
+  auth_token = "tw-token"
+  [[motion.account]]
+  id = "13"
+  provider = "meta"
+  app = "main"
+  phone_number_id = "106540352242922"
+[[motion]]
+name = "beta"
+url = "{MOTION}"
+  [[motion.account]]
+  id = "7"
+  provider = "sinch"
+  webhook_secret = "sinch-secret"
+"#;
+
+/// `check --urls` prints every account's webhook URL (prefix and Host routes, a Meta app's one
+/// URL) and outbound base; for Twilio also the URL with the connection overrides that make
+/// Twilio retry a 503. A webhook Twilio signed over that URL, fragment included or not (Twilio
+/// does not document which), is accepted by the real relay; one signed over another fragment is
+/// not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_urls_prints_what_to_paste_and_the_twilio_retry_url_verifies() {
+    let motion = support::FakeMotion::start().await;
+    let relay = support::RelayProcess::start(&URLS.replace("{MOTION}", &motion.url()));
+    let out = Command::new(bin()).args(["check", "--urls", "--config"]).arg(&relay.config_path).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    for want in [
+        "acme/12  twilio",
+        "webhook   https://acme.chat.example.com/api/whatsapp/accounts/12/notify",
+        "webhook   https://chat.example.com/acme/api/whatsapp/accounts/12/notify",
+        "+ retries https://chat.example.com/acme/api/whatsapp/accounts/12/notify#rc=5&rp=ct,rt,5xx",
+        "outbound  https://chat.example.com/acme/outbound/12",
+        "outbound  https://acme.chat.example.com/outbound/12",
+        "acme/13  meta, meta_app main",
+        "webhook   https://chat.example.com/meta/main",
+        "beta/7  sinch",
+        "webhook   https://chat.example.com/beta/api/whatsapp/accounts/7/notify",
+        "outbound  https://chat.example.com/beta/outbound/7",
+        "meta_app main (meta)",
+        "accounts  acme/13",
+    ] {
+        assert!(lines.contains(&want), "missing {want:?} in:\n{text}");
+    }
+    assert!(!text.contains("accounts/13/notify"), "an app account's own path is not given out:\n{text}");
+    assert!(!text.contains("beta/api/whatsapp/accounts/7/notify#"), "only Twilio gets the fragment:\n{text}");
+    assert!(!text.contains("tw-token") && !text.contains("sinch-secret"), "no secret is printed:\n{text}");
+
+    // Twilio posts to the URL without its fragment (no client sends one) and signs the URL that
+    // was pasted: try both spellings of the pasted URL.
+    let pasted = lines.iter().find_map(|l| l.strip_prefix("+ retries https://chat.example.com")).unwrap().to_string();
+    let (path, fragment) = pasted.split_once('#').unwrap();
+    let form = b"SmsStatus=received&From=whatsapp%3A%2B15550000001&Body=hi".to_vec();
+    for (i, signed) in [format!("https://chat.example.com{path}#{fragment}"), format!("https://chat.example.com{path}")]
+        .iter()
+        .enumerate()
+    {
+        // A new MessageSid each time: the same one would be a redelivery, acknowledged but not sent.
+        let form = [form.clone(), format!("&MessageSid=SM-{i}").into_bytes()].concat();
+        let sig = support::twilio_signature("tw-token", signed, &form);
+        let headers = [("x-twilio-signature", sig.as_str()), ("content-type", "application/x-www-form-urlencoded")];
+        let r = support::post(&relay.url(path), &headers, form.clone()).await;
+        assert_eq!(r.status, 200, "signed over {signed}: {:?}", r.body);
+        motion.wait_for(i + 1, std::time::Duration::from_secs(5)).await;
+    }
+    let other = format!("https://chat.example.com{path}#rc=2");
+    let sig = support::twilio_signature("tw-token", &other, &form);
+    let headers = [("x-twilio-signature", sig.as_str()), ("content-type", "application/x-www-form-urlencoded")];
+    let r = support::post(&relay.url(path), &headers, form).await;
+    assert_eq!(r.status, 401, "a fragment the relay does not know cannot be verified");
+}

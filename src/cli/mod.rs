@@ -4,6 +4,7 @@
 mod http;
 mod queue;
 mod simulate;
+mod urls;
 
 use crate::config;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -38,7 +39,12 @@ pub enum Command {
     /// Run the daemon in the foreground (the default).
     Run,
     /// Validate the config file and print a summary.
-    Check,
+    Check {
+        /// Print, for every account, the webhook URL to give its provider and the outbound base
+        /// URL its Motion uses, instead of the summary.
+        #[arg(long)]
+        urls: bool,
+    },
     /// Send a correctly signed sample inbound message for MOTION/ACCOUNT to the running relay.
     Simulate {
         /// The account, as motion/account.
@@ -58,7 +64,17 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command.unwrap_or(Command::Run) {
-        Command::Check => match config::load(&cli.config) {
+        Command::Check { urls: true } => match config::load(&cli.config) {
+            Ok(c) => {
+                print!("{}", urls::render(&c));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Check { urls: false } => match config::load(&cli.config) {
             Ok(mut c) => {
                 if let Some(problem) = c.storage_problem() {
                     c.warnings.push(format!("{}: {problem}", c.path.display()));

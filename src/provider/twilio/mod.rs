@@ -93,6 +93,13 @@ impl Provider for Twilio {
     }
 }
 
+/// The connection overrides (a URL fragment) that make Twilio retry a webhook that met a 503, a
+/// connect timeout or a read timeout, up to 5 times within its 15 seconds, instead of once and
+/// only on a failed connection. `check --urls` prints each Twilio account's URL with them, and
+/// the signature check accepts a signature over the URL with or without them
+/// (docs/providers.md, "Connection overrides").
+pub const RETRY_OVERRIDES: &str = "rc=5&rp=ct,rt,5xx";
+
 const HEADER: SignatureHeader<'static> = SignatureHeader {
     name: "X-Twilio-Signature",
     prefix: None,
@@ -121,7 +128,11 @@ impl Verify for Signature {
         let body_sha = body_sha256_param(req.url);
         let params = signed_params(body_sha.is_some(), req.content_type(), req.body);
         let signed = |url: &str| Algorithm::Sha1.verify(&self.auth_token, &[url.as_bytes(), params.as_bytes()], &tag);
-        if !signed(req.url) && !alternate_port_url(req.url).is_some_and(|u| signed(&u)) {
+        let either_port = |url: &str| signed(url) || alternate_port_url(url).is_some_and(|u| signed(&u));
+        // The fragment never reaches the relay, and Twilio does not document whether it signs
+        // it: the URL as pasted with `check --urls`' overrides is the second candidate. Both are
+        // keyed with this account's token, so accepting either lets nobody forge anything.
+        if !either_port(req.url) && !either_port(&format!("{}#{RETRY_OVERRIDES}", req.url)) {
             return Err(HEADER.mismatch("the URL and parameters"));
         }
         // Twilio signs a form's parameters, or the body's hash in the URL (bodySHA256); any other
@@ -278,6 +289,27 @@ mod tests {
             for u in [url.to_owned(), alternate_port_url(url).unwrap()] {
                 assert_eq!(outcome(t.verify(&vector_request(&v, &u).inbound())), "ok", "{}: {u}", s(&v, "name"));
             }
+        }
+    }
+
+    /// Whether Twilio signs the connection-override fragment is not documented: a signature
+    /// over the URL with the relay's recommended fragment passes, as does one without; a
+    /// fragment the relay does not know cannot be verified (the relay never sees it).
+    #[test]
+    fn the_recommended_override_fragment_may_be_signed_or_not() {
+        let form = "Body=hi&From=whatsapp%3A%2B15550000001&MessageSid=SM1";
+        let t = verifier("12345");
+        let sign = |url: &str| sign(b"12345", url, Some(FORM), form.as_bytes())[0].1.clone();
+        let with = |sig: String, url: &str| Req::post(url, FORM, form).header("X-Twilio-Signature", &sig);
+        for signed_url in [
+            PUBLIC.to_string(),
+            format!("{PUBLIC}#{RETRY_OVERRIDES}"),
+            format!("{}#{RETRY_OVERRIDES}", alternate_port_url(PUBLIC).unwrap()),
+        ] {
+            assert_eq!(outcome(t.verify(&with(sign(&signed_url), PUBLIC).inbound())), "ok", "{signed_url}");
+        }
+        for other in [format!("{PUBLIC}#rc=3"), format!("{PUBLIC}#{RETRY_OVERRIDES}&ct=100")] {
+            assert_eq!(outcome(t.verify(&with(sign(&other), PUBLIC).inbound())), "mismatch", "{other}");
         }
     }
 
