@@ -274,3 +274,178 @@ async fn check_urls_prints_what_to_paste_and_the_twilio_retry_url_verifies() {
     let r = support::post(&relay.url(path), &headers, form).await;
     assert_eq!(r.status, 401, "a fragment the relay does not know cannot be verified");
 }
+
+const CREDS: &str = r#"[server]
+public_url = "https://chat.example.com"
+http = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+token = "cred:admin.token"
+[storage]
+path = "{DATA}"
+[[motion]]
+name = "acme"
+url = "{MOTION}"
+outbound_token = "cred:acme-outbound"
+signing_secret = "cred:acme-signing"
+  [[motion.account]]
+  id = "12"
+  provider = "twilio"
+  auth_token = "cred:acme-12-twilio"
+  [[motion.account]]
+  id = "13"
+  provider = "meta"
+  app_secret = "cred:acme-13-meta"
+"#;
+
+/// The relay runs as a systemd service with every secret a credential. An operator's shell has
+/// none of them: `queue` needs only the admin token (from a credentials folder holding nothing
+/// else, or from --admin-token-file), `simulate` only its account's secret, `check --urls`
+/// none; `check` itself still needs them all (it validates what the service will run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_commands_need_only_the_secrets_they_use() {
+    let motion = support::FakeMotion::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let service_creds = dir.path().join("service-creds");
+    std::fs::create_dir(&service_creds).unwrap();
+    for (name, value) in [
+        ("admin.token", "the-admin-token"),
+        ("acme-outbound", "o"),
+        ("acme-signing", "s"),
+        ("acme-12-twilio", "tw-token"),
+        ("acme-13-meta", "meta-secret"),
+    ] {
+        std::fs::write(service_creds.join(name), format!("{value}\n")).unwrap();
+    }
+    let creds = service_creds.display().to_string();
+    let relay = support::RelayProcess::start_in_with_env(
+        dir,
+        &CREDS.replace("{MOTION}", &motion.url()),
+        &[("CREDENTIALS_DIRECTORY", creds.as_str())],
+    );
+    // The operator's copy names the ports the relay bound.
+    let text = std::fs::read_to_string(&relay.config_path).unwrap();
+    let text = text.replacen("http = \"127.0.0.1:0\"", &format!("http = \"{}\"", relay.http), 1).replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"{}\"", relay.admin.unwrap()),
+        1,
+    );
+    let cli_cfg = relay.config_path.with_file_name("cli.toml");
+    std::fs::write(&cli_cfg, text).unwrap();
+
+    let only = |names: &[&str]| {
+        let d = tempfile::tempdir().unwrap();
+        for n in names {
+            std::fs::copy(service_creds.join(n), d.path().join(n)).unwrap();
+        }
+        d
+    };
+    let run = |args: &[&str], creds: Option<&std::path::Path>| {
+        let mut cmd = Command::new(bin());
+        cmd.args(args).arg("--config").arg(&cli_cfg).env_remove("CREDENTIALS_DIRECTORY");
+        if let Some(c) = creds {
+            cmd.env("CREDENTIALS_DIRECTORY", c);
+        }
+        let out = cmd.output().unwrap();
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code(), said)
+    };
+
+    let admin_only = only(&["admin.token"]);
+    let (code, said) = run(&["queue", "stats"], Some(admin_only.path()));
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("dead letters: 0"), "{said}");
+
+    // No credentials at all: the token is what is missing, and the message says how to give it.
+    let (code, said) = run(&["queue", "stats"], None);
+    assert_eq!(code, Some(2), "{said}");
+    assert!(said.contains("cannot read the admin token") && said.contains("--admin-token-file"), "{said}");
+    assert!(said.contains("cli.toml:6:9:"), "names where the token is configured: {said}");
+    let token_file = service_creds.join("admin.token");
+    let (code, said) = run(&["queue", "stats", "--admin-token-file", token_file.to_str().unwrap()], None);
+    assert_eq!(code, Some(0), "{said}");
+
+    let (code, said) = run(&["check", "--urls"], None);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("https://chat.example.com/acme/api/whatsapp/accounts/12/notify"), "{said}");
+    let (code, said) = run(&["check"], Some(admin_only.path()));
+    assert_eq!(code, Some(2), "check validates what the service runs, every secret included: {said}");
+
+    let twilio_only = only(&["acme-12-twilio"]);
+    let (code, said) = run(&["simulate", "acme/12"], Some(twilio_only.path()));
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("200 OK"), "{said}");
+    motion.wait_for(1, std::time::Duration::from_secs(5)).await;
+    let (code, said) = run(&["simulate", "acme/13"], Some(twilio_only.path()));
+    assert_eq!(code, Some(2), "{said}");
+    assert!(said.contains("cannot sign for acme/13") && said.contains("acme-13-meta"), "{said}");
+}
+
+/// `simulate` against a relay whose plain listener redirects to https (`redirect_http`), and
+/// against the https listener alone: it connects to the listener's address with the TLS name
+/// and Host of `public_url`, trusting `--cacert` (or anything, with `--insecure`); without
+/// either, a private CA's certificate is refused with a hint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulate_posts_over_https_and_through_redirect_http() {
+    use support::tls::{TestCa, write_leaf};
+    let motion = support::FakeMotion::start().await;
+    let ca = TestCa::new("simulate test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = write_leaf(dir.path(), &ca.leaf(&["chat.example.com"]));
+    let ca_file = ca.write(dir.path());
+    let cfg = format!(
+        "[server]\npublic_url = \"https://chat.example.com\"\nhttp = \"127.0.0.1:0\"\nhttps = \"127.0.0.1:0\"\nredirect_http = true\n\
+         [server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n[storage]\npath = \"{{DATA}}\"\n[delivery]\nmode = \"direct\"\n\
+         [[motion]]\nname = \"acme\"\nurl = \"{}\"\n  [[motion.account]]\n  id = \"12\"\n  provider = \"twilio\"\n  auth_token = \"tw-token\"\n",
+        cert.display(),
+        key.display(),
+        motion.url()
+    );
+    let relay = support::RelayProcess::start_in(dir, &cfg);
+    let https = relay.https.unwrap();
+    let text = std::fs::read_to_string(&relay.config_path).unwrap();
+    let both = text.replacen("http = \"127.0.0.1:0\"", &format!("http = \"{}\"", relay.http), 1).replacen(
+        "https = \"127.0.0.1:0\"",
+        &format!("https = \"{https}\""),
+        1,
+    );
+    let both_cfg = relay.config_path.with_file_name("both.toml");
+    std::fs::write(&both_cfg, &both).unwrap();
+    // The operator's copy without the plain listener: https only.
+    let https_only =
+        both.replacen(&format!("http = \"{}\"\n", relay.http), "", 1).replacen("redirect_http = true\n", "", 1);
+    let https_cfg = relay.config_path.with_file_name("https.toml");
+    std::fs::write(&https_cfg, &https_only).unwrap();
+
+    let simulate = |cfg: &std::path::Path, extra: &[&str]| {
+        let out =
+            Command::new(bin()).args(["simulate", "acme/12"]).args(extra).arg("--config").arg(cfg).output().unwrap();
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code(), said)
+    };
+    let cacert = ["--cacert", ca_file.to_str().unwrap()];
+
+    let (code, said) = simulate(&both_cfg, &cacert);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("308 Permanent Redirect: following to https"), "{said}");
+    assert!(
+        said.contains(&format!("POST https://chat.example.com/acme/api/whatsapp/accounts/12/notify (via {https})")),
+        "{said}"
+    );
+    assert!(said.contains("200 OK"), "{said}");
+    motion.wait_for(1, std::time::Duration::from_secs(5)).await;
+
+    let (code, said) = simulate(&https_cfg, &cacert);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(!said.contains("following"), "{said}");
+    motion.wait_for(2, std::time::Duration::from_secs(5)).await;
+
+    let (code, said) = simulate(&https_cfg, &["--insecure"]);
+    assert_eq!(code, Some(0), "{said}");
+    motion.wait_for(3, std::time::Duration::from_secs(5)).await;
+
+    let (code, said) = simulate(&https_cfg, &[]);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("TLS with https://chat.example.com") && said.contains("--cacert"), "{said}");
+    assert_eq!(motion.count(), 3);
+}

@@ -1,5 +1,10 @@
-//! The command line: `run` (the default), `check`, `simulate` and `queue`. Exit codes: 0 ok, 1 runtime failure,
-//! 2 bad usage or bad config.
+//! The command line: `run` (the default), `check` (and `check --urls`), `simulate` and `queue`.
+//! Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad config.
+//!
+//! `run` and `check` need every secret of the config; the operator commands load it with
+//! [`config::load_for_operator`] and ask only for the secrets they use (the admin token, one
+//! account's signing secret), so they work from a shell on a server whose secrets are systemd
+//! credentials.
 
 mod http;
 mod queue;
@@ -52,27 +57,90 @@ pub enum Command {
         /// The message text.
         #[arg(long, default_value = "Hello from whatsapp-relay simulate")]
         text: String,
+        /// Trust this CA (PEM) for the https listener, besides the public roots.
+        #[arg(long)]
+        cacert: Option<PathBuf>,
+        /// Accept any certificate of the https listener (a self-signed test certificate).
+        #[arg(long, conflicts_with = "cacert")]
+        insecure: bool,
     },
     /// Inspect and manage the running daemon's queue (through its admin API).
     Queue {
         #[command(subcommand)]
         command: queue::QueueCommand,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
+}
+
+/// How an operator command authenticates to the admin API.
+#[derive(clap::Args, Debug)]
+pub struct AdminArgs {
+    /// Read the admin token from this file instead of the config's `[admin] token` (e.g. the
+    /// root-only file the service's LoadCredential= reads).
+    #[arg(long, global = true, env = "WHATSAPP_RELAY_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+}
+
+/// The running relay's admin API, as an operator command reaches it.
+pub struct Admin {
+    target: http::Target,
+    token: String,
+}
+
+impl Admin {
+    /// From the config's `[admin]` listen address and its token, or `--admin-token-file`: the
+    /// only things the admin commands need, so no other secret has to be readable.
+    fn new(config: &config::Config, args: &AdminArgs) -> Result<Admin, String> {
+        let listen = config.admin.listen.ok_or("the config has no [admin] listen address to reach the relay")?;
+        let token = match &args.admin_token_file {
+            Some(path) => {
+                let t = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read the admin token file {}: {e}", path.display()))?;
+                t.trim_end_matches(['\r', '\n']).to_string()
+            }
+            None => {
+                let token =
+                    config.admin.token.as_ref().ok_or("the config has no [admin] token; the admin API needs one")?;
+                if let Some(why) = config.unresolved.why(token.expose()) {
+                    return Err(format!(
+                        "cannot read the admin token: {why}\n(give it with --admin-token-file PATH, e.g. the file the \
+                         service's LoadCredential= reads, or run this as root on the relay's machine while it runs)"
+                    ));
+                }
+                token.expose().to_string()
+            }
+        };
+        if token.is_empty() {
+            return Err("the admin token is empty".into());
+        }
+        Ok(Admin { target: http::Target::plain(listen), token })
+    }
+
+    fn auth(&self) -> [(String, String); 1] {
+        [("authorization".to_string(), format!("Bearer {}", self.token))]
+    }
+}
+
+/// Loads the config for an operator command (secrets it does not use may be unreadable);
+/// a bad file is exit 2.
+fn operator_config(path: &std::path::Path) -> Result<config::Config, ExitCode> {
+    config::load_for_operator(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(2)
+    })
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command.unwrap_or(Command::Run) {
-        Command::Check { urls: true } => match config::load(&cli.config) {
+        Command::Check { urls: true } => match operator_config(&cli.config) {
             Ok(c) => {
                 print!("{}", urls::render(&c));
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(2)
-            }
+            Err(code) => code,
         },
         Command::Check { urls: false } => match config::load(&cli.config) {
             Ok(mut c) => {
@@ -87,20 +155,23 @@ pub fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Simulate { account, text } => match config::load(&cli.config) {
-            Ok(c) => simulate::run(&c, &account, &text),
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(2)
-            }
+        Command::Simulate { account, text, cacert, insecure } => match operator_config(&cli.config) {
+            Ok(c) => simulate::run(&c, &account, &text, &simulate::TlsTrust { cacert, insecure }),
+            Err(code) => code,
         },
-        Command::Queue { command } => match config::load(&cli.config) {
-            Ok(c) => queue::run(&c, command),
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(2)
+        Command::Queue { command, admin } => {
+            let config = match operator_config(&cli.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match Admin::new(&config, &admin) {
+                Ok(admin) => queue::run(&admin, command),
+                Err(e) => {
+                    eprintln!("whatsapp-relay queue: {e}");
+                    ExitCode::from(2)
+                }
             }
-        },
+        }
         Command::Run => {
             let config = match config::load(&cli.config) {
                 Ok(c) => c,

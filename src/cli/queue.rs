@@ -2,8 +2,8 @@
 //! API (`[admin] listen`, `Authorization: Bearer {admin.token}`). Tables for people, `--json`
 //! for scripts.
 
+use super::Admin;
 use crate::clock::{Clock, SystemClock};
-use crate::config::Config;
 use crate::queue::ops::{Count, Dead, Stats, Waiting};
 use bytes::Bytes;
 use clap::Subcommand;
@@ -53,12 +53,12 @@ pub enum QueueCommand {
     },
 }
 
-pub fn run(config: &Config, cmd: QueueCommand) -> ExitCode {
+pub fn run(admin: &Admin, cmd: QueueCommand) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
     };
-    rt.block_on(run_async(config, cmd))
+    rt.block_on(run_async(admin, cmd))
 }
 
 fn fail(code: u8, msg: String) -> ExitCode {
@@ -66,18 +66,9 @@ fn fail(code: u8, msg: String) -> ExitCode {
     ExitCode::from(code)
 }
 
-async fn run_async(config: &Config, cmd: QueueCommand) -> ExitCode {
-    let Some(addr) = config.admin.listen.map(super::http::reachable) else {
-        return fail(2, "the config has no [admin] listen address to reach the daemon".into());
-    };
-    let Some(token) = config.admin.token.as_ref().map(|t| t.expose().to_string()) else {
-        return fail(2, "the config has no [admin] token; the admin API needs one".into());
-    };
-    let base = format!("http://{addr}/admin/queue");
-    let call = |method: Method, path: String| {
-        let token = token.clone();
-        async move { request(method, &path, &token).await }
-    };
+async fn run_async(admin: &Admin, cmd: QueueCommand) -> ExitCode {
+    let base = "/admin/queue";
+    let call = |method: Method, path: String| async move { request(admin, method, &path).await };
     match cmd {
         QueueCommand::Stats { json } => match call(Method::GET, format!("{base}/stats")).await {
             Ok(v) => show::<Stats>(v, json, print_stats),
@@ -137,9 +128,8 @@ fn show<T: serde::de::DeserializeOwned>(v: serde_json::Value, json: bool, table:
     }
 }
 
-async fn request(method: Method, url: &str, token: &str) -> Result<serde_json::Value, String> {
-    let auth = [("authorization".to_string(), format!("Bearer {token}"))];
-    let (status, _, body) = super::http::call(method, url, &auth, Bytes::new()).await?;
+async fn request(admin: &Admin, method: Method, path: &str) -> Result<serde_json::Value, String> {
+    let (status, _, body) = super::http::call(&admin.target, method, path, &admin.auth(), Bytes::new()).await?;
     let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| format!("bad answer ({status}): {e}"))?;
     if !status.is_success() {
         return Err(format!("{status}: {}", v["message"].as_str().unwrap_or("")));

@@ -38,6 +38,32 @@ pub struct Config {
     pub meta_apps: Vec<Arc<MetaApp>>,
     /// Things `check` should point out that are not errors (inline secrets, plain http, no verification).
     pub warnings: Vec<String>,
+    /// Secrets [`load_for_operator`] could not read (always empty from [`load`]).
+    pub unresolved: Unresolved,
+}
+
+/// The secrets an operator command's load could not read: each stands in as a placeholder
+/// value, so the rest of the file still validates, and this says why it could not be read.
+/// A command asks only about the secrets it uses.
+#[derive(Debug, Default)]
+pub struct Unresolved(HashMap<String, String>);
+
+impl Unresolved {
+    /// Why the secret whose loaded value is `value` could not be read (`PATH:LINE:COL: message`);
+    /// None when it was read.
+    pub fn why(&self, value: &str) -> Option<&str> {
+        self.0.get(value).map(String::as_str)
+    }
+}
+
+/// How a load treats a secret it cannot read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Secrets {
+    /// A config error (`run`, `check`, reload): the relay needs every secret.
+    Required,
+    /// A placeholder, noted in [`Config::unresolved`] (operator commands, which each need only a
+    /// few of them and may run outside the service, without its credentials).
+    Deferred,
 }
 
 #[derive(Debug)]
@@ -205,11 +231,27 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     parse(path, &text)
 }
 
+/// Like [`load`], for operator commands (`queue`, `simulate`, `check --urls`, `store backup`):
+/// a secret that cannot be read is not an error but a placeholder noted in
+/// [`Config::unresolved`], and a `cred:` secret is also looked for among the running
+/// service's credentials ([`secret::SERVICE_CREDENTIALS`]). Everything else is checked as usual.
+pub fn load_for_operator(path: &Path) -> Result<Config, ConfigError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    parse_with(path, &text, Secrets::Deferred)
+}
+
 /// Parses and validates `text` as if read from `path` (used by tests and `load`).
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    parse_with(path, text, Secrets::Required)
+}
+
+fn parse_with(path: &Path, text: &str, secrets: Secrets) -> Result<Config, ConfigError> {
     let loc = Locator::new(path, text);
     let file: schema::File = toml::from_str(text).map_err(|e| loc.error(e.span(), e.message().to_string()))?;
     Validator {
+        secrets,
+        unresolved: HashMap::new(),
         loc,
         warnings: Vec::new(),
         apps: HashMap::new(),
@@ -221,6 +263,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
 }
 
 struct Validator<'a> {
+    secrets: Secrets,
+    /// Placeholder value -> why the secret could not be read ([`Secrets::Deferred`] only).
+    unresolved: HashMap<String, String>,
     loc: Locator<'a>,
     warnings: Vec<String>,
     /// Verification settings of each `[[meta_app]]`, which its accounts inherit.
@@ -246,13 +291,24 @@ impl Validator<'_> {
     }
 
     fn secret(&mut self, s: &S<String>) -> R<Secret> {
-        match secret::resolve(s.get_ref()) {
+        let resolved = match self.secrets {
+            Secrets::Required => secret::resolve(s.get_ref()),
+            Secrets::Deferred => secret::resolve_outside_service(s.get_ref()),
+        };
+        match resolved {
             Ok((secret, source)) => {
                 if source == secret::Source::Inline {
                     self.inline_secrets.0 += 1;
                     self.inline_secrets.1.get_or_insert(s.span());
                 }
                 Ok(secret)
+            }
+            Err(msg) if self.secrets == Secrets::Deferred => {
+                // Unique, so two unread secrets never look equal (the shared-secret warning), and
+                // starting with NUL, which no secret read from a file or the environment holds.
+                let placeholder = format!("\0unresolved-{}", self.unresolved.len());
+                self.unresolved.insert(placeholder.clone(), self.loc.error(Some(s.span()), msg).to_string());
+                Ok(Secret::new(placeholder))
             }
             Err(msg) => self.err(s.span(), msg),
         }
@@ -389,6 +445,7 @@ impl Validator<'_> {
             motions,
             meta_apps,
             warnings: self.warnings,
+            unresolved: Unresolved(self.unresolved),
         })
     }
 

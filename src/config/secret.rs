@@ -13,6 +13,33 @@ pub enum Source {
     Inline,
 }
 
+/// Where systemd keeps the credentials of the running service (`LoadCredential=`), readable by
+/// root. An operator command run outside the service reads a `cred:NAME` secret there when
+/// `$CREDENTIALS_DIRECTORY` is unset.
+pub const SERVICE_CREDENTIALS: &str = "/run/credentials/whatsapp-relay.service";
+
+/// Like [`resolve`], for operator commands run from a shell next to the service: a `cred:`
+/// secret is also looked for among the running service's credentials.
+pub fn resolve_outside_service(reference: &str) -> Result<(Secret, Source), String> {
+    match (reference.strip_prefix("cred:"), std::env::var_os("CREDENTIALS_DIRECTORY")) {
+        (Some(name), None) => {
+            let path = std::path::Path::new(SERVICE_CREDENTIALS).join(name);
+            match std::fs::read_to_string(&path) {
+                Ok(v) if !v.trim_end_matches(['\r', '\n']).is_empty() => {
+                    Ok((Secret::new(v.trim_end_matches('\n').trim_end_matches('\r').to_string()), Source::Credential))
+                }
+                Ok(_) => Err(format!("credential {} is empty", path.display())),
+                Err(e) => Err(format!(
+                    "secret cred:{name}: $CREDENTIALS_DIRECTORY is not set (this is not the service) and {} cannot be \
+                     read: {e} (is the service running, and are you root?)",
+                    path.display()
+                )),
+            }
+        }
+        _ => resolve(reference),
+    }
+}
+
 /// Resolves a secret reference. `Err` says what is wrong and what to do.
 pub fn resolve(reference: &str) -> Result<(Secret, Source), String> {
     let trim = |s: String| s.strip_suffix('\n').map(|s| s.strip_suffix('\r').unwrap_or(s).to_string()).unwrap_or(s);
