@@ -17,6 +17,33 @@ pub fn streamed(body: Deadline<Incoming>) -> Body {
     Either::Right(Either::Left(body))
 }
 
+/// Streams a file from its current position to its end, in 64 KiB chunks (a store backup). A
+/// read error ends the body early, which the receiver sees against the Content-Length.
+pub fn file(file: std::fs::File) -> Body {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut f = tokio::fs::File::from_std(file);
+        loop {
+            let mut buf = vec![0u8; 64 << 10];
+            match f.read(&mut buf).await {
+                Ok(0) => return,
+                Ok(n) => {
+                    buf.truncate(n);
+                    if tx.send(Bytes::from(buf)).await.is_err() {
+                        return; // the client went away
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the backup copy failed; its download ends short");
+                    return;
+                }
+            }
+        }
+    });
+    Either::Right(Either::Right(Channel(rx)))
+}
+
 /// A body made of what a channel sends, one frame each, ending when the sender is dropped.
 pub struct Channel(pub tokio::sync::mpsc::Receiver<Bytes>);
 

@@ -71,6 +71,7 @@ async fn handle(control: &Control, req: Request<Incoming>) -> Response<Body> {
                 return queue_api(&services.queue, req.method(), rest, req.uri().query()).await;
             }
             match (req.method(), p) {
+                (&Method::POST, "/admin/store/backup") => return backup(&services.queue).await,
                 // Logged inside; the caller gets the same message.
                 (&Method::POST, "/admin/reload") => match control.reload("admin API").await {
                     Ok(report) => json(
@@ -128,6 +129,35 @@ pub(crate) fn authorize(services: &Services, req: &Request<Incoming>, forms: Tok
         }
         _ => Err("missing or wrong Authorization: Bearer token"),
     }
+}
+
+/// `POST /admin/store/backup`: a consistent copy of the store, made in a read transaction
+/// beside the live file (deliveries and acknowledgements go on meanwhile) and streamed back;
+/// `x-relay-backup` says what it holds, so the receiver can check its copy. See `store backup`.
+async fn backup(q: &Queue) -> Response<Body> {
+    let store = q.store().clone();
+    let started = std::time::Instant::now();
+    let backup = match tokio::task::spawn_blocking(move || store.backup()).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => return error(ErrorCode::Unavailable, format!("backup failed: {e}")),
+        Err(e) => return error(ErrorCode::Unavailable, format!("backup failed: {e}")),
+    };
+    let s = backup.summary;
+    tracing::info!(
+        waiting = s.waiting,
+        dead_letters = s.dead_letters,
+        bytes = s.bytes,
+        took_ms = started.elapsed().as_millis() as u64,
+        "store backup made"
+    );
+    let mut resp = Response::new(crate::http_util::file(backup.file));
+    let h = resp.headers_mut();
+    h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/octet-stream"));
+    h.insert(http::header::CONTENT_LENGTH, s.bytes.into());
+    if let Ok(v) = http::HeaderValue::from_str(&serde_json::to_string(&s).unwrap_or_default()) {
+        h.insert("x-relay-backup", v);
+    }
+    resp
 }
 
 /// `/admin/queue/...`: see the README's "Admin API".

@@ -1,4 +1,5 @@
-//! The command line: `run` (the default), `check` (and `check --urls`), `simulate` and `queue`.
+//! The command line: `run` (the default), `check` (and `check --urls`), `simulate`, `queue` and
+//! `store backup`.
 //! Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad config.
 //!
 //! `run` and `check` need every secret of the config; the operator commands load it with
@@ -9,6 +10,7 @@
 mod http;
 mod queue;
 mod simulate;
+mod store;
 mod urls;
 
 use crate::config;
@@ -68,6 +70,13 @@ pub enum Command {
     Queue {
         #[command(subcommand)]
         command: queue::QueueCommand,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// The embedded store: a consistent copy while the relay runs (backup).
+    Store {
+        #[command(subcommand)]
+        command: store::StoreCommand,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -172,6 +181,13 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        Command::Store { command, admin } => match operator_config(&cli.config) {
+            Ok(c) => {
+                let admin = Admin::new(&c, &admin);
+                store::run(&c, admin, command)
+            }
+            Err(code) => code,
+        },
         Command::Run => {
             let config = match config::load(&cli.config) {
                 Ok(c) => c,

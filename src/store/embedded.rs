@@ -57,8 +57,8 @@ use redb::{
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Appended, DeadInfo, DeadLetter, DeadReason, Event, EventMeta, MAX_ANSWER, NewEvent, QueueStore, StoreError,
-    Unowned, WindowStore,
+    Appended, Backup, BackupSummary, DeadInfo, DeadLetter, DeadReason, Event, EventMeta, MAX_ANSWER, NewEvent,
+    QueueStore, StoreError, Unowned, WindowStore,
 };
 
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
@@ -700,6 +700,21 @@ impl QueueStore for EmbeddedStore {
         Ok(pruned)
     }
 
+    fn backup(&self) -> Result<Backup, StoreError> {
+        // Beside the store: the one folder the service may write (ProtectSystem=strict), and
+        // the same file system, so it costs no more than the live data. Removed as soon as it
+        // is open: whatever happens to the caller, no copy is left behind to be mistaken for
+        // the store.
+        let dir = self.file.parent().unwrap_or(Path::new("."));
+        let tmp = dir.join(format!(".backup-{}.redb", uuid::Uuid::new_v4()));
+        let result = self.read(|txn| copy_into(txn, &tmp)).and_then(|summary| {
+            let file = std::fs::File::open(&tmp).map_err(|e| StoreError::Read(format!("backup file: {e}")))?;
+            Ok(Backup { file, summary })
+        });
+        let _ = std::fs::remove_file(&tmp);
+        result
+    }
+
     fn writable(&self) -> bool {
         self.heal()
     }
@@ -715,6 +730,108 @@ impl QueueStore for EmbeddedStore {
     fn sync(&self) -> Result<(), StoreError> {
         self.write(Commit::Synced, |_| Ok(()))
     }
+}
+
+/// Rows copied per write transaction of a backup: bounds the memory a copy of a long backlog
+/// takes, since redb keeps a transaction's dirty pages until it commits.
+const BACKUP_ROWS_PER_COMMIT: usize = 20_000;
+
+/// Copies every table as `src` sees it (one read transaction: one committed state) into a new
+/// store file at `dest`, synced and closed cleanly, so it opens without a repair.
+fn copy_into(src: &ReadTransaction, dest: &Path) -> DbResult<BackupSummary> {
+    // Errors of the copy are not the live store's: never `io`, which would have the live
+    // handle re-opened.
+    let theirs = |e: redb::Error| Fail { io: false, message: format!("backup file {}: {e}", dest.display()) };
+    let out = Database::builder()
+        .set_cache_size(CACHE_BYTES)
+        .create_with_file_format_v3(true)
+        .create(dest)
+        .map_err(|e| theirs(e.into()))?;
+    let mut summary = BackupSummary {
+        waiting: copy_table(src, &out, EVENTS, &theirs)?,
+        dead_letters: copy_table(src, &out, DEAD, &theirs)?,
+        dedup_keys: copy_table(src, &out, DEDUP, &theirs)?,
+        format: src.open_table(META)?.get(FORMAT_KEY)?.map_or(0, |g| g.value()),
+        bytes: 0,
+    };
+    copy_table(src, &out, WAITING, &theirs)?;
+    copy_table(src, &out, WINDOW, &theirs)?;
+    copy_table(src, &out, META, &theirs)?;
+    // The last commit is synced; dropping the handle then closes the file cleanly.
+    let mut txn = out.begin_write().map_err(|e| theirs(e.into()))?;
+    txn.set_durability(Durability::Immediate);
+    txn.commit().map_err(|e| theirs(e.into()))?;
+    drop(out);
+    summary.bytes = std::fs::metadata(dest).map_err(|e| theirs(e.into()))?.len();
+    Ok(summary)
+}
+
+fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    src: &ReadTransaction,
+    out: &Database,
+    def: TableDefinition<K, V>,
+    theirs: &dyn Fn(redb::Error) -> Fail,
+) -> DbResult<u64> {
+    let table = src.open_table(def)?;
+    let mut rows = table.iter()?.peekable();
+    let mut n = 0;
+    loop {
+        let mut txn = out.begin_write().map_err(|e| theirs(e.into()))?;
+        txn.set_durability(Durability::None);
+        {
+            let mut table = txn.open_table(def).map_err(|e| theirs(e.into()))?;
+            for row in rows.by_ref().take(BACKUP_ROWS_PER_COMMIT) {
+                let (k, v) = row?;
+                table.insert(k.value(), v.value()).map_err(|e| theirs(e.into()))?;
+                n += 1;
+            }
+        }
+        txn.commit().map_err(|e| theirs(e.into()))?;
+        if rows.peek().is_none() {
+            return Ok(n);
+        }
+    }
+}
+
+/// Opens a store file read-only-minded, as `store backup` checks its copy and a restore would
+/// meet it: the file must open without a repair (it was closed cleanly), be of the record format
+/// this build reads, and hold what it says. Also copies a store no relay has open
+/// (`store backup` with the relay stopped): redb's lock refuses a file a running relay holds.
+pub fn inspect(file: &Path) -> Result<BackupSummary, StoreError> {
+    let repaired = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = repaired.clone();
+    let db = Database::builder()
+        .set_repair_callback(move |_| flag.store(true, Ordering::Relaxed))
+        .open(file)
+        .map_err(|e| open_error(file, e))?;
+    if repaired.load(Ordering::Relaxed) {
+        return Err(open_error(file, std::io::Error::other("the file was not closed cleanly (it needed a repair)")));
+    }
+    let read = || -> DbResult<BackupSummary> {
+        let txn = db.begin_read()?;
+        Ok(BackupSummary {
+            waiting: txn.open_table(EVENTS)?.len()?,
+            dead_letters: txn.open_table(DEAD)?.len()?,
+            dedup_keys: txn.open_table(DEDUP)?.len()?,
+            format: txn.open_table(META)?.get(FORMAT_KEY)?.map_or(0, |g| g.value()),
+            bytes: std::fs::metadata(file).map(|m| m.len()).unwrap_or(0),
+        })
+    };
+    let summary = read().map_err(|e| StoreError::Read(format!("{}: {}", file.display(), e.message)))?;
+    if summary.format != FORMAT {
+        let e = format!("record format {}, but this build reads format {FORMAT}", summary.format);
+        return Err(open_error(file, std::io::Error::other(e)));
+    }
+    Ok(summary)
+}
+
+/// `store backup` with no relay running: copies `dir`'s store file to `dest` directly. Fails
+/// (redb's lock) while a relay holds the file.
+pub fn backup_offline(dir: &Path, dest: &Path) -> Result<BackupSummary, StoreError> {
+    let file = dir.join(FILE_NAME);
+    let db = Database::builder().set_cache_size(CACHE_BYTES).open(&file).map_err(|e| open_error(&file, e))?;
+    let txn = db.begin_read().map_err(|e| StoreError::Read(e.to_string()))?;
+    copy_into(&txn, dest).map_err(|e| StoreError::Read(e.message))
 }
 
 impl WindowStore for EmbeddedStore {

@@ -153,6 +153,9 @@ impl QueueStore for FaultyStore {
     fn size_bytes(&self) -> Option<u64> {
         self.inner.size_bytes()
     }
+    fn backup(&self) -> Result<super::Backup, StoreError> {
+        self.inner.backup()
+    }
     fn writable(&self) -> bool {
         !self.fail_writes.load(Ordering::SeqCst) && self.inner.writable()
     }

@@ -117,6 +117,24 @@ impl Leases for HoldAll {
     }
 }
 
+/// A copy of the store made by [`QueueStore::backup`]: the open file and what it holds.
+pub struct Backup {
+    pub file: std::fs::File,
+    pub summary: BackupSummary,
+}
+
+/// What a store file holds (a backup, checked by whoever reads it back).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupSummary {
+    /// Events waiting for delivery.
+    pub waiting: u64,
+    pub dead_letters: u64,
+    pub dedup_keys: u64,
+    /// Its record format (see `embedded`).
+    pub format: u64,
+    pub bytes: u64,
+}
+
 /// An event to store, as accepted from a provider.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewEvent {
@@ -286,6 +304,13 @@ pub trait QueueStore: Send + Sync + 'static {
     /// call holds the writer long; called periodically, it sweeps the whole table.
     fn prune_dedup(&self, now_unix_ms: u64) -> Result<usize, StoreError>;
     /// Cheap check that the store can still be written (for /readyz).
+    /// A consistent copy of the whole store as it stood at one commit (later writes are not in
+    /// it, earlier ones all are), for `store backup`: an open file holding it, already removed
+    /// from the folder, and what it holds. A backend without a file of its own says how else
+    /// to back it up.
+    fn backup(&self) -> Result<Backup, StoreError> {
+        Err(StoreError::Read("this storage backend has no file copy; back up its database with its own tools".into()))
+    }
     fn writable(&self) -> bool;
     /// What the store takes on disk, where the backend can tell cheaply.
     fn size_bytes(&self) -> Option<u64> {
