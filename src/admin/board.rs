@@ -153,7 +153,7 @@ impl Board {
         json!({
             "generated_unix_ms": now,
             "relay": {
-                "version": env!("CARGO_PKG_VERSION"),
+                "version": crate::VERSION,
                 "uptime_seconds": self.started.elapsed().as_secs(),
                 "ready": problems.is_empty(),
                 "problems": problems,
