@@ -66,7 +66,7 @@ fn systemd_analyze_verify_reports_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let unit = dir.path().join("whatsapp-relay.service");
     let socket = dir.path().join("whatsapp-relay.socket");
-    std::fs::write(&unit, UNIT.replace("/usr/local/bin/whatsapp-relay", support::bin())).unwrap();
+    std::fs::write(&unit, UNIT.replace("/usr/bin/whatsapp-relay", support::bin())).unwrap();
     std::fs::write(&socket, SOCKET).unwrap();
     let out = std::process::Command::new("systemd-analyze").arg("verify").arg(&unit).arg(&socket).output().unwrap();
     let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

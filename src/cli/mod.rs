@@ -151,7 +151,7 @@ pub fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Check { urls: false } => match config::load(&cli.config) {
+        Command::Check { urls: false } => match config::load_for_check(&cli.config) {
             Ok(mut c) => {
                 if let Some(problem) = c.storage_problem() {
                     c.warnings.push(format!("{}: {problem}", c.path.display()));

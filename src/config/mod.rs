@@ -64,7 +64,15 @@ enum Secrets {
     /// A placeholder, noted in [`Config::unresolved`] (operator commands, which each need only a
     /// few of them and may run outside the service, without its credentials).
     Deferred,
+    /// `check` from a shell: as `Required`, except that a `cred:` secret, which only the
+    /// service has, is a warning when neither `$CREDENTIALS_DIRECTORY` nor the running
+    /// service's credentials hold it (the service's own `ExecStartPre=` check reads it).
+    Check,
 }
+
+/// What the packaged config template writes where the operator must fill something in: a file
+/// that still holds one is refused, with every line that does.
+pub const PLACEHOLDER: &str = "CHANGE_ME";
 
 #[derive(Debug)]
 pub struct Server {
@@ -241,6 +249,14 @@ pub fn load_for_operator(path: &Path) -> Result<Config, ConfigError> {
     parse_with(path, &text, Secrets::Deferred)
 }
 
+/// Like [`load`], for `check` run from a shell: a `cred:` secret it cannot read (they are the
+/// service's) is a warning, not an error. Every other check is the same.
+pub fn load_for_check(path: &Path) -> Result<Config, ConfigError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    parse_with(path, &text, Secrets::Check)
+}
+
 /// Parses and validates `text` as if read from `path` (used by tests and `load`).
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     parse_with(path, text, Secrets::Required)
@@ -249,6 +265,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
 fn parse_with(path: &Path, text: &str, secrets: Secrets) -> Result<Config, ConfigError> {
     let loc = Locator::new(path, text);
     let file: schema::File = toml::from_str(text).map_err(|e| loc.error(e.span(), e.message().to_string()))?;
+    placeholders_left(&loc)?;
     Validator {
         secrets,
         unresolved: HashMap::new(),
@@ -260,6 +277,33 @@ fn parse_with(path: &Path, text: &str, secrets: Secrets) -> Result<Config, Confi
         inline_secrets: (0, None),
     }
     .config(file)
+}
+
+/// Refuses a file that still holds [`PLACEHOLDER`] outside comments, naming every line that does.
+fn placeholders_left(loc: &Locator<'_>) -> Result<(), ConfigError> {
+    let mut first = None;
+    let mut lines = Vec::new();
+    let mut offset = 0;
+    for (n, line) in loc.text.split_inclusive('\n').enumerate() {
+        // Outside comments (no value of the template holds a '#').
+        let code = line.split('#').next().unwrap_or("");
+        if let Some(at) = code.find(PLACEHOLDER) {
+            first.get_or_insert(offset + at);
+            lines.push((n + 1).to_string());
+        }
+        offset += line.len();
+    }
+    match first {
+        None => Ok(()),
+        Some(at) => Err(loc.error(
+            Some(at..at),
+            format!(
+                "{} placeholder(s) {PLACEHOLDER} left to fill in, on line(s) {}: each line's comment says what goes there",
+                lines.len(),
+                lines.join(", ")
+            ),
+        )),
+    }
 }
 
 struct Validator<'a> {
@@ -291,9 +335,29 @@ impl Validator<'_> {
     }
 
     fn secret(&mut self, s: &S<String>) -> R<Secret> {
+        let outside_service = std::env::var_os("CREDENTIALS_DIRECTORY").is_none();
         let resolved = match self.secrets {
             Secrets::Required => secret::resolve(s.get_ref()),
             Secrets::Deferred => secret::resolve_outside_service(s.get_ref()),
+            Secrets::Check if outside_service && s.get_ref().starts_with("cred:") => {
+                match secret::resolve_outside_service(s.get_ref()) {
+                    Ok(found) => Ok(found),
+                    Err(msg) => {
+                        self.warn(
+                            s.span(),
+                            format!(
+                                "{} is not checked here: {msg}; the service's own check (ExecStartPre=) reads it \
+                                 from its credentials (LoadCredential=)",
+                                s.get_ref()
+                            ),
+                        );
+                        let placeholder = format!("\0unresolved-{}", self.unresolved.len());
+                        self.unresolved.insert(placeholder.clone(), msg);
+                        return Ok(Secret::new(placeholder));
+                    }
+                }
+            }
+            Secrets::Check => secret::resolve(s.get_ref()),
         };
         match resolved {
             Ok((secret, source)) => {

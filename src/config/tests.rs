@@ -316,3 +316,13 @@ fn storage_backend_postgres_needs_a_url_and_sane_values() {
     let c = parse_str(&format!("[storage]\npool = 4\n{BASE}")).unwrap();
     assert!(c.warnings.iter().any(|w| w.contains("pool is unused")), "{:?}", c.warnings);
 }
+
+/// The packaged template's placeholders: refused while any is left outside comments, every such
+/// line named; a comment may mention one.
+#[test]
+fn placeholders_left_are_refused_with_their_lines() {
+    let text = BASE.replace("name = \"acme\"", "name = \"CHANGE_ME\"").replace("id = \"12\"", "id = \"CHANGE_ME\"");
+    let e = err(&format!("# fill in every CHANGE_ME\n{text}"));
+    assert!(e.starts_with("relay.toml:7:9: 2 placeholder(s) CHANGE_ME left to fill in, on line(s) 7, 11"), "{e}");
+    assert!(parse_str(&format!("# fill in every CHANGE_ME\n{BASE}")).is_ok());
+}
