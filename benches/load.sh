@@ -3,7 +3,7 @@
 #
 #   benches/load.sh [--duration 10] [--rounds 3] [--no-queue] [--no-pg] [--board] [--no-install] [--no-build] [--keep]
 #
-# Run from the repository root. What it does (see /work/shared/bench/README.md for the method):
+# Run from the repository root. What it does (BENCHMARKS.md has the method and the results):
 #   - installs nginx and wrk with apt-get when missing, builds the relay and the stand-in Motion
 #     (examples/bench_motion.rs) in release mode;
 #   - in a temporary directory: a self-signed ECDSA P-256 certificate for nginx's TLS listener,

@@ -1,6 +1,6 @@
-//! A stand-in Motion server for load tests (`benches/load.sh`), the backend of
-//! `/work/shared/bench/README.md`: a tokio + hyper 1 HTTP/1.1 server on `127.0.0.1:PORT` that
-//! reads each request's whole body and answers `200 {"ok":true}`.
+//! A stand-in Motion server for load tests (`benches/load.sh`, see BENCHMARKS.md) and for
+//! trying the relay locally (the README's quick start): a tokio + hyper 1 HTTP/1.1 server on
+//! `127.0.0.1:PORT` that reads each request's whole body and answers `200 {"ok":true}`.
 //!
 //! It counts requests, non-empty bodies and body bytes. SIGUSR1 prints the counts to stderr and
 //! carries on (the load script reads them between targets, e.g. to check that queued deliveries

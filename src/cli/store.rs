@@ -30,6 +30,13 @@ fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
 
 pub fn run(config: &Config, admin: Result<Admin, String>, cmd: StoreCommand) -> ExitCode {
     let StoreCommand::Backup { dest } = cmd;
+    if !matches!(config.storage, crate::config::StorageBackend::Embedded) {
+        return fail(
+            2,
+            "[storage] backend is postgres: back the queue up with PostgreSQL's own tools (pg_dump, base backups); \
+             store backup copies the embedded store",
+        );
+    }
     let dest = if dest.is_dir() { dest.join(embedded::FILE_NAME) } else { dest };
     let partial = PathBuf::from(format!("{}.partial", dest.display()));
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
