@@ -225,13 +225,14 @@ pub(crate) fn admit(services: &Services, route: &MotionRoute) -> Result<(), Fail
 /// 503 when a Motion already has `max_queued` events, or `max_queued_bytes` bytes, waiting
 /// (the provider retries later).
 pub(crate) fn over_max_queued(queue: &Queue, motion: &Motion) -> Result<(), Failure> {
-    if queue.depth(&motion.name) >= motion.max_queued {
+    let (events, bytes) = queue.waiting(&motion.name);
+    if events >= motion.max_queued {
         return fail(
             ErrorCode::Unavailable,
             format!("motion {} has max_queued events waiting; retry later", motion.name),
         );
     }
-    if queue.bytes(&motion.name) >= motion.max_queued_bytes {
+    if bytes >= motion.max_queued_bytes {
         return fail(
             ErrorCode::Unavailable,
             format!("motion {} has max_queued_bytes waiting; retry later", motion.name),

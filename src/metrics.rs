@@ -365,7 +365,7 @@ impl Metrics {
         let m = || MotionLabels { motion: motion.to_string() };
         let outcome = |outcome| read(&self.deliveries, OutcomeLabels { motion: motion.to_string(), outcome });
         let class = |class| read(&self.outbound_classes, ClassLabels { motion: motion.to_string(), class });
-        let dead = ["refused", "gave_up", "no_account", "recorded"]
+        let dead = crate::store::DeadReason::LABELS
             .into_iter()
             .map(|reason| read(&self.dead_letters, DeadLabels { motion: motion.to_string(), reason }))
             .sum();

@@ -175,12 +175,12 @@ impl Queue {
 
     /// Events waiting for a Motion.
     pub fn depth(&self, motion: &str) -> u64 {
-        self.motions.load().get(motion).map_or(0, |m| m.depth().events())
+        self.waiting(motion).0
     }
 
-    /// Bytes (bodies and headers) waiting for a Motion.
-    pub fn bytes(&self, motion: &str) -> u64 {
-        self.motions.load().get(motion).map_or(0, |m| m.depth().bytes())
+    /// Events and bytes waiting for a Motion, in one lookup (the request path's limits).
+    pub fn waiting(&self, motion: &str) -> (u64, u64) {
+        self.motions.load().get(motion).map_or((0, 0), |m| (m.depth().events(), m.depth().bytes()))
     }
 
     /// Durably appends `events` (one atomic write); the stored ones are scheduled as part of

@@ -382,15 +382,11 @@ struct Scheduler {
 /// Motion down for hours must not hold its whole backlog in memory.
 const CACHE_BUDGET: usize = 64 << 20;
 
-fn weight(ev: &NewEvent) -> usize {
-    ev.weight()
-}
-
 /// `ev` if [`CACHE_BUDGET`] has room for it (then counted in `used`), else `None`: the event is
 /// read back from the store when its turn comes.
 fn keep_cached(used: &mut usize, ev: Option<Arc<NewEvent>>) -> Option<Arc<NewEvent>> {
     let ev = ev?;
-    let w = weight(&ev);
+    let w = ev.weight();
     (*used + w <= CACHE_BUDGET).then(|| {
         *used += w;
         ev
@@ -399,7 +395,7 @@ fn keep_cached(used: &mut usize, ev: Option<Arc<NewEvent>>) -> Option<Arc<NewEve
 
 /// What an entry's kept body counts against [`CACHE_BUDGET`].
 fn cached_weight(e: &Entry) -> usize {
-    e.cached.as_deref().map_or(0, weight)
+    e.cached.as_deref().map_or(0, NewEvent::weight)
 }
 
 impl Scheduler {

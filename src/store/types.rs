@@ -22,6 +22,9 @@ pub enum DeadReason {
 }
 
 impl DeadReason {
+    /// Every value of [`label`](Self::label), for reading the counters back.
+    pub const LABELS: [&'static str; 4] = ["refused", "gave_up", "no_account", "recorded"];
+
     /// The metric label (`whatsapp_relay_dead_letters_total{reason}`): a bounded set.
     pub fn label(&self) -> &'static str {
         match self {
@@ -129,6 +132,14 @@ mod tests {
         assert_eq!(gave_up.to_string(), "gave up after 7 attempts over 86400s (last: HTTP 503)");
         assert_eq!(DeadReason::from_text(gave_up.to_string()), DeadReason::Recorded(gave_up.to_string()));
         assert_eq!(gave_up.label(), "gave_up");
+        let all = [
+            DeadReason::Refused { status: 400 },
+            gave_up,
+            DeadReason::MotionRemoved { motion: "m".into() },
+            DeadReason::NoAccount,
+            DeadReason::Recorded("x".into()),
+        ];
+        assert!(all.iter().all(|r| DeadReason::LABELS.contains(&r.label())), "LABELS lists every label");
     }
 
     #[test]
