@@ -232,7 +232,8 @@ struct Fixed {
     /// Domains, contact, directory, cache and CA, compared as one.
     acme: Option<String>,
     shutdown_grace: Duration,
-    header_timeout: Duration,
+    /// The listeners' connection settings, by key: their accept loops keep them until a restart.
+    connections: [(&'static str, String); 4],
 }
 
 impl Fixed {
@@ -249,7 +250,12 @@ impl Fixed {
                 format!("{:?} {:?} {} {} {:?}", a.domains, a.contact, a.directory, a.cache_dir.display(), a.ca_file)
             }),
             shutdown_grace: s.shutdown_grace,
-            header_timeout: s.header_timeout,
+            connections: [
+                ("header_timeout", format!("{:?}", s.header_timeout)),
+                ("idle_timeout", format!("{:?}", s.idle_timeout)),
+                ("max_connections", s.max_connections.to_string()),
+                ("max_connections_per_ip", s.max_connections_per_ip.to_string()),
+            ],
         }
     }
 
@@ -298,7 +304,9 @@ impl Fixed {
             changed("[server.acme]", "its settings at start".into(), "new settings".into());
         }
         changed("[server] shutdown_grace", format!("{:?}", self.shutdown_grace), format!("{:?}", new.shutdown_grace));
-        changed("[server] header_timeout", format!("{:?}", self.header_timeout), format!("{:?}", new.header_timeout));
+        for ((key, old), (_, new)) in self.connections.iter().zip(new.connections) {
+            changed(&format!("[server] {key}"), old.clone(), new);
+        }
         out
     }
 }

@@ -61,6 +61,17 @@ impl Relay {
         // A message framed both ways (Content-Length and Transfer-Encoding) never gets here as
         // such: hyper reads it as chunked, drops Content-Length and closes the connection after
         // it (RFC 9112 6.1), so nothing can be smuggled behind it. HTTP/2 has no such framing.
+        if req.version() == http::Version::HTTP_11 {
+            // RFC 9112 3.2: exactly one Host; with none or two, which host was meant is unknown,
+            // and host routing must not guess.
+            let hosts = req.headers().get_all(http::header::HOST).iter().count();
+            if hosts != 1 {
+                return fail(
+                    ErrorCode::BadRequest,
+                    format!("an HTTP/1.1 request needs exactly one Host header, not {hosts}"),
+                );
+            }
+        }
         let Some(route) = snap.table.lookup(host(req.uri(), req.headers()), req.uri().path()) else {
             return fail(ErrorCode::NotFound, "no route for this path");
         };

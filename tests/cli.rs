@@ -449,3 +449,30 @@ async fn simulate_posts_over_https_and_through_redirect_http() {
     assert!(said.contains("TLS with https://chat.example.com") && said.contains("--cacert"), "{said}");
     assert_eq!(motion.count(), 3);
 }
+
+/// `check` says when the listeners could hold more connections than the process may open
+/// files (the relay raises its soft limit to the hard one; beyond that, only the service's
+/// LimitNOFILE= helps).
+#[test]
+fn check_warns_when_max_connections_exceeds_the_open_files_limit() {
+    let check = |limit: u32, extra: &str| {
+        let (dir, path) = write(&GOOD.replace("[server]\n", &format!("[server]\n{extra}")));
+        // `ulimit -n` in a shell sets both limits for what it then runs.
+        let out = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!("ulimit -n {limit} && exec \"$0\" check --config \"$1\""))
+            .arg(bin())
+            .arg(&path)
+            .env("CLI_TEST_TOKEN", "x")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        drop(dir);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = check(4096, "");
+    assert!(text.contains("relay.toml:") && text.contains("max_connections = 10000 (per listener, the admin one included) may need 20512 open files, more than this process may open (4096)"), "{text}");
+    assert!(text.contains("LimitNOFILE="), "{text}");
+    let text = check(4096, "max_connections = 1000\n");
+    assert!(!text.contains("max_connections"), "{text}");
+}

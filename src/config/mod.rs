@@ -83,6 +83,11 @@ pub struct Server {
     pub max_body: u64,
     pub request_timeout: Duration,
     pub header_timeout: Duration,
+    /// A connection with no request in flight is closed after this.
+    pub idle_timeout: Duration,
+    /// Open connections per listener, and per source address (an IPv6 one by its /64).
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
     pub redirect_http: bool,
     pub shutdown_grace: Duration,
     pub trusted_proxies: Vec<IpNet>,
@@ -126,6 +131,13 @@ pub struct PostgresStorage {
 }
 
 /// Bounds of `[storage] pool` and `takeover`, given in the error when a value is outside them.
+/// Bounds of `[server] idle_timeout`, `max_connections` and `max_connections_per_ip`.
+pub const IDLE_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> = Duration::from_secs(1)..=Duration::from_secs(3600);
+pub const MAX_CONNECTIONS_RANGE: std::ops::RangeInclusive<i64> = 1..=1_000_000;
+
+/// Files the relay holds besides its connections (store, logs, upstream connections, certificates).
+const FILES_BESIDE_CONNECTIONS: u64 = 512;
+
 pub const POOL_RANGE: std::ops::RangeInclusive<i64> = 2..=1000;
 pub const TAKEOVER_RANGE: std::ops::RangeInclusive<Duration> = Duration::from_secs(3)..=Duration::from_secs(600);
 
@@ -588,6 +600,7 @@ impl Validator<'_> {
         if http.is_none() && https.is_none() {
             self.warnings.push(format!("{}: no public listener ([server] http or https)", self.loc.path.display()));
         }
+        let (max_connections, max_connections_per_ip) = self.connection_caps(s, [http, https])?;
         Ok(Server {
             public_url,
             http,
@@ -595,12 +608,50 @@ impl Validator<'_> {
             max_body: s.max_body.map_or(4 << 20, |x| x.0),
             request_timeout: s.request_timeout.map_or(Duration::from_secs(15), |x| x.0),
             header_timeout: s.header_timeout.map_or(Duration::from_secs(10), |x| x.0),
+            idle_timeout: match &s.idle_timeout {
+                None => Duration::from_secs(60),
+                Some(d) if IDLE_TIMEOUT_RANGE.contains(&d.get_ref().0) => d.get_ref().0,
+                Some(d) => return self.err(d.span(), "idle_timeout must be between 1s and 1h"),
+            },
+            max_connections,
+            max_connections_per_ip,
             redirect_http,
             shutdown_grace: s.shutdown_grace.map_or(Duration::from_secs(30), |x| x.0),
             trusted_proxies: self.cidrs(&s.trusted_proxies)?,
             tls,
             acme,
         })
+    }
+
+    /// `max_connections` and `max_connections_per_ip`, in range, with a warning when the
+    /// listeners together may hold more connections than the process may open files.
+    fn connection_caps(&mut self, s: &schema::Server, listeners: [Option<SocketAddr>; 2]) -> R<(usize, usize)> {
+        let cap = |v: &Option<S<i64>>, key: &str, default: i64| match v {
+            None => Ok(default),
+            Some(n) if MAX_CONNECTIONS_RANGE.contains(n.get_ref()) => Ok(*n.get_ref()),
+            Some(n) => self.err(n.span(), format!("{key} must be between 1 and {}", MAX_CONNECTIONS_RANGE.end())),
+        };
+        let max = cap(&s.max_connections, "max_connections", 10_000)?;
+        let per_ip = cap(&s.max_connections_per_ip, "max_connections_per_ip", 256)?;
+        if let Some(n) = s.max_connections_per_ip.as_ref().filter(|_| per_ip > max) {
+            return self.err(n.span(), format!("max_connections_per_ip ({per_ip}) is above max_connections ({max})"));
+        }
+        // Each connection is a file; the relay raises its soft limit to the hard one at start.
+        let listeners = listeners.iter().flatten().count().max(1) as u64 + 1; // + admin
+        let wanted = listeners * max as u64 + FILES_BESIDE_CONNECTIONS;
+        let hard = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(u64::MAX, |(_, hard)| hard);
+        if wanted > hard {
+            let span = s.max_connections.as_ref().map(|n| n.span()).unwrap_or_default();
+            self.warn(
+                span,
+                format!(
+                    "max_connections = {max} (per listener, the admin one included) may need {wanted} open files, \
+                     more than this process may open ({hard}): raise LimitNOFILE= in the service, or lower \
+                     max_connections"
+                ),
+            );
+        }
+        Ok((max as usize, per_ip as usize))
     }
 
     fn storage(&mut self, s: &schema::Storage) -> R<StorageBackend> {

@@ -36,6 +36,9 @@ pub struct Server {
     pub max_body: Option<Size>,
     pub request_timeout: Option<Dur>,
     pub header_timeout: Option<Dur>,
+    pub idle_timeout: Option<S<Dur>>,
+    pub max_connections: Option<S<i64>>,
+    pub max_connections_per_ip: Option<S<i64>>,
     pub redirect_http: Option<S<bool>>,
     pub shutdown_grace: Option<Dur>,
     #[serde(default)]

@@ -53,6 +53,7 @@ fn duration_and_size_errors_show_the_right_spelling() {
     let durations = [
         ("server", "request_timeout"),
         ("server", "header_timeout"),
+        ("server", "idle_timeout"),
         ("server", "shutdown_grace"),
         ("delivery", "timeout"),
         ("delivery", "retry_initial"),
@@ -325,4 +326,27 @@ fn placeholders_left_are_refused_with_their_lines() {
     let e = err(&format!("# fill in every CHANGE_ME\n{text}"));
     assert!(e.starts_with("relay.toml:7:9: 2 placeholder(s) CHANGE_ME left to fill in, on line(s) 7, 11"), "{e}");
     assert!(parse_str(&format!("# fill in every CHANGE_ME\n{BASE}")).is_ok());
+}
+
+#[test]
+fn connection_limits_and_idle_timeout() {
+    let c = parse_str(BASE).unwrap();
+    let s = &c.server;
+    assert_eq!((s.idle_timeout, s.max_connections, s.max_connections_per_ip), (Duration::from_secs(60), 10_000, 256));
+    let c = parse_str(&format!(
+        "[server]\nidle_timeout = \"2m\"\nmax_connections = 50\nmax_connections_per_ip = 5\n{BASE}"
+    ))
+    .unwrap();
+    let s = &c.server;
+    assert_eq!((s.idle_timeout, s.max_connections, s.max_connections_per_ip), (Duration::from_secs(120), 50, 5));
+    for (line, want) in [
+        ("idle_timeout = \"0s\"", "relay.toml:2:16: idle_timeout must be between 1s and 1h"),
+        ("idle_timeout = \"2h\"", "relay.toml:2:16: idle_timeout must be between 1s and 1h"),
+        ("max_connections = 0", "relay.toml:2:19: max_connections must be between 1 and 1000000"),
+        ("max_connections_per_ip = -3", "relay.toml:2:26: max_connections_per_ip must be between 1 and 1000000"),
+        ("max_connections = 10\nmax_connections_per_ip = 11", "relay.toml:3:26: max_connections_per_ip (11) is above"),
+    ] {
+        let e = err(&format!("[server]\n{line}\n{BASE}"));
+        assert!(e.starts_with(want), "{line}: {e}");
+    }
 }

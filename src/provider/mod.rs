@@ -36,7 +36,7 @@ pub(crate) use body::is_form;
 pub use endpoints::{AllowList, OutboundCreds, Pattern};
 pub use meta::handshake::meta_handshake;
 pub use signature::ct_eq;
-pub(crate) use signature::{Algorithm, Encoding, SignatureHeader, required_header};
+pub(crate) use signature::{Algorithm, Encoding, Prefix, SignatureHeader, required_header};
 pub use verifier::{AccountVerifier, VerifierConfig, Verify, sign_request};
 
 /// The customer of every [`Provider::sample`].

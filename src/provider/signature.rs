@@ -110,12 +110,21 @@ const B64_CONFIG: GeneralPurposeConfig =
 const B64_STD: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::STANDARD, B64_CONFIG);
 const B64_URL: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::URL_SAFE, B64_CONFIG);
 
+/// What comes before the MAC, naming the algorithm (matched in any case; it carries no security).
+#[derive(Clone, Copy)]
+pub(crate) enum Prefix<'a> {
+    None,
+    /// Always sent: a value without it was not written the way the provider writes it.
+    Required(&'a str),
+    /// Sent by some senders and not others (360dialog documents neither).
+    Optional(&'a str),
+}
+
 /// Where and how a provider puts its signature.
 pub(crate) struct SignatureHeader<'a> {
     /// Header name as the provider documents it (lookups ignore case; messages show this).
     pub name: &'a str,
-    /// Stripped when present (any case): it names the algorithm and carries no security.
-    pub prefix: Option<&'a str>,
+    pub prefix: Prefix<'a>,
     pub encoding: Encoding,
     pub algorithm: Algorithm,
 }
@@ -125,8 +134,18 @@ impl SignatureHeader<'_> {
     pub(crate) fn read(&self, req: &Inbound<'_>) -> Result<Vec<u8>, Rejection> {
         let value = required_header(req, self.name)?;
         let value = match self.prefix {
-            Some(p) if value.get(..p.len()).is_some_and(|h| h.eq_ignore_ascii_case(p)) => &value[p.len()..],
-            _ => value,
+            Prefix::Required(p) | Prefix::Optional(p)
+                if value.get(..p.len()).is_some_and(|h| h.eq_ignore_ascii_case(p)) =>
+            {
+                &value[p.len()..]
+            }
+            Prefix::Required(p) => {
+                return Err(Rejection::unauthorized(
+                    "bad_encoding",
+                    format!("{} does not start with {p:?}", self.name),
+                ));
+            }
+            Prefix::Optional(_) | Prefix::None => value,
         };
         self.encoding.decode(value, self.algorithm.output_len()).ok_or_else(|| {
             Rejection::unauthorized("bad_encoding", format!("{} is not valid {}", self.name, self.encoding.name()))
@@ -146,7 +165,11 @@ impl SignatureHeader<'_> {
     /// The header value a sender would put, for `sign_request`.
     pub(crate) fn sign(&self, key: &[u8], parts: &[&[u8]]) -> (String, String) {
         let mac = self.encoding.encode(&self.algorithm.sign(key, parts));
-        (self.name.to_owned(), format!("{}{mac}", self.prefix.unwrap_or("")))
+        let prefix = match self.prefix {
+            Prefix::Required(p) | Prefix::Optional(p) => p,
+            Prefix::None => "",
+        };
+        (self.name.to_owned(), format!("{prefix}{mac}"))
     }
 }
 

@@ -3,6 +3,8 @@
 //! on plain http), reloads on SIGHUP and `POST /admin/reload`, and on SIGTERM/SIGINT stops
 //! accepting and lets requests in flight finish within `shutdown_grace`.
 
+mod activity;
+mod admission;
 mod drain;
 mod listen;
 mod passed;
@@ -18,6 +20,7 @@ use crate::request::{Conn, Scheme};
 use crate::services::Services;
 use crate::store::{EmbeddedStore, PostgresStore, Stores};
 use crate::tls::{self, CertSource, FileCerts, Tls};
+use admission::Admission;
 use hyper::service::service_fn;
 use listen::{Limits, accept_loop, bind, serve_per_core};
 use std::convert::Infallible;
@@ -111,7 +114,12 @@ async fn start_inner(
     mut passed: Passed,
 ) -> Result<Running, ServeError> {
     let grace = config.server.shutdown_grace;
-    let header_timeout = config.server.header_timeout;
+    let (header_timeout, idle_timeout) = (config.server.header_timeout, config.server.idle_timeout);
+    let admission = {
+        let s = &config.server;
+        let (max, per_ip, trusted) = (s.max_connections, s.max_connections_per_ip, s.trusted_proxies.clone());
+        move |what| Admission::new(what, max, per_ip, trusted.clone())
+    };
     let (http_addr, https_addr, admin_addr) = (config.server.http, config.server.https, config.admin.listen);
     let (tls_files, acme_cfg) = (config.server.tls.clone(), config.server.acme.clone());
     let started = Started::of(&config);
@@ -183,14 +191,16 @@ async fn start_inner(
             })
         }
     };
-    let limits = Limits { grace, header_timeout };
+    let limits = Limits { grace, header_timeout, idle_timeout };
     if let Some((listener, bound)) = http {
         running.http = Some(bound);
-        serve_per_core(&mut tasks, listener, None, public(Scheme::Http), running.stopping(), limits)?;
+        let stop = running.stopping();
+        serve_per_core(&mut tasks, listener, None, public(Scheme::Http), stop, limits, admission("http"))?;
     }
     if let Some((listener, bound)) = https {
         running.https = Some(bound);
-        serve_per_core(&mut tasks, listener, tls.clone(), public(Scheme::Https), running.stopping(), limits)?;
+        let (tls, stop) = (tls.clone(), running.stopping());
+        serve_per_core(&mut tasks, listener, tls, public(Scheme::Https), stop, limits, admission("https"))?;
     }
     if let Some((listener, bound)) = admin {
         running.admin = Some(bound);
@@ -203,7 +213,7 @@ async fn start_inner(
                 async move { Ok::<_, Infallible>(admin.handle(req).await) }
             })
         };
-        tasks.spawn(accept_loop(listener, None, serve, running.stopping(), limits));
+        tasks.spawn(accept_loop(listener, None, serve, running.stopping(), limits, admission("admin")));
     }
     match tls.as_ref().map(|t| &t.source) {
         Some(CertSource::Files(files)) => {
@@ -237,6 +247,12 @@ pub async fn run(config: Config, passed: Passed) -> Result<(), ServeError> {
     let mut term = signal(SignalKind::terminate()).map_err(|e| ServeError::Setup(e.to_string()))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| ServeError::Setup(e.to_string()))?;
     let mut hup = signal(SignalKind::hangup()).map_err(|e| ServeError::Setup(e.to_string()))?;
+    // Every connection is a file: take all the process may have (the soft limit is often
+    // 1,024 while the hard one is far higher), so max_connections is what caps them.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!("open files limit: {limit}"),
+        Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
+    }
     let running = start_passed(config, passed).await?;
     control::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("serving")]);
     loop {

@@ -7,7 +7,7 @@
 //! sends go to 360dialog's own API with the account's `D360-API-KEY`.
 
 use super::{
-    Algorithm, Encoding, Inbound, Keyed, OutboundAuth, OutboundCreds, Outgoing, Pattern, Payload, Provider,
+    Algorithm, Encoding, Inbound, Keyed, OutboundAuth, OutboundCreds, Outgoing, Pattern, Payload, Prefix, Provider,
     ProviderKind, Rejection, SignatureHeader, Verify, meta,
 };
 
@@ -83,7 +83,7 @@ impl Provider for Dialog360 {
 
 const HEADER: SignatureHeader<'static> = SignatureHeader {
     name: "x-360dialog-signature",
-    prefix: Some("sha256="),
+    prefix: Prefix::Optional("sha256="),
     encoding: Encoding::HexOrBase64,
     algorithm: Algorithm::Sha256,
 };

@@ -4,8 +4,8 @@
 
 use super::verifier::secret;
 use super::{
-    Algorithm, Encoding, Inbound, Pattern, Provider, ProviderKind, Rejection, SignatureHeader, ToSign, VerifierConfig,
-    Verify, kaleyra,
+    Algorithm, Encoding, Inbound, Pattern, Prefix, Provider, ProviderKind, Rejection, SignatureHeader, ToSign,
+    VerifierConfig, Verify, kaleyra,
 };
 
 /// A provider the relay has no specific knowledge of (`provider = "generic"`): no payload is
@@ -98,7 +98,7 @@ impl Hmac {
     fn spec(&self) -> SignatureHeader<'_> {
         SignatureHeader {
             name: &self.header,
-            prefix: self.prefix.as_deref(),
+            prefix: self.prefix.as_deref().map_or(Prefix::None, Prefix::Required),
             encoding: self.encoding,
             algorithm: self.algorithm,
         }
@@ -157,6 +157,8 @@ mod tests {
                 assert_eq!(outcome(g.verify(&req("what do ya want for nothing!", &sig).inbound())), "mismatch");
                 let prefixed = generic(alg, enc, Some("sha256="));
                 assert_eq!(outcome(prefixed.verify(&req(DATA, &format!("sha256={sig}")).inbound())), "ok");
+                // Configured, the prefix is part of what the sender writes: not optional.
+                assert_eq!(outcome(prefixed.verify(&req(DATA, &sig).inbound())), "bad_encoding");
             }
         }
     }

@@ -14,7 +14,7 @@ use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 pub mod handshake;
 
 use super::{
-    Algorithm, Encoding, Inbound, Keyed, OutboundAuth, OutboundCreds, Outgoing, Pattern, Payload, Provider,
+    Algorithm, Encoding, Inbound, Keyed, OutboundAuth, OutboundCreds, Outgoing, Pattern, Payload, Prefix, Provider,
     ProviderKind, Rejection, SignatureHeader, Verify,
 };
 
@@ -105,7 +105,7 @@ pub(super) fn sample(text: &str, id: &str) -> (&'static str, Vec<u8>) {
 
 const HEADER: SignatureHeader<'static> = SignatureHeader {
     name: "X-Hub-Signature-256",
-    prefix: Some("sha256="),
+    prefix: Prefix::Required("sha256="),
     encoding: Encoding::Hex,
     algorithm: Algorithm::Sha256,
 };
@@ -292,6 +292,13 @@ mod tests {
             assert_eq!(outcome(m.verify(&signed(tampered, sig).inbound())), "mismatch", "tampered body");
             assert_eq!(outcome(verifier("other").verify(&signed(body.clone(), sig).inbound())), "mismatch");
             assert_eq!(outcome(m.verify(&signed(body.clone(), "sha256=xyz").inbound())), "bad_encoding");
+            // The right MAC without the "sha256=" Meta always sends: not as Meta signs.
+            let bare = &sig["sha256=".len()..];
+            let e = m.verify(&signed(body.clone(), bare).inbound()).unwrap_err();
+            assert_eq!(
+                (e.reason, e.message.as_str()),
+                ("bad_encoding", "X-Hub-Signature-256 does not start with \"sha256=\"")
+            );
             let r = Req::post("https://x/", "application/json", body);
             assert_eq!(m.verify(&r.inbound()).unwrap_err().message, "missing X-Hub-Signature-256 header");
         }

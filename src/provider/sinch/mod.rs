@@ -11,7 +11,7 @@ use serde::Deserialize;
 pub mod oauth;
 
 use super::{
-    Algorithm, Encoding, Inbound, Keyed, OutboundAuth, OutboundCreds, Outgoing, Pattern, Payload, Provider,
+    Algorithm, Encoding, Inbound, Keyed, OutboundAuth, OutboundCreds, Outgoing, Pattern, Payload, Prefix, Provider,
     ProviderKind, Rejection, SignatureHeader, Verify, required_header,
 };
 
@@ -84,7 +84,7 @@ impl Provider for Sinch {
 
 const HEADER: SignatureHeader<'static> = SignatureHeader {
     name: "x-sinch-webhook-signature",
-    prefix: None,
+    prefix: Prefix::None,
     encoding: Encoding::Base64,
     algorithm: Algorithm::Sha256,
 };

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::{
-    Algorithm, Encoding, Inbound, Keyed, OutboundAuth, OutboundCreds, Outgoing, Pattern, Payload, Provider,
+    Algorithm, Encoding, Inbound, Keyed, OutboundAuth, OutboundCreds, Outgoing, Pattern, Payload, Prefix, Provider,
     ProviderKind, Rejection, SignatureHeader, Verify, body, is_form,
 };
 
@@ -102,7 +102,7 @@ pub const RETRY_OVERRIDES: &str = "rc=5&rp=ct,rt,5xx";
 
 const HEADER: SignatureHeader<'static> = SignatureHeader {
     name: "X-Twilio-Signature",
-    prefix: None,
+    prefix: Prefix::None,
     encoding: Encoding::Base64,
     algorithm: Algorithm::Sha1,
 };
