@@ -162,6 +162,9 @@ pub struct Metrics {
     pub webhooks_accepted: Family<MotionLabels, Counter>,
     pub outbound_classes: Family<ClassLabels, Counter>,
     pub store_size: Gauge,
+    pub connections_open: Family<ListenerLabels, Gauge>,
+    pub connections_refused: Family<RefusedLabels, Counter>,
+    pub accept_errors: Family<ListenerLabels, Counter>,
 }
 
 label_values! {
@@ -179,6 +182,22 @@ impl StatusClass {
             _ => StatusClass::Other,
         }
     }
+}
+
+label_values! {
+    /// Why a connection was closed right after `accept`.
+    RefusedReason { Listener => "max_connections", Source => "max_connections_per_ip" }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub listener: &'static str,
+    pub reason: RefusedReason,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -285,6 +304,24 @@ impl Metrics {
         let webhooks_accepted = Family::<MotionLabels, Counter>::default();
         let outbound_classes = Family::<ClassLabels, Counter>::default();
         let store_size = Gauge::default();
+        let connections_open = Family::<ListenerLabels, Gauge>::default();
+        let connections_refused = Family::<RefusedLabels, Counter>::default();
+        let accept_errors = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "connections_open",
+            "Open connections, by listener (http, https, admin)",
+            connections_open.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections closed right after accept, past max_connections or max_connections_per_ip, by listener and reason",
+            connections_refused.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "Failed accepts (such as out of file descriptors), by listener",
+            accept_errors.clone(),
+        );
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info.get_or_create(&VersionLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
         registry.register("build_info", "1, labelled with the relay's version", build_info);
@@ -342,6 +379,9 @@ impl Metrics {
             webhooks_accepted,
             outbound_classes,
             store_size,
+            connections_open,
+            connections_refused,
+            accept_errors,
             requests,
             latency,
             verify_failures,

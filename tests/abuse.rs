@@ -209,6 +209,12 @@ async fn connections_past_the_caps_are_refused_while_others_are_served() {
     // The admin listener has its own count.
     assert_eq!(get(&relay.admin_url("/readyz")).await.status, 200);
     relay.wait_log("refused", Duration::from_secs(2));
+    let metrics = String::from_utf8_lossy(&get(&relay.admin_url("/metrics")).await.body).into_owned();
+    for reason in ["max_connections", "max_connections_per_ip"] {
+        let line = format!("whatsapp_relay_connections_refused_total{{listener=\"http\",reason=\"{reason}\"}} 1");
+        assert!(metrics.contains(&line), "{line} not in\n{metrics}");
+    }
+    assert!(metrics.contains("whatsapp_relay_connections_open{listener=\"http\"} 8"), "{metrics}");
     // Closing some gives their places back.
     held.truncate(2);
     drop(other);

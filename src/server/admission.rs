@@ -5,10 +5,12 @@
 //! the backlog moving, where not accepting would leave the excess (and the honest clients
 //! queued behind it) waiting in the kernel.
 
+use crate::metrics::{ListenerLabels, Metrics, RefusedLabels, RefusedReason};
 use ipnet::IpNet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,9 +21,13 @@ pub(super) struct Admission {
     max: usize,
     per_source: usize,
     trusted: Vec<IpNet>,
-    open: AtomicUsize,
+    /// The count itself, exported as `connections_open{listener}`.
+    open: Gauge,
     by_source: Mutex<HashMap<Source, usize>>,
+    refused: [Counter; 2],
     refusals: Throttled,
+    accept_errors: Counter,
+    accept_errors_log: Throttled,
 }
 
 /// What a source address is counted as.
@@ -43,11 +49,7 @@ impl Source {
 }
 
 /// Why a connection was refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Refused {
-    Listener,
-    Source,
-}
+pub(super) type Refused = RefusedReason;
 
 /// A connection's place in the counts, given back when it is dropped.
 pub(super) struct Ticket {
@@ -56,22 +58,34 @@ pub(super) struct Ticket {
 }
 
 impl Admission {
-    pub fn new(what: &'static str, max: usize, per_source: usize, trusted: Vec<IpNet>) -> Arc<Admission> {
+    pub fn new(
+        what: &'static str,
+        max: usize,
+        per_source: usize,
+        trusted: Vec<IpNet>,
+        metrics: &Metrics,
+    ) -> Arc<Admission> {
+        let refused =
+            |reason| metrics.connections_refused.get_or_create(&RefusedLabels { listener: what, reason }).clone();
+        let listener = ListenerLabels { listener: what };
         Arc::new(Admission {
             what,
             max,
             per_source,
             trusted,
-            open: AtomicUsize::new(0),
+            open: metrics.connections_open.get_or_create(&listener).clone(),
             by_source: Mutex::new(HashMap::new()),
+            refused: [refused(Refused::Listener), refused(Refused::Source)],
             refusals: Throttled::new(),
+            accept_errors: metrics.accept_errors.get_or_create(&listener).clone(),
+            accept_errors_log: Throttled::new(),
         })
     }
 
     /// Counts a connection from `peer` in, or says which cap it is past.
     pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Ticket, Refused> {
-        if self.open.fetch_add(1, Ordering::AcqRel) >= self.max {
-            self.open.fetch_sub(1, Ordering::AcqRel);
+        if self.open.inc() >= self.max as i64 {
+            self.open.dec();
             return Err(Refused::Listener);
         }
         // From here on the ticket gives the listener's place back, whatever happens.
@@ -90,12 +104,19 @@ impl Admission {
         Ok(ticket)
     }
 
-    pub fn what(&self) -> &'static str {
-        self.what
+    /// Counts a failed `accept` (out of file descriptors and the like) and logs it, at most
+    /// once every few seconds with how many there were.
+    pub fn accept_failed(&self, e: &std::io::Error) {
+        self.accept_errors.inc();
+        if let Some(count) = self.accept_errors_log.tick() {
+            tracing::warn!("{} listener: accept failed {count} time(s): {e}", self.what);
+        }
     }
 
-    /// Logs a refusal, at most once every few seconds with how many there were.
+    /// Counts a refusal and logs it, at most once every few seconds with how many there were.
     pub fn refused(&self, why: Refused) {
+        // Indexed by the enum's order: Listener, Source (as built in `new`).
+        self.refused[why as usize].inc();
         let what = self.what;
         if let Some(count) = self.refusals.tick() {
             let cap = match why {
@@ -107,8 +128,8 @@ impl Admission {
     }
 
     #[cfg(test)]
-    fn open(&self) -> usize {
-        self.open.load(Ordering::Acquire)
+    fn open(&self) -> i64 {
+        self.open.get()
     }
 }
 
@@ -124,7 +145,7 @@ impl Drop for Ticket {
                 }
             }
         }
-        a.open.fetch_sub(1, Ordering::AcqRel);
+        a.open.dec();
     }
 }
 
@@ -159,13 +180,17 @@ impl Throttled {
 mod tests {
     use super::*;
 
+    fn admission(max: usize, per_source: usize, trusted: Vec<IpNet>) -> Arc<Admission> {
+        Admission::new("test", max, per_source, trusted, &Metrics::new())
+    }
+
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
 
     #[test]
     fn caps_per_listener_and_per_source() {
-        let a = Admission::new("test", 3, 2, vec![]);
+        let a = admission(3, 2, vec![]);
         let t1 = a.admit(ip("192.0.2.1")).unwrap();
         let _t2 = a.admit(ip("192.0.2.1")).unwrap();
         assert_eq!(a.admit(ip("192.0.2.1")).err(), Some(Refused::Source));
@@ -179,7 +204,7 @@ mod tests {
 
     #[test]
     fn ipv6_counts_by_64_and_mapped_ipv4_as_ipv4() {
-        let a = Admission::new("test", 100, 1, vec![]);
+        let a = admission(100, 1, vec![]);
         let _t = a.admit(ip("2001:db8:1:2::1")).unwrap();
         assert_eq!(a.admit(ip("2001:db8:1:2:ffff::9")).err(), Some(Refused::Source), "same /64");
         let _u = a.admit(ip("2001:db8:1:3::1")).unwrap();
@@ -189,7 +214,7 @@ mod tests {
 
     #[test]
     fn trusted_proxies_are_not_capped_per_source_but_count_for_the_listener() {
-        let a = Admission::new("test", 3, 1, vec!["10.0.0.0/8".parse().unwrap()]);
+        let a = admission(3, 1, vec!["10.0.0.0/8".parse().unwrap()]);
         let _t: Vec<_> = (0..3).map(|_| a.admit(ip("10.1.2.3")).unwrap()).collect();
         assert_eq!(a.admit(ip("10.1.2.3")).err(), Some(Refused::Listener));
     }

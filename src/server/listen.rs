@@ -7,7 +7,7 @@
 
 use super::ServeError;
 use super::activity::{Activity, Tracked};
-use super::admission::{Admission, Throttled};
+use super::admission::Admission;
 use super::drain::Drain;
 use crate::tls::Tls;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -141,7 +141,6 @@ pub(super) async fn accept_loop<F, S>(
         .keep_alive_interval(Some(idle_timeout.min(Duration::from_secs(30))))
         .keep_alive_timeout(header_timeout);
     let builder = Arc::new(builder);
-    let accept_errors = Throttled::new();
     let mut backoff = Duration::ZERO;
     loop {
         tokio::select! {
@@ -152,9 +151,7 @@ pub(super) async fn accept_loop<F, S>(
                         // Out of file descriptors and the like: back off (more each time)
                         // instead of spinning, and say so every few seconds, not every time.
                         backoff = (backoff * 2).clamp(Duration::from_millis(5), ACCEPT_BACKOFF_MAX);
-                        if let Some(count) = accept_errors.tick() {
-                            tracing::warn!("{} listener: accept failed {count} time(s): {e}", admission.what());
-                        }
+                        admission.accept_failed(&e);
                         tokio::time::sleep(backoff).await;
                         continue;
                     }

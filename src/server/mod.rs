@@ -115,16 +115,14 @@ async fn start_inner(
 ) -> Result<Running, ServeError> {
     let grace = config.server.shutdown_grace;
     let (header_timeout, idle_timeout) = (config.server.header_timeout, config.server.idle_timeout);
-    let admission = {
-        let s = &config.server;
-        let (max, per_ip, trusted) = (s.max_connections, s.max_connections_per_ip, s.trusted_proxies.clone());
-        move |what| Admission::new(what, max, per_ip, trusted.clone())
-    };
     let (http_addr, https_addr, admin_addr) = (config.server.http, config.server.https, config.admin.listen);
     let (tls_files, acme_cfg) = (config.server.tls.clone(), config.server.acme.clone());
     let started = Started::of(&config);
+    let s = &config.server;
+    let caps = (s.max_connections, s.max_connections_per_ip, s.trusted_proxies.clone());
     let services = Services::start(config, stores, clock).map_err(|e| ServeError::Setup(e.to_string()))?;
     let metrics = services.metrics.clone();
+    let admission = |what| Admission::new(what, caps.0, caps.1, caps.2.clone(), &metrics);
 
     // The certificate source, before anything is bound: a bad certificate file fails the start.
     let mut acme_driver = None;
