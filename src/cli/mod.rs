@@ -104,8 +104,7 @@ impl Admin {
         let listen = config.admin.listen.ok_or("the config has no [admin] listen address to reach the relay")?;
         let token = match &args.admin_token_file {
             Some(path) => {
-                let t = std::fs::read_to_string(path)
-                    .map_err(|e| format!("cannot read the admin token file {}: {e}", path.display()))?;
+                let t = config::secret::read_file(path).map_err(|e| format!("the admin token: {e}"))?;
                 t.trim_end_matches(['\r', '\n']).to_string()
             }
             None => {
