@@ -1,5 +1,5 @@
-//! The command line: `run` (the default), `check` (and `check --urls`), `simulate`, `queue` and
-//! `store backup`.
+//! The command line: `run` (the default), `check` (and `check --urls`), `simulate`, `queue`,
+//! `store check` and `store backup`.
 //! Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad config.
 //!
 //! `run` and `check` need every secret of the config; the operator commands load it with
@@ -73,7 +73,7 @@ pub enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// The embedded store: a consistent copy while the relay runs (backup).
+    /// The embedded store: verify it offline (check), or a consistent copy while the relay runs (backup).
     Store {
         #[command(subcommand)]
         command: store::StoreCommand,

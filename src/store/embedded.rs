@@ -56,6 +56,8 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::marker::Marker;
+use super::preflight::{self, Found};
 use super::{
     Appended, Backup, BackupSummary, DeadInfo, DeadLetter, DeadReason, Event, EventMeta, MAX_ANSWER, NewEvent,
     QueueStore, StoreError, Unowned, WindowStore,
@@ -120,6 +122,9 @@ pub struct EmbeddedStore {
     prune_from: Mutex<Option<[u8; 32]>>,
     /// Keys one `prune_dedup` looks at ([`PRUNE_SLICE`]; tests make it small).
     prune_slice: usize,
+    /// Whether the marker beside the file says it has held data (see `marker`): written before
+    /// the first event is stored.
+    marked: AtomicBool,
 }
 
 /// Dedup keys one `prune_dedup` call looks at: the sweep holds the writer, so it goes in slices
@@ -143,6 +148,7 @@ impl EmbeddedStore {
             repaired: AtomicBool::new(repaired),
             prune_from: Mutex::new(None),
             prune_slice: PRUNE_SLICE,
+            marked: AtomicBool::new(false),
         };
         let format = store.write(Commit::Synced, |txn| {
             let mut meta = txn.open_table(META)?;
@@ -171,7 +177,29 @@ impl EmbeddedStore {
             let e = format!("record format {format}, but this build reads format {FORMAT}");
             return Err(open_error(&store.file, std::io::Error::other(e)));
         }
+        // A file that holds data from before markers existed (or restored onto a new machine)
+        // is marked now.
+        if store.read(|txn| Ok(txn.open_table(META)?.get(NEXT_SEQ)?.is_some()))? {
+            store.mark()?;
+        }
         Ok(store)
+    }
+
+    /// Writes the marker once, before the first event is stored: from then on a lost or
+    /// damaged file stops the start instead of being replaced by an empty one.
+    fn mark(&self) -> Result<(), StoreError> {
+        if self.marked.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let marker = Marker::of(&self.file);
+        if !marker.present() {
+            marker.write().map_err(|e| {
+                StoreError::Write(format!("cannot write the store marker {}: {e}", marker.path().display()))
+            })?;
+            tracing::info!(marker = %marker.path().display(), "store marker written: a lost store file now stops the start");
+        }
+        self.marked.store(true, Ordering::Release);
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -272,22 +300,34 @@ fn open_error(path: &Path, e: impl std::error::Error + Send + Sync + 'static) ->
 /// Opens the file, repairing it if needed; also says whether it did.
 fn open_db(file: &Path) -> Result<(Database, bool), StoreError> {
     let started = Instant::now();
-    // redb runs its repair pass while laying out a brand-new v3 file: that is no unclean
-    // shutdown, so it is not reported as one.
-    let existed = file.exists();
+    // A file that held data and is gone or damaged stops here, before redb would replace it
+    // with an empty one or trip over it. redb runs its repair pass while laying out a brand-new
+    // v3 file: that is no unclean shutdown, so it is not reported as one.
+    let existed = preflight::examine(file)? == Found::Whole;
     let repaired = std::sync::Arc::new(AtomicBool::new(false));
     let flag = repaired.clone();
-    let db = Database::builder()
-        .set_cache_size(CACHE_BYTES)
-        .create_with_file_format_v3(true)
-        .set_repair_callback(move |session| {
-            if !flag.swap(true, Ordering::Relaxed) && existed {
-                tracing::warn!("store was not shut down cleanly; repairing it");
-            }
-            tracing::debug!(progress = session.progress(), "store repair");
-        })
-        .create(file)
-        .map_err(|e| open_error(file, e))?;
+    let opened = preflight::contain(|| {
+        Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create_with_file_format_v3(true)
+            .set_repair_callback(move |session| {
+                if !flag.swap(true, Ordering::Relaxed) && existed {
+                    tracing::warn!("store was not shut down cleanly; repairing it");
+                }
+                tracing::debug!(progress = session.progress(), "store repair");
+            })
+            .create(file)
+    });
+    let db = match opened {
+        Ok(Ok(db)) => db,
+        Ok(Err(
+            e @ (redb::DatabaseError::DatabaseAlreadyOpen | redb::DatabaseError::Storage(redb::StorageError::Io(_))),
+        )) => {
+            return Err(open_error(file, e));
+        }
+        Ok(Err(e)) => return Err(preflight::damaged(file, &format!("cannot be read ({e})"), &Marker::of(file))),
+        Err(panic) => return Err(preflight::damaged(file, &format!("cannot be read ({panic})"), &Marker::of(file))),
+    };
     let repaired = repaired.load(Ordering::Relaxed) && existed;
     if repaired {
         tracing::warn!(elapsed_ms = started.elapsed().as_millis() as u64, "store repaired");
@@ -514,6 +554,7 @@ impl QueueStore for EmbeddedStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
+        self.mark()?;
         self.write(Commit::Synced, |txn| append_in(txn, batch))
     }
 
@@ -527,6 +568,7 @@ impl QueueStore for EmbeddedStore {
     }
 
     fn append_dead(&self, ev: &NewEvent, info: DeadInfo) -> Result<Appended, StoreError> {
+        self.mark()?;
         self.write(Commit::Synced, |txn| {
             if !admit(&mut txn.open_table(DEDUP)?, ev)? {
                 return Ok(Appended::Duplicate);
@@ -800,10 +842,7 @@ fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
 pub fn inspect(file: &Path) -> Result<BackupSummary, StoreError> {
     let repaired = std::sync::Arc::new(AtomicBool::new(false));
     let flag = repaired.clone();
-    let db = Database::builder()
-        .set_repair_callback(move |_| flag.store(true, Ordering::Relaxed))
-        .open(file)
-        .map_err(|e| open_error(file, e))?;
+    let db = open_existing(file, move |_| flag.store(true, Ordering::Relaxed))?;
     if repaired.load(Ordering::Relaxed) {
         return Err(open_error(file, std::io::Error::other("the file was not closed cleanly (it needed a repair)")));
     }
@@ -825,11 +864,107 @@ pub fn inspect(file: &Path) -> Result<BackupSummary, StoreError> {
     Ok(summary)
 }
 
+/// Opens a store file that must exist (no marker involved: a copy, or `store check`), with a
+/// damaged one reported as such rather than as a panic inside redb.
+fn open_existing(
+    file: &Path,
+    on_repair: impl Fn(&mut redb::RepairSession) + Send + Sync + 'static,
+) -> Result<Database, StoreError> {
+    if preflight::examine(file)? == Found::New {
+        return Err(preflight::damaged(file, "is missing or empty", &Marker::of(file)));
+    }
+    let opened = preflight::contain(|| {
+        Database::builder().set_cache_size(CACHE_BYTES).set_repair_callback(on_repair).open(file)
+    });
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(e @ redb::DatabaseError::DatabaseAlreadyOpen)) => Err(StoreError::Open {
+            path: file.to_path_buf(),
+            source: std::sync::Arc::new(std::io::Error::other(format!(
+                "{e}: a relay is running on it (stop it first, or check a `store backup` copy instead)"
+            ))),
+        }),
+        Ok(Err(e @ redb::DatabaseError::Storage(redb::StorageError::Io(_)))) => Err(open_error(file, e)),
+        Ok(Err(e)) => Err(preflight::damaged(file, &format!("cannot be read ({e})"), &Marker::of(file))),
+        Err(panic) => Err(preflight::damaged(file, &format!("cannot be read ({panic})"), &Marker::of(file))),
+    }
+}
+
+/// What `store check` found in a sound store.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Checked {
+    pub file: PathBuf,
+    /// False when there is no store yet (a first start creates it): nothing else is set.
+    pub exists: bool,
+    pub waiting: u64,
+    pub dead_letters: u64,
+    pub dedup_keys: u64,
+    pub window_entries: u64,
+    pub bytes: u64,
+    /// Whether its last run had not shut down cleanly (then opening it repaired it, as the
+    /// relay's start would have).
+    pub repaired: bool,
+    pub marked: bool,
+}
+
+/// `store check`: verifies `dir`'s store with no relay running. Every waiting event, its
+/// metadata and every dead letter is read back and decoded; `Err` says what is wrong and what
+/// to do. Opening a file that was not closed cleanly repairs it, as the relay's start would.
+pub fn check(dir: &Path) -> Result<Checked, StoreError> {
+    let file = dir.join(FILE_NAME);
+    let marked = Marker::of(&file).present();
+    if preflight::examine(&file)? == Found::New {
+        return Ok(Checked { file, marked, ..Checked::default() });
+    }
+    let repaired = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = repaired.clone();
+    let db = open_existing(&file, move |_| flag.store(true, Ordering::Relaxed))?;
+    let read = || -> DbResult<Checked> {
+        let txn = db.begin_read()?;
+        let events = txn.open_table(EVENTS)?;
+        let waiting = txn.open_table(WAITING)?;
+        for row in waiting.iter()? {
+            let (seq, meta) = row?;
+            let meta: EventMeta = decode(meta.value())?;
+            let Some(ev) = events.get(seq.value())? else {
+                return Err(Fail { io: false, message: format!("waiting event {} has no body", meta.seq) });
+            };
+            decode::<NewEvent>(ev.value())?;
+        }
+        let dead = txn.open_table(DEAD)?;
+        for row in dead.iter()? {
+            let (seq, bytes) = row?;
+            decode_dead(seq.value(), bytes.value())?;
+        }
+        let format = txn.open_table(META)?.get(FORMAT_KEY)?.map_or(0, |g| g.value());
+        if format != FORMAT {
+            let message = format!("record format {format}, but this build reads format {FORMAT}");
+            return Err(Fail { io: false, message });
+        }
+        Ok(Checked {
+            file: file.clone(),
+            exists: true,
+            waiting: waiting.len()?,
+            dead_letters: dead.len()?,
+            dedup_keys: txn.open_table(DEDUP)?.len()?,
+            window_entries: txn.open_table(WINDOW)?.len()?,
+            bytes: std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0),
+            repaired: repaired.load(Ordering::Relaxed),
+            marked,
+        })
+    };
+    match preflight::contain(read) {
+        Ok(Ok(checked)) => Ok(checked),
+        Ok(Err(e)) => Err(preflight::damaged(&file, &format!("is damaged ({})", e.message), &Marker::of(&file))),
+        Err(panic) => Err(preflight::damaged(&file, &format!("is damaged ({panic})"), &Marker::of(&file))),
+    }
+}
+
 /// `store backup` with no relay running: copies `dir`'s store file to `dest` directly. Fails
 /// (redb's lock) while a relay holds the file.
 pub fn backup_offline(dir: &Path, dest: &Path) -> Result<BackupSummary, StoreError> {
     let file = dir.join(FILE_NAME);
-    let db = Database::builder().set_cache_size(CACHE_BYTES).open(&file).map_err(|e| open_error(&file, e))?;
+    let db = open_existing(&file, |_| {})?;
     let txn = db.begin_read().map_err(|e| StoreError::Read(e.to_string()))?;
     copy_into(&txn, dest).map_err(|e| StoreError::Read(e.message))
 }
