@@ -116,6 +116,14 @@ pub struct EmbeddedStore {
     broken: AtomicBool,
     last_reopen: Mutex<Option<Instant>>,
     cheap_commits: AtomicU32,
+    /// Seqs of delivered events deleted by cheap commits since the last durable one. An I/O
+    /// error on the next durable commit (a full disk) leaves them undone once the file is
+    /// re-opened (the file holds only durable commits), though `progress` returned `Ok`: the
+    /// re-open deletes them again, so they are neither kept forever nor delivered again after
+    /// a restart. Held across each write, so a durable commit clears exactly what it persisted.
+    unsynced_deletes: Mutex<Vec<u64>>,
+    /// How the file is reached (directly, or in tests through a disk that fails on demand).
+    disk: Disk,
     /// Whether the last open found the file not cleanly closed and repaired it.
     repaired: AtomicBool,
     /// Where the next `prune_dedup` resumes its sweep of the dedup table (`None`: the start).
@@ -136,15 +144,27 @@ impl EmbeddedStore {
     /// Opens (creating if needed) `dir/queue.redb`, repairing it first if the last run did not
     /// shut down cleanly (SIGKILL, power loss): redb rolls back to the last durable commit.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_on(dir, Disk::default())
+    }
+
+    /// Like [`open`](Self::open), on a disk whose syncs fail on demand (see [`DiskFault`]).
+    #[cfg(any(test, feature = "test-support"))]
+    pub fn open_on_faulty_disk(dir: &Path, fault: std::sync::Arc<super::fault::DiskFault>) -> Result<Self, StoreError> {
+        Self::open_on(dir, Disk { fault: Some(fault) })
+    }
+
+    fn open_on(dir: &Path, disk: Disk) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| open_error(dir, e))?;
         let file = dir.join(FILE_NAME);
-        let (db, repaired) = open_db(&file)?;
+        let (db, repaired) = open_db(&file, &disk)?;
         let store = EmbeddedStore {
             db: RwLock::new(Some(db)),
             file,
             broken: AtomicBool::new(false),
             last_reopen: Mutex::new(None),
             cheap_commits: AtomicU32::new(0),
+            unsynced_deletes: Mutex::new(Vec::new()),
+            disk,
             repaired: AtomicBool::new(repaired),
             prune_from: Mutex::new(None),
             prune_slice: PRUNE_SLICE,
@@ -213,8 +233,20 @@ impl EmbeddedStore {
     }
 
     fn write<T>(&self, commit: Commit, f: impl FnOnce(&WriteTransaction) -> DbResult<T>) -> Result<T, StoreError> {
+        self.write_deleting(commit, &[], f)
+    }
+
+    /// [`write`](Self::write), noting `deleted` (delivered seqs the transaction removes) among
+    /// the unsynced deletes when the commit is a cheap one.
+    fn write_deleting<T>(
+        &self,
+        commit: Commit,
+        deleted: &[u64],
+        f: impl FnOnce(&WriteTransaction) -> DbResult<T>,
+    ) -> Result<T, StoreError> {
         self.heal();
         let guard = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        let mut unsynced = self.unsynced_deletes.lock().unwrap_or_else(PoisonError::into_inner);
         let db = guard.as_ref().ok_or_else(|| StoreError::Write("the store file is not open".into()))?;
         let durability = match commit {
             Commit::Synced => Durability::Immediate,
@@ -235,6 +267,9 @@ impl EmbeddedStore {
                 if matches!(durability, Durability::Immediate) {
                     // This commit also persisted every cheap commit before it.
                     self.cheap_commits.store(0, Ordering::Relaxed);
+                    unsynced.clear();
+                } else {
+                    unsynced.extend_from_slice(deleted);
                 }
                 Ok(out)
             }
@@ -276,8 +311,9 @@ impl EmbeddedStore {
             return true; // another thread re-opened it while this one waited
         }
         *db = None;
-        match open_db(&self.file) {
+        match open_db(&self.file, &self.disk) {
             Ok((fresh, repaired)) => {
+                redo_deletes(&fresh, &mut self.unsynced_deletes.lock().unwrap_or_else(PoisonError::into_inner));
                 *db = Some(fresh);
                 self.repaired.store(repaired, Ordering::Relaxed);
                 self.cheap_commits.store(0, Ordering::Relaxed);
@@ -293,12 +329,60 @@ impl EmbeddedStore {
     }
 }
 
+/// Deletes again, durably, the delivered events whose cheap deletion the last I/O error undid
+/// (see `unsynced_deletes`); kept for the next re-open if this fails too.
+fn redo_deletes(db: &Database, seqs: &mut Vec<u64>) {
+    if seqs.is_empty() {
+        return;
+    }
+    let run = || -> DbResult<()> {
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::Immediate);
+        {
+            let mut events = txn.open_table(EVENTS)?;
+            let mut waiting = txn.open_table(WAITING)?;
+            for &seq in seqs.iter() {
+                events.remove(seq)?;
+                waiting.remove(seq)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    };
+    match run() {
+        Ok(()) => {
+            tracing::info!(events = seqs.len(), "delivered events deleted again after the store was re-opened");
+            seqs.clear();
+        }
+        Err(e) => tracing::warn!(events = seqs.len(), "could not delete delivered events again yet: {}", e.message),
+    }
+}
+
+/// How the store reaches its file. Tests may put a [`DiskFault`](super::fault::DiskFault)
+/// between redb and the file.
+#[derive(Clone, Default)]
+pub struct Disk {
+    #[cfg(any(test, feature = "test-support"))]
+    fault: Option<std::sync::Arc<super::fault::DiskFault>>,
+}
+
+impl Disk {
+    fn create(&self, builder: &redb::Builder, file: &Path) -> Result<Database, redb::DatabaseError> {
+        #[cfg(any(test, feature = "test-support"))]
+        if let Some(fault) = &self.fault {
+            let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(file)?;
+            return builder.create_with_backend(fault.backend(redb::backends::FileBackend::new(f)?));
+        }
+        builder.create(file)
+    }
+}
+
 fn open_error(path: &Path, e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError::Open { path: path.to_path_buf(), source: std::sync::Arc::new(e) }
 }
 
 /// Opens the file, repairing it if needed; also says whether it did.
-fn open_db(file: &Path) -> Result<(Database, bool), StoreError> {
+fn open_db(file: &Path, disk: &Disk) -> Result<(Database, bool), StoreError> {
     let started = Instant::now();
     // A file that held data and is gone or damaged stops here, before redb would replace it
     // with an empty one or trip over it. redb runs its repair pass while laying out a brand-new
@@ -307,16 +391,14 @@ fn open_db(file: &Path) -> Result<(Database, bool), StoreError> {
     let repaired = std::sync::Arc::new(AtomicBool::new(false));
     let flag = repaired.clone();
     let opened = preflight::contain(|| {
-        Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create_with_file_format_v3(true)
-            .set_repair_callback(move |session| {
-                if !flag.swap(true, Ordering::Relaxed) && existed {
-                    tracing::warn!("store was not shut down cleanly; repairing it");
-                }
-                tracing::debug!(progress = session.progress(), "store repair");
-            })
-            .create(file)
+        let mut builder = Database::builder();
+        builder.set_cache_size(CACHE_BYTES).create_with_file_format_v3(true).set_repair_callback(move |session| {
+            if !flag.swap(true, Ordering::Relaxed) && existed {
+                tracing::warn!("store was not shut down cleanly; repairing it");
+            }
+            tracing::debug!(progress = session.progress(), "store repair");
+        });
+        disk.create(&builder, file)
     });
     let db = match opened {
         Ok(Ok(db)) => db,
@@ -607,7 +689,7 @@ impl QueueStore for EmbeddedStore {
         if delivered.is_empty() && attempts.is_empty() {
             return Ok(());
         }
-        self.write(Commit::Cheap, |txn| {
+        self.write_deleting(Commit::Cheap, delivered, |txn| {
             let mut events = txn.open_table(EVENTS)?;
             let mut waiting = txn.open_table(WAITING)?;
             for &seq in delivered {
@@ -1305,6 +1387,33 @@ mod tests {
         assert!(!store.broken.load(Ordering::SeqCst));
         assert_eq!(seqs(&store), [1]);
         assert_eq!(stored(&store.append(&[ev("b", "c", b"")]).unwrap()), [2]);
+    }
+
+    /// A full disk fails the durable commit after cheap ones: redb forgets the cheap deletes of
+    /// delivered events when the file is re-opened, though `progress` returned `Ok`. The
+    /// re-open deletes them again: they are not left waiting (and delivered again) forever.
+    #[test]
+    fn deletes_undone_by_an_io_error_are_made_again_when_the_file_is_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = std::sync::Arc::new(super::super::DiskFault::default());
+        let store = EmbeddedStore::open_on_faulty_disk(dir.path(), disk.clone()).unwrap();
+        store.append(&[ev("a", "c", b"1"), ev("b", "c", b"2"), ev("c", "c", b"3")]).unwrap();
+        store.progress(&[1, 2], &[(3, 1)]).unwrap(); // cheap: not on disk yet
+        assert_eq!(seqs(&store), [3]);
+
+        disk.set_full(true);
+        assert!(store.append(&[ev("d", "c", b"4")]).is_err(), "the disk is full");
+        assert!(disk.refused() > 0);
+        disk.set_full(false);
+        *store.last_reopen.lock().unwrap() = None; // re-open now, not in a second
+        assert!(store.writable());
+        // (The refused append may have reached the disk all the same: it was not acknowledged,
+        // so the provider sends it again, and keeping it costs a duplicate at most.)
+        let left = seqs(&store);
+        assert!(!left.contains(&1) && !left.contains(&2), "the delivered events stay deleted: {left:?}");
+        drop(store);
+        let left = seqs(&open(&dir));
+        assert!(left.contains(&3) && !left.contains(&1) && !left.contains(&2), "and are deleted on disk: {left:?}");
     }
 
     #[test]

@@ -28,7 +28,7 @@ mod types;
 
 pub use embedded::EmbeddedStore;
 #[cfg(any(test, feature = "test-support"))]
-pub use fault::FaultyStore;
+pub use fault::{DiskFault, FaultyStore};
 pub use group_commit::GroupCommit;
 pub use postgres::PostgresStore;
 pub use types::{DeadReason, Unowned, UnownedKey};
