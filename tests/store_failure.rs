@@ -91,3 +91,92 @@ async fn an_event_stored_after_its_request_went_away_is_still_delivered() {
     assert_eq!(got[0].body, body);
     running.shutdown().await;
 }
+
+/// The disk fills up after events were delivered and their deletion was committed cheaply (not
+/// yet synced): the next durable commit fails, and redb forgets those deletions when the store
+/// is re-opened. Once the disk has room again the delivered events are deleted again: the
+/// store's depth returns to 0 (it never counted against `max_queued` meanwhile), and a restart
+/// delivers nothing a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_events_are_pruned_once_a_full_disk_has_room_again_and_not_delivered_twice() {
+    use whatsapp_relay::store::{DiskFault, QueueStore};
+    // Motion is down while the events are accepted.
+    let motion_addr = dead_addr().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[server]\nhttp = \"127.0.0.1:0\"\n[storage]\npath = \"{}\"\n[delivery]\nretry_initial = \"50ms\"\nretry_max = \"100ms\"\n[[motion]]\nname = \"acme\"\nurl = \"http://{motion_addr}\"\n  [[motion.account]]\n  id = \"13\"\n  provider = \"meta\"\n  app_secret = \"s\"\n",
+        dir.path().display(),
+    );
+    let config = || whatsapp_relay::config::parse(std::path::Path::new("relay.toml"), &text).unwrap();
+    let disk = Arc::new(DiskFault::default());
+    let store = Arc::new(EmbeddedStore::open_on_faulty_disk(dir.path(), disk.clone()).unwrap());
+    let running = start_with(config(), Stores::of(store.clone()), Arc::new(SystemClock)).await.unwrap();
+    let url = format!("http://{}/acme/api/whatsapp/accounts/13/notify", running.http.unwrap());
+    const N: usize = 30;
+    for i in 0..N {
+        let body = meta_message("1", &format!("1650{i}"), &format!("wamid.{i}"), &i.to_string());
+        assert_eq!(post_meta(&url, "s", body).await.status, 200);
+    }
+    // Motion comes up and takes them; their deletion is a cheap commit, in redb's memory only.
+    let motion = FakeMotion::start_on(motion_addr).await;
+    let got = motion.wait_for(N, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), N);
+    let queue = running.services.queue.clone();
+    // (Motion has the last one a moment before the relay reads its answer.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while queue.depth("acme") > 0 {
+        assert!(std::time::Instant::now() < deadline, "delivered events do not count as waiting");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !store.pending().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the delivered events were pruned");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The disk fills up: a webhook's durable commit fails, and the store is re-opened.
+    disk.set_full(true);
+    let body = meta_message("1", "1650x", "wamid.full", "full");
+    assert_eq!(post_meta(&url, "s", body).await.status, 503, "a full disk acknowledges nothing");
+    assert_eq!(queue.depth("acme"), 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    disk.set_full(false);
+
+    // Room again: the store re-opens and its depth returns to 0.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let waiting = tokio::task::spawn_blocking({
+            let store = store.clone();
+            move || {
+                store.writable();
+                store.pending().map(|p| p.len()).unwrap_or(usize::MAX)
+            }
+        })
+        .await
+        .unwrap();
+        if waiting == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{waiting} delivered events stay in the store");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(queue.depth("acme"), 0);
+    running.shutdown().await;
+    let delivered = motion.count();
+    assert_eq!(delivered, N);
+    drop(queue);
+    drop(store);
+
+    // A restart on the store as it is on disk delivers nothing a second time. (On a copy: this
+    // process still holds the file through the stopped relay's last references.)
+    let restarted = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.path().join("queue.redb"), restarted.path().join("queue.redb")).unwrap();
+    let text = text.replace(&dir.path().display().to_string(), &restarted.path().display().to_string());
+    let config = || whatsapp_relay::config::parse(std::path::Path::new("relay.toml"), &text).unwrap();
+    let store = Arc::new(EmbeddedStore::open(restarted.path()).unwrap());
+    assert!(store.pending().unwrap().is_empty());
+    let running = start_with(config(), Stores::of(store), Arc::new(SystemClock)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(motion.count(), delivered, "nothing was delivered twice");
+    running.shutdown().await;
+}

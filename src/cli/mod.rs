@@ -1,5 +1,5 @@
-//! The command line: `run` (the default), `check` (and `check --urls`), `simulate`, `queue` and
-//! `store backup`.
+//! The command line: `run` (the default), `check` (and `check --urls`), `simulate`, `queue`,
+//! `store check` and `store backup`.
 //! Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad config.
 //!
 //! `run` and `check` need every secret of the config; the operator commands load it with
@@ -73,7 +73,7 @@ pub enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// The embedded store: a consistent copy while the relay runs (backup).
+    /// The embedded store: verify it offline (check), or a consistent copy while the relay runs (backup).
     Store {
         #[command(subcommand)]
         command: store::StoreCommand,
@@ -104,8 +104,7 @@ impl Admin {
         let listen = config.admin.listen.ok_or("the config has no [admin] listen address to reach the relay")?;
         let token = match &args.admin_token_file {
             Some(path) => {
-                let t = std::fs::read_to_string(path)
-                    .map_err(|e| format!("cannot read the admin token file {}: {e}", path.display()))?;
+                let t = config::secret::read_file(path).map_err(|e| format!("the admin token: {e}"))?;
                 t.trim_end_matches(['\r', '\n']).to_string()
             }
             None => {

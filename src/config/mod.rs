@@ -22,6 +22,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use units::Dur;
 
 /// A validated configuration with its secrets resolved.
 #[derive(Debug)]
@@ -130,16 +131,48 @@ pub struct PostgresStorage {
     pub takeover: Duration,
 }
 
-/// Bounds of `[storage] pool` and `takeover`, given in the error when a value is outside them.
-/// Bounds of `[server] idle_timeout`, `max_connections` and `max_connections_per_ip`.
-pub const IDLE_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> = Duration::from_secs(1)..=Duration::from_secs(3600);
+/// Bounds of `[server] max_connections` and `max_connections_per_ip`.
 pub const MAX_CONNECTIONS_RANGE: std::ops::RangeInclusive<i64> = 1..=1_000_000;
 
 /// Files the relay holds besides its connections (store, logs, upstream connections, certificates).
 const FILES_BESIDE_CONNECTIONS: u64 = 512;
 
+/// Bounds of `[storage] pool` and `takeover`, given in the error when a value is outside them.
 pub const POOL_RANGE: std::ops::RangeInclusive<i64> = 2..=1000;
 pub const TAKEOVER_RANGE: std::ops::RangeInclusive<Duration> = Duration::from_secs(3)..=Duration::from_secs(600);
+
+/// The durations a key may take, given in the error when a value is outside them. Zero turns a
+/// timeout into "fail at once" (`request_timeout = "0s"` answers 408 to every body that needs a
+/// second read) and an absurd one (days) into "never", so both are refused.
+pub mod ranges {
+    use std::ops::RangeInclusive;
+    use std::time::Duration;
+    type Range = RangeInclusive<Duration>;
+    const fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+    const fn s(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+    const HOUR: u64 = 3600;
+    const DAY: u64 = 24 * HOUR;
+    /// `[server] request_timeout`, `header_timeout`: a client gets this long to send.
+    pub const CLIENT: Range = s(1)..=s(HOUR);
+    /// `[server] idle_timeout`: how long a connection may wait for its next request.
+    pub const IDLE: Range = s(1)..=s(HOUR);
+    /// `[server] shutdown_grace`.
+    pub const SHUTDOWN_GRACE: Range = s(1)..=s(HOUR);
+    /// `[delivery] timeout`, a `[[motion]] timeout`, `[outbound] timeout`: one call upstream.
+    pub const UPSTREAM: Range = ms(100)..=s(HOUR);
+    /// `[delivery] retry_initial`, `retry_max`.
+    pub const RETRY: Range = ms(10)..=s(DAY);
+    /// `[delivery] give_up_after`.
+    pub const GIVE_UP_AFTER: Range = s(1)..=s(365 * DAY);
+    /// `[delivery] dedup_window`.
+    pub const DEDUP_WINDOW: Range = s(60)..=s(365 * DAY);
+    /// `[delivery] auto_budget`.
+    pub const AUTO_BUDGET: Range = ms(10)..=s(5 * 60);
+}
 
 #[derive(Debug)]
 pub struct Admin {
@@ -467,14 +500,29 @@ impl Validator<'_> {
         let d = &f.delivery;
         let delivery = Delivery {
             mode: d.mode.as_ref().map_or(Mode::Queue, |m| *m.get_ref()),
-            timeout: d.timeout.map_or(Duration::from_secs(10), |x| x.0),
-            retry_initial: d.retry_initial.map_or(Duration::from_secs(1), |x| x.0),
-            retry_max: d.retry_max.map_or(Duration::from_secs(300), |x| x.0),
-            give_up_after: d.give_up_after.map_or(Duration::from_secs(7 * 86400), |x| x.0),
-            dedup_window: d.dedup_window.map_or(Duration::from_secs(7 * 86400), |x| x.0),
-            auto_budget: d.auto_budget.map_or(Duration::from_secs(2), |x| x.0),
+            timeout: self.duration(&d.timeout, "[delivery] timeout", 10, ranges::UPSTREAM)?,
+            retry_initial: self.duration(&d.retry_initial, "[delivery] retry_initial", 1, ranges::RETRY)?,
+            retry_max: self.duration(&d.retry_max, "[delivery] retry_max", 300, ranges::RETRY)?,
+            give_up_after: self.duration(
+                &d.give_up_after,
+                "[delivery] give_up_after",
+                7 * 86400,
+                ranges::GIVE_UP_AFTER,
+            )?,
+            dedup_window: self.duration(&d.dedup_window, "[delivery] dedup_window", 7 * 86400, ranges::DEDUP_WINDOW)?,
+            auto_budget: self.duration(&d.auto_budget, "[delivery] auto_budget", 2, ranges::AUTO_BUDGET)?,
             concurrency: d.concurrency.unwrap_or(32).max(1),
         };
+        if let (Some(max), true) = (&d.retry_max, delivery.retry_max < delivery.retry_initial) {
+            return self.err(
+                max.span(),
+                format!(
+                    "[delivery] retry_max ({}) is below retry_initial ({}): backoff grows from retry_initial up to retry_max",
+                    units::spell(delivery.retry_max),
+                    units::spell(delivery.retry_initial)
+                ),
+            );
+        }
         let meta_apps = f.meta_app.iter().map(|a| self.meta_app(a).map(Arc::new)).collect::<R<Vec<_>>>()?;
         let mut names = HashSet::new();
         let mut hosts = HashMap::new();
@@ -517,7 +565,7 @@ impl Validator<'_> {
             storage_path,
             storage,
             delivery,
-            outbound_timeout: f.outbound.timeout.map_or(Duration::from_secs(30), |x| x.0),
+            outbound_timeout: self.duration(&f.outbound.timeout, "[outbound] timeout", 30, ranges::UPSTREAM)?,
             motions,
             meta_apps,
             warnings: self.warnings,
@@ -606,17 +654,13 @@ impl Validator<'_> {
             http,
             https,
             max_body: s.max_body.map_or(4 << 20, |x| x.0),
-            request_timeout: s.request_timeout.map_or(Duration::from_secs(15), |x| x.0),
-            header_timeout: s.header_timeout.map_or(Duration::from_secs(10), |x| x.0),
-            idle_timeout: match &s.idle_timeout {
-                None => Duration::from_secs(60),
-                Some(d) if IDLE_TIMEOUT_RANGE.contains(&d.get_ref().0) => d.get_ref().0,
-                Some(d) => return self.err(d.span(), "idle_timeout must be between 1s and 1h"),
-            },
+            request_timeout: self.duration(&s.request_timeout, "[server] request_timeout", 15, ranges::CLIENT)?,
+            header_timeout: self.duration(&s.header_timeout, "[server] header_timeout", 10, ranges::CLIENT)?,
+            idle_timeout: self.duration(&s.idle_timeout, "[server] idle_timeout", 60, ranges::IDLE)?,
             max_connections,
             max_connections_per_ip,
             redirect_http,
-            shutdown_grace: s.shutdown_grace.map_or(Duration::from_secs(30), |x| x.0),
+            shutdown_grace: self.duration(&s.shutdown_grace, "[server] shutdown_grace", 30, ranges::SHUTDOWN_GRACE)?,
             trusted_proxies: self.cidrs(&s.trusted_proxies)?,
             tls,
             acme,
@@ -727,6 +771,31 @@ impl Validator<'_> {
         Ok(StorageBackend::Postgres(Box::new(PostgresStorage { url, pool, takeover })))
     }
 
+    /// A duration key's value (`default_secs` when absent), refused with its allowed range when
+    /// outside `range`.
+    fn duration(
+        &self,
+        v: &Option<S<Dur>>,
+        key: &str,
+        default_secs: u64,
+        range: std::ops::RangeInclusive<Duration>,
+    ) -> R<Duration> {
+        let Some(v) = v else { return Ok(Duration::from_secs(default_secs)) };
+        let d = v.get_ref().0;
+        if range.contains(&d) {
+            return Ok(d);
+        }
+        self.err(
+            v.span(),
+            format!(
+                "{key} = {:?} is out of range: write a duration from {:?} to {:?}",
+                units::spell(d),
+                units::spell(*range.start()),
+                units::spell(*range.end())
+            ),
+        )
+    }
+
     fn readable(&self, p: &S<String>) -> R<PathBuf> {
         match std::fs::metadata(p.get_ref()) {
             Ok(m) if m.is_file() => Ok(PathBuf::from(p.get_ref())),
@@ -774,7 +843,10 @@ impl Validator<'_> {
             rate_limit: self.rate_limit(m)?,
             window_policy: m.window_policy.unwrap_or_default(),
             mode: m.mode.as_ref().map_or(delivery.mode, |x| *x.get_ref()),
-            timeout: m.timeout.map_or(delivery.timeout, |x| x.0),
+            timeout: match &m.timeout {
+                None => delivery.timeout,
+                Some(_) => self.duration(&m.timeout, "[[motion]] timeout", 0, ranges::UPSTREAM)?,
+            },
             allow_from: self.cidrs(&m.allow_from)?,
             name,
             url,

@@ -34,13 +34,13 @@ pub struct Server {
     pub http: Option<S<String>>,
     pub https: Option<S<String>>,
     pub max_body: Option<Size>,
-    pub request_timeout: Option<Dur>,
-    pub header_timeout: Option<Dur>,
+    pub request_timeout: Option<S<Dur>>,
+    pub header_timeout: Option<S<Dur>>,
     pub idle_timeout: Option<S<Dur>>,
     pub max_connections: Option<S<i64>>,
     pub max_connections_per_ip: Option<S<i64>>,
     pub redirect_http: Option<S<bool>>,
-    pub shutdown_grace: Option<Dur>,
+    pub shutdown_grace: Option<S<Dur>>,
     #[serde(default)]
     pub trusted_proxies: Vec<S<String>>,
     pub tls: Option<Tls>,
@@ -114,19 +114,19 @@ pub enum WindowPolicy {
 #[serde(deny_unknown_fields)]
 pub struct Delivery {
     pub mode: Option<S<Mode>>,
-    pub timeout: Option<Dur>,
-    pub retry_initial: Option<Dur>,
-    pub retry_max: Option<Dur>,
-    pub give_up_after: Option<Dur>,
-    pub dedup_window: Option<Dur>,
-    pub auto_budget: Option<Dur>,
+    pub timeout: Option<S<Dur>>,
+    pub retry_initial: Option<S<Dur>>,
+    pub retry_max: Option<S<Dur>>,
+    pub give_up_after: Option<S<Dur>>,
+    pub dedup_window: Option<S<Dur>>,
+    pub auto_budget: Option<S<Dur>>,
     pub concurrency: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Outbound {
-    pub timeout: Option<Dur>,
+    pub timeout: Option<S<Dur>>,
 }
 
 #[derive(Deserialize)]
@@ -145,7 +145,7 @@ pub struct Motion {
     pub burst: Option<S<u32>>,
     pub window_policy: Option<WindowPolicy>,
     pub mode: Option<S<Mode>>,
-    pub timeout: Option<Dur>,
+    pub timeout: Option<S<Dur>>,
     #[serde(default)]
     pub allow_from: Vec<S<String>>,
     #[serde(default)]

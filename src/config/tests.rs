@@ -340,8 +340,11 @@ fn connection_limits_and_idle_timeout() {
     let s = &c.server;
     assert_eq!((s.idle_timeout, s.max_connections, s.max_connections_per_ip), (Duration::from_secs(120), 50, 5));
     for (line, want) in [
-        ("idle_timeout = \"0s\"", "relay.toml:2:16: idle_timeout must be between 1s and 1h"),
-        ("idle_timeout = \"2h\"", "relay.toml:2:16: idle_timeout must be between 1s and 1h"),
+        (
+            "idle_timeout = \"0s\"",
+            "relay.toml:2:16: [server] idle_timeout = \"0s\" is out of range: write a duration from \"1s\" to \"1h\"",
+        ),
+        ("idle_timeout = \"2h\"", "relay.toml:2:16: [server] idle_timeout = \"2h\" is out of range"),
         ("max_connections = 0", "relay.toml:2:19: max_connections must be between 1 and 1000000"),
         ("max_connections_per_ip = -3", "relay.toml:2:26: max_connections_per_ip must be between 1 and 1000000"),
         ("max_connections = 10\nmax_connections_per_ip = 11", "relay.toml:3:26: max_connections_per_ip (11) is above"),
@@ -349,4 +352,71 @@ fn connection_limits_and_idle_timeout() {
         let e = err(&format!("[server]\n{line}\n{BASE}"));
         assert!(e.starts_with(want), "{line}: {e}");
     }
+}
+
+/// Zero or absurd durations are refused at their line and column, with the range allowed.
+#[test]
+fn durations_out_of_range_are_refused_with_the_range() {
+    let cases = [
+        ("server", "request_timeout", "0s", "1s", "1h"),
+        ("server", "request_timeout", "2h", "1s", "1h"),
+        ("server", "header_timeout", "0s", "1s", "1h"),
+        ("server", "header_timeout", "3d", "1s", "1h"),
+        ("server", "shutdown_grace", "0s", "1s", "1h"),
+        ("delivery", "timeout", "0s", "100ms", "1h"),
+        ("delivery", "timeout", "30d", "100ms", "1h"),
+        ("delivery", "retry_initial", "0s", "10ms", "1d"),
+        ("delivery", "retry_max", "400d", "10ms", "1d"),
+        ("delivery", "give_up_after", "0s", "1s", "365d"),
+        ("delivery", "dedup_window", "0s", "1m", "365d"),
+        ("delivery", "auto_budget", "0s", "10ms", "5m"),
+        ("outbound", "timeout", "0s", "100ms", "1h"),
+    ];
+    for (table, key, value, low, high) in cases {
+        let e = err(&format!("[{table}]\n{key} = \"{value}\"\n"));
+        assert!(e.starts_with(&format!("relay.toml:2:{}:", key.len() + 4)), "{key} = {value}: {e}");
+        assert!(e.contains(&format!("[{table}] {key} = \"{value}\" is out of range")), "{key} = {value}: {e}");
+        assert!(e.contains(&format!("from \"{low}\" to \"{high}\"")), "{key} = {value}: {e}");
+    }
+    let e = err(&BASE.replace("url = \"http://127.0.0.1:9000\"", "url = \"http://127.0.0.1:9000\"\ntimeout = \"0s\""));
+    assert!(e.starts_with("relay.toml:8:11:") && e.contains("[[motion]] timeout = \"0s\" is out of range"), "{e}");
+    let e =
+        err("[storage]\nbackend = \"postgres\"\nurl = \"postgres://u:p@h/db?sslmode=disable\"\ntakeover = \"0s\"\n");
+    assert!(e.starts_with("relay.toml:4:12:") && e.contains("out of range"), "{e}");
+    let e = err("[delivery]\nretry_initial = \"10s\"\nretry_max = \"1s\"\n");
+    assert!(e.starts_with("relay.toml:3:13:") && e.contains("retry_max (1s) is below retry_initial (10s)"), "{e}");
+    // The ends of each range are allowed.
+    let ok = "[server]\nrequest_timeout = \"1h\"\nheader_timeout = \"1s\"\n[delivery]\ntimeout = \"100ms\"\nretry_initial = \"10ms\"\nretry_max = \"1d\"\ndedup_window = \"365d\"\n";
+    parse_str(&format!("{ok}{}", BASE.replace("[delivery]\nmode = \"direct\"\n", ""))).unwrap();
+}
+
+/// A secret file is a regular file of at most 64 KiB: a device, a FIFO, a directory or a large
+/// file is refused at once, naming the file and the limit, without reading it all.
+#[test]
+fn secret_files_are_bounded_regular_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let with = |path: &str| BASE.replace("shared_token = \"t\"", &format!("shared_token = \"file:{path}\""));
+    let fifo = dir.path().join("fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo (coreutils)");
+    assert!(made.success());
+    let big = dir.path().join("big");
+    std::fs::write(&big, vec![b'a'; 65 * 1024]).unwrap();
+    // The cases that cannot hang or exhaust memory go first.
+    let cases = [
+        (dir.path().display().to_string(), "is a directory, not a regular file"),
+        (big.display().to_string(), "is larger than 64 KiB"),
+        (fifo.display().to_string(), "is a FIFO (named pipe), not a regular file"),
+        ("/dev/zero".to_string(), "is a device, not a regular file"),
+    ];
+    for (path, says) in cases {
+        let started = std::time::Instant::now();
+        let e = err(&with(&path));
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "{path} took {:?}", started.elapsed());
+        assert!(e.starts_with("relay.toml:12:18:"), "{path}: {e}");
+        assert!(e.contains(&format!("secret file {path} {says}")), "{path}: {e}");
+        assert!(e.contains("64 KiB"), "{path}: {e}");
+    }
+    // Exactly 64 KiB is still a secret.
+    std::fs::write(&big, vec![b'a'; 64 * 1024]).unwrap();
+    assert_eq!(parse_str(&with(&big.display().to_string())).unwrap().motions.len(), 1);
 }

@@ -43,6 +43,23 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
+/// A duration as the config file would write it, in its largest whole unit (`"90s"`, `"5m"`,
+/// `"7d"`, `"250ms"`).
+pub fn spell(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 != 0 {
+        return format!("{ms}ms");
+    }
+    let s = d.as_secs();
+    match s {
+        0 => "0s".into(),
+        _ if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        _ if s % 3600 == 0 => format!("{}h", s / 3600),
+        _ if s % 60 == 0 => format!("{}m", s / 60),
+        _ => format!("{s}s"),
+    }
+}
+
 /// How every duration error ends: the right spelling.
 const DURATION_EXAMPLE: &str = "a duration written as a string with a unit, e.g. \"500ms\", \"10s\", \"5m\", \"7d\"";
 /// How every size error ends: the right spelling.

@@ -284,6 +284,8 @@ impl MotionQueue {
             in_flight: 0,
             delivered: Vec::new(),
             attempts: Vec::new(),
+            prune_failures: 0,
+            prune_after: None,
             cached_bytes: 0,
         };
         runtime.spawn(s.run(rx));
@@ -373,8 +375,18 @@ struct Scheduler {
     /// (written together, in batches, off the group commit's path).
     delivered: Vec<u64>,
     attempts: Vec<(u64, u32)>,
+    /// Failed prunes in a row, and when the next may be tried (see [`prune_backoff`]).
+    prune_failures: u32,
+    prune_after: Option<Instant>,
     /// What the bodies kept in memory for waiting events weigh (see [`CACHE_BUDGET`]).
     cached_bytes: usize,
+}
+
+/// How long to wait before pruning again after `failures` failed prunes in a row: from 200 ms,
+/// doubling, up to 10 s (a full disk is usually freed within minutes; the retry must not flood
+/// the disk or the log meanwhile).
+fn prune_backoff(failures: u32) -> Duration {
+    Duration::from_millis(200).saturating_mul(1 << failures.min(6)).min(Duration::from_secs(10))
 }
 
 /// Bodies kept in memory per Motion, for the heads of its conversations only: events behind a
@@ -418,7 +430,7 @@ impl Scheduler {
                         self.unpark();
                     }
                     Some(Msg::Stop(done)) => {
-                        self.flush().await;
+                        self.flush_when(true).await;
                         let _ = done.send(());
                         return;
                     }
@@ -632,9 +644,20 @@ impl Scheduler {
         }
     }
 
-    /// Removes delivered events from the store and records attempt counts, in one write.
+    /// Removes delivered events from the store and records attempt counts, in one write. After
+    /// a failure it waits out [`prune_backoff`] (unless `now`, at shutdown) and tries again,
+    /// until the store takes it: a delivered event left in the store is sent again after a
+    /// restart, and holds disk space. It no longer counts as waiting meanwhile (the depth
+    /// dropped at delivery).
     async fn flush(&mut self) {
+        self.flush_when(false).await
+    }
+
+    async fn flush_when(&mut self, now: bool) {
         if self.delivered.is_empty() && self.attempts.is_empty() {
+            return;
+        }
+        if !now && self.prune_after.is_some_and(|at| Instant::now() < at) {
             return;
         }
         let (seqs, attempts) = (std::mem::take(&mut self.delivered), std::mem::take(&mut self.attempts));
@@ -645,14 +668,29 @@ impl Scheduler {
                 for seq in done {
                     self.known.remove(&seq);
                 }
+                if std::mem::take(&mut self.prune_failures) > 0 {
+                    tracing::info!(motion = %self.name, "delivered events pruned from the store again");
+                }
+                self.prune_after = None;
             }
-            Ok(Err(e)) => {
-                // Not fatal (at-least-once), but tried again with the next flush: until then a
-                // look at the store still finds them and must not send them again.
-                tracing::warn!(motion = %self.name, "could not prune delivered events: {e}");
+            failed => {
+                // Tried again after a backoff: until then a look at the store still finds them
+                // and must not send them again. Logged at the first failure, then quietly.
+                self.prune_failures += 1;
+                let why = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "the write did not finish".to_string(),
+                };
+                let wait = prune_backoff(self.prune_failures);
+                if self.prune_failures == 1 {
+                    tracing::warn!(motion = %self.name, events = done.len(), "could not prune delivered events, retrying until it works: {why}");
+                } else {
+                    tracing::debug!(motion = %self.name, failures = self.prune_failures, "could not prune delivered events: {why}");
+                }
+                self.prune_after = Some(Instant::now() + wait);
+                // Attempt counts are informational: the next ones recorded replace them.
                 self.delivered.extend(done);
             }
-            Err(_) => self.delivered.extend(done),
         }
     }
 

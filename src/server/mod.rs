@@ -84,10 +84,14 @@ async fn open_stores(config: &Config) -> Result<Stores, ServeError> {
     match &config.storage {
         StorageBackend::Embedded => {
             let path = config.storage_path.clone();
-            let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&path))
-                .await
-                .map_err(setup)?
-                .map_err(|e| ServeError::Setup(format!("{e} (check [storage] path and its permissions)")))?;
+            let store =
+                tokio::task::spawn_blocking(move || EmbeddedStore::open(&path)).await.map_err(setup)?.map_err(|e| {
+                    match e {
+                        // It already says what to do.
+                        crate::store::StoreError::Damaged(_) => ServeError::Setup(e.to_string()),
+                        e => ServeError::Setup(format!("{e} (check [storage] path and its permissions)")),
+                    }
+                })?;
             Ok(Stores::of(Arc::new(store)))
         }
         StorageBackend::Postgres(settings) => {

@@ -5,6 +5,10 @@
 //! schedulers made). `append_replacing_dead` (a rare operator replay) can
 //! fail like any write but is neither slowed nor counted.
 //!
+//! [`DiskFault`] sits lower, between redb and the file: a disk that fills up on demand, so a
+//! durable commit fails after cheap (unsynced) ones that redb kept in memory, and which it
+//! forgets when the file is re-opened.
+//!
 //! Must never: alter what passes through while no fault is set, or be built into the shipped
 //! binary (it exists under the `test-support` feature, which the tests and benchmarks enable).
 
@@ -13,6 +17,67 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::{Appended, DeadInfo, DeadLetter, Event, EventMeta, NewEvent, QueueStore, StoreError, WindowStore};
+
+/// A disk that is full on demand (every write, resize and sync fails with `ENOSPC`), for an
+/// [`super::EmbeddedStore`] opened with `open_on_faulty_disk`. redb's cheap commits stay in its
+/// memory and go through meanwhile; its durable ones fail.
+#[derive(Debug, Default)]
+pub struct DiskFault {
+    full: AtomicBool,
+    refused: AtomicU64,
+}
+
+impl DiskFault {
+    /// While set, the disk is full.
+    pub fn set_full(&self, full: bool) {
+        self.full.store(full, Ordering::SeqCst);
+    }
+
+    /// How many writes, resizes and syncs the full disk refused.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::SeqCst)
+    }
+
+    fn check(&self) -> Result<(), std::io::Error> {
+        if self.full.load(Ordering::SeqCst) {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return Err(std::io::Error::from_raw_os_error(28)); // ENOSPC
+        }
+        Ok(())
+    }
+
+    pub(super) fn backend(self: &Arc<Self>, file: redb::backends::FileBackend) -> FaultyDisk {
+        FaultyDisk { file, fault: self.clone() }
+    }
+}
+
+/// redb's file backend with a [`DiskFault`] in front of its syncs.
+#[derive(Debug)]
+pub struct FaultyDisk {
+    file: redb::backends::FileBackend,
+    fault: Arc<DiskFault>,
+}
+
+impl redb::StorageBackend for FaultyDisk {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        self.file.len()
+    }
+    fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, std::io::Error> {
+        self.file.read(offset, len)
+    }
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        self.fault.check()?;
+        self.file.set_len(len)
+    }
+    fn sync_data(&self, eventual: bool) -> Result<(), std::io::Error> {
+        self.fault.check()?;
+        self.file.sync_data(eventual)
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        self.fault.check()?;
+        self.file.write(offset, data)
+    }
+}
 
 pub struct FaultyStore {
     inner: Arc<dyn QueueStore>,

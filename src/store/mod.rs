@@ -21,12 +21,14 @@ pub mod embedded;
 #[cfg(any(test, feature = "test-support"))]
 pub mod fault;
 pub mod group_commit;
+pub mod marker;
 pub mod postgres;
+pub mod preflight;
 mod types;
 
 pub use embedded::EmbeddedStore;
 #[cfg(any(test, feature = "test-support"))]
-pub use fault::FaultyStore;
+pub use fault::{DiskFault, FaultyStore};
 pub use group_commit::GroupCommit;
 pub use postgres::PostgresStore;
 pub use types::{DeadReason, Unowned, UnownedKey};
@@ -48,6 +50,10 @@ pub const MAX_ANSWER: usize = 64 * 1024;
 pub enum StoreError {
     #[error("storage at {}: {source}", path.display())]
     Open { path: PathBuf, source: Arc<dyn std::error::Error + Send + Sync> },
+    /// The store file is missing, empty, truncated or unreadable: the message names the file and
+    /// the recovery steps (see `preflight`).
+    #[error("{0}")]
+    Damaged(String),
     #[error("storage write failed: {0}")]
     Write(String),
     #[error("storage read failed: {0}")]
