@@ -96,7 +96,7 @@ async fn open_stores(config: &Config) -> Result<Stores, ServeError> {
                 .await
                 .map_err(setup)?
                 .map_err(|e| ServeError::Setup(format!("[storage] backend = \"postgres\": {e}")))?;
-            Ok(Stores::of(Arc::new(store)))
+            Ok(Stores::shared(Arc::new(store)))
         }
     }
 }
@@ -123,6 +123,7 @@ async fn start_inner(
     let (http_addr, https_addr, admin_addr) = (config.server.http, config.server.https, config.admin.listen);
     let (tls_files, acme_cfg) = (config.server.tls.clone(), config.server.acme.clone());
     let started = Started::of(&config);
+    let shared_acme = stores.acme.clone();
     let services = Services::start(config, stores, clock).map_err(|e| ServeError::Setup(e.to_string()))?;
     let metrics = services.metrics.clone();
 
@@ -139,9 +140,10 @@ async fn start_inner(
             Some(Arc::new(Tls::files(certs)))
         }
         (Some(_), None, Some(acme)) => {
-            let (certs, driver) =
-                tls::acme(&acme, metrics.clone()).map_err(|e| ServeError::Setup(format!("[server.acme]: {e}")))?;
-            acme_driver = Some((certs.clone(), driver));
+            // Relays sharing a database share the certificate too.
+            let (certs, runner) = tls::acme_source(&acme, shared_acme, metrics.clone())
+                .map_err(|e| ServeError::Setup(format!("[server.acme]: {e}")))?;
+            acme_driver = Some(runner);
             Some(Arc::new(Tls::acme(certs)))
         }
         (Some(_), None, None) => return Err(ServeError::Setup("https needs [server.tls] or [server.acme]".into())),
@@ -221,8 +223,8 @@ async fn start_inner(
         }
         Some(CertSource::Acme(_)) => {
             // Started once the https listener is bound: TLS-ALPN-01 validations arrive there.
-            if let Some((certs, driver)) = acme_driver {
-                tasks.spawn(tls::drive_acme(driver, certs, metrics.clone(), running.stopping()));
+            if let Some(runner) = acme_driver {
+                tasks.spawn(runner.run(metrics.clone(), running.stopping()));
             }
         }
         None => {}
