@@ -145,6 +145,16 @@ async fn relays_on_one_database_share_one_acme_account_order_and_certificate() {
     assert_eq!(leaf(&c, &root).await, leaf_a);
     assert_eq!(get(&c.admin_url("/readyz")).await.status, 200);
     assert!(!c.logs().contains("acme: ordering"), "{}", c.logs());
+
+    // A relay given another key neither opens the stored keys nor orders over them: it says so.
+    let other_key = files.path().join("other.key");
+    std::fs::write(&other_key, "another-operator-key-of-at-least-32-characters\n").unwrap();
+    let d = RelayProcess::start(&backend.apply(&config("127.0.0.1:0", &directory, &ca_file, &other_key)));
+    d.wait_log("sealed with another [server.acme] key", Duration::from_secs(10));
+    let ready = get(&d.admin_url("/readyz")).await;
+    assert_eq!(ready.status, 503);
+    assert!(ready.json()["message"].as_str().unwrap().contains("give every relay the same key"), "{:?}", ready.body);
+    assert!(!d.logs().contains("acme: ordering"), "{}", d.logs());
     eprintln!(
         "shared ACME: certificate on the ordering relay {took:?} after it started, on both {both:?}; \
          Pebble saw {accounts} account, {orders} order, issued {issued} certificate; the relays logged {} order(s)",
