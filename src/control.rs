@@ -11,6 +11,7 @@ use crate::routing::Snapshot;
 use crate::services::Services;
 use crate::tls::{CertSource, Tls};
 use crate::upstream::UpstreamError;
+use sha2::Digest;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -247,7 +248,16 @@ impl Fixed {
             backend: c.storage.clone(),
             tls_files: s.tls.is_some(),
             acme: s.acme.as_ref().map(|a| {
-                format!("{:?} {:?} {} {} {:?}", a.domains, a.contact, a.directory, a.cache_dir.display(), a.ca_file)
+                // The key as a hash: enough to notice a change, nothing to leak.
+                let key = a.key.as_ref().map(|k| hex::encode(&sha2::Sha256::digest(k.expose())[..8]));
+                format!(
+                    "{:?} {:?} {} {} {:?} {key:?}",
+                    a.domains,
+                    a.contact,
+                    a.directory,
+                    a.cache_dir.display(),
+                    a.ca_file
+                )
             }),
             shutdown_grace: s.shutdown_grace,
             connections: [

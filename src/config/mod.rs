@@ -109,6 +109,8 @@ pub struct Acme {
     pub directory: String,
     pub cache_dir: PathBuf,
     pub ca_file: Option<PathBuf>,
+    /// Seals the ACME keys relays keep in a shared database (`backend = "postgres"`).
+    pub key: Option<Secret>,
 }
 
 /// `[storage] backend`: where the queue, dead letters, dedup keys and windows live.
@@ -423,6 +425,23 @@ impl Validator<'_> {
         }
     }
 
+    /// `[server.acme] key`: long enough to be a key, not a password (it is hashed, not
+    /// stretched).
+    fn acme_key(&mut self, s: &Option<S<String>>) -> R<Option<Secret>> {
+        let key = self.opt_secret(s)?;
+        if let (Some(k), Some(s)) = (&key, s) {
+            let unresolved = k.expose().starts_with("\0unresolved-");
+            if !unresolved && k.expose().trim().chars().count() < 32 {
+                return self.err(
+                    s.span(),
+                    "[server.acme] key must hold at least 32 random characters (e.g. the output of \
+                     `openssl rand -base64 32`), the same on every relay",
+                );
+            }
+        }
+        Ok(key)
+    }
+
     fn opt_secret(&mut self, s: &Option<S<String>>) -> R<Option<Secret>> {
         s.as_ref().map(|s| self.secret(s)).transpose()
     }
@@ -470,6 +489,23 @@ impl Validator<'_> {
         let storage = self.storage(&f.storage)?;
         if let Some(acme) = server.acme.as_mut().filter(|a| a.cache_dir.as_os_str().is_empty()) {
             acme.cache_dir = storage_path.join("acme");
+        }
+        if let (Some(acme), Some(raw)) = (&server.acme, &f.server.acme) {
+            match (&storage, &raw.key) {
+                (StorageBackend::Embedded, Some(k)) => self.warn(
+                    k.span(),
+                    "[server.acme] key is unused with the embedded backend: the ACME keys stay in cache_dir, \
+                     readable only by the relay's user",
+                ),
+                (StorageBackend::Postgres(_), None) if acme.key.is_none() => self.warn(
+                    raw.domains.span(),
+                    "[server.acme] with backend = \"postgres\" and no key: the ACME account key and the \
+                     certificate's private key are stored unencrypted in the database, readable by anyone who can \
+                     read it (its roles, backups, replicas); set key = \"cred:acme-key\" (32+ random characters, \
+                     the same on every relay)",
+                ),
+                _ => {}
+            }
         }
         let admin = Admin {
             listen: f.admin.listen.as_ref().map(|a| self.addr(a)).transpose()?,
@@ -630,6 +666,7 @@ impl Validator<'_> {
                     // Without cache_dir: `acme/` under [storage] path, filled in by `config`.
                     cache_dir: a.cache_dir.as_deref().map(PathBuf::from).unwrap_or_default(),
                     ca_file: a.ca_file.as_ref().map(|c| self.readable(c)).transpose()?,
+                    key: self.acme_key(&a.key)?,
                 })
             }
             None => None,

@@ -63,6 +63,7 @@ pub struct Acme {
     pub directory: Option<S<String>>,
     pub cache_dir: Option<String>,
     pub ca_file: Option<S<String>>,
+    pub key: Option<S<String>>,
 }
 
 #[derive(Deserialize, Default)]

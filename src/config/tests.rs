@@ -420,3 +420,19 @@ fn secret_files_are_bounded_regular_files() {
     std::fs::write(&big, vec![b'a'; 64 * 1024]).unwrap();
     assert_eq!(parse_str(&with(&big.display().to_string())).unwrap().motions.len(), 1);
 }
+
+#[test]
+fn the_acme_key_is_long_and_its_absence_with_postgres_is_pointed_out() {
+    let acme = "[server]\nhttps = \"127.0.0.1:0\"\n[server.acme]\ndomains = [\"chat.example.com\"]\n";
+    let pg = "[storage]\nbackend = \"postgres\"\nurl = \"postgres://relay@127.0.0.1/relay?sslmode=disable\"\n";
+    let c = parse_str(&format!("{acme}{pg}{BASE}")).unwrap();
+    assert!(c.warnings.iter().any(|w| w.contains("stored unencrypted in the database")), "{:?}", c.warnings);
+    let long = "k".repeat(40);
+    let c = parse_str(&format!("{acme}key = \"{long}\"\n{pg}{BASE}")).unwrap();
+    assert_eq!(c.server.acme.unwrap().key.unwrap().expose(), long);
+    assert!(!c.warnings.iter().any(|w| w.contains("stored unencrypted")), "{:?}", c.warnings);
+    let e = err(&format!("{acme}key = \"short\"\n{pg}{BASE}"));
+    assert!(e.contains("at least 32 random characters"), "{e}");
+    let c = parse_str(&format!("{acme}key = \"{long}\"\n{BASE}")).unwrap();
+    assert!(c.warnings.iter().any(|w| w.contains("key is unused with the embedded backend")), "{:?}", c.warnings);
+}

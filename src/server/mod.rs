@@ -100,7 +100,7 @@ async fn open_stores(config: &Config) -> Result<Stores, ServeError> {
                 .await
                 .map_err(setup)?
                 .map_err(|e| ServeError::Setup(format!("[storage] backend = \"postgres\": {e}")))?;
-            Ok(Stores::of(Arc::new(store)))
+            Ok(Stores::shared(Arc::new(store)))
         }
     }
 }
@@ -124,6 +124,7 @@ async fn start_inner(
     let started = Started::of(&config);
     let s = &config.server;
     let caps = (s.max_connections, s.max_connections_per_ip, s.trusted_proxies.clone());
+    let shared_acme = stores.acme.clone();
     let services = Services::start(config, stores, clock).map_err(|e| ServeError::Setup(e.to_string()))?;
     let metrics = services.metrics.clone();
     let admission = |what| Admission::new(what, caps.0, caps.1, caps.2.clone(), &metrics);
@@ -141,9 +142,10 @@ async fn start_inner(
             Some(Arc::new(Tls::files(certs)))
         }
         (Some(_), None, Some(acme)) => {
-            let (certs, driver) =
-                tls::acme(&acme, metrics.clone()).map_err(|e| ServeError::Setup(format!("[server.acme]: {e}")))?;
-            acme_driver = Some((certs.clone(), driver));
+            // Relays sharing a database share the certificate too.
+            let (certs, runner) = tls::acme_source(&acme, shared_acme, metrics.clone())
+                .map_err(|e| ServeError::Setup(format!("[server.acme]: {e}")))?;
+            acme_driver = Some(runner);
             Some(Arc::new(Tls::acme(certs)))
         }
         (Some(_), None, None) => return Err(ServeError::Setup("https needs [server.tls] or [server.acme]".into())),
@@ -223,8 +225,8 @@ async fn start_inner(
         }
         Some(CertSource::Acme(_)) => {
             // Started once the https listener is bound: TLS-ALPN-01 validations arrive there.
-            if let Some((certs, driver)) = acme_driver {
-                tasks.spawn(tls::drive_acme(driver, certs, metrics.clone(), running.stopping()));
+            if let Some(runner) = acme_driver {
+                tasks.spawn(runner.run(metrics.clone(), running.stopping()));
             }
         }
         None => {}

@@ -9,7 +9,8 @@
 //! one database, conversations held by lease); nothing outside this module may depend on redb
 //! or on PostgreSQL, or know which backend runs.
 //! [`GroupCommit`] shares one fsync among concurrent appends; `FaultyStore` (feature
-//! `test-support`) is the fault-injection seam for tests.
+//! `test-support`) is the fault-injection seam for tests. A shared backend also keeps the
+//! relays' one ACME account and certificate ([`AcmeStore`]).
 //!
 //! Must never: acknowledge (return `Ok` from a synced method) before the data is durable, lose
 //! an acknowledged event, or log message bodies or phone numbers.
@@ -17,6 +18,7 @@
 //! Every method blocks (disk I/O); async code calls them through `spawn_blocking` or, for
 //! appends, through [`GroupCommit`].
 
+pub mod acme;
 pub mod embedded;
 #[cfg(any(test, feature = "test-support"))]
 pub mod fault;
@@ -26,6 +28,7 @@ pub mod postgres;
 pub mod preflight;
 mod types;
 
+pub use acme::{AcmeLock, AcmeStore, StoredCert, StoredChallenge, StoredKey};
 pub use embedded::EmbeddedStore;
 #[cfg(any(test, feature = "test-support"))]
 pub use fault::{DiskFault, FaultyStore};
@@ -245,11 +248,18 @@ pub struct DeadLetter {
 pub struct Stores {
     pub queue: Arc<dyn QueueStore>,
     pub window: Arc<dyn WindowStore>,
+    /// ACME state shared with other relays: only a shared backend has it.
+    pub acme: Option<Arc<dyn AcmeStore>>,
 }
 
 impl Stores {
     pub fn of<S: QueueStore + WindowStore>(backend: Arc<S>) -> Stores {
-        Stores { queue: backend.clone(), window: backend }
+        Stores { queue: backend.clone(), window: backend, acme: None }
+    }
+
+    /// Like [`Stores::of`], for a backend the relays share, which keeps their ACME state too.
+    pub fn shared<S: QueueStore + WindowStore + AcmeStore>(backend: Arc<S>) -> Stores {
+        Stores { acme: Some(backend.clone()), ..Stores::of(backend) }
     }
 }
 

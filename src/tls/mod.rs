@@ -3,15 +3,18 @@
 //!
 //! Two sources, one per config: [`FileCerts`] (`[server.tls]`: PEM files, re-read when they
 //! change or on reload; a bad new pair is refused and the old one kept) and [`AcmeCerts`]
-//! (`[server.acme]`: rustls-acme over TLS-ALPN-01, cached under `cache_dir`, renewed ahead of
-//! expiry). Either way the `ServerConfig` is built once and asks a resolver for the certificate
+//! (`[server.acme]`: TLS-ALPN-01, renewed ahead of expiry; one relay: rustls-acme, cached under
+//! `cache_dir`; relays sharing a database: one account and certificate for all, kept there, see
+//! `shared_acme`). Either way the `ServerConfig` is built once and asks a resolver for the certificate
 //! on every handshake, so a new certificate reaches new connections while open connections
 //! keep the session they negotiated. `watch` re-reads the files when they change.
 //!
 //! Below the listeners (which accept through it) and the admin listener (which reports on it).
 
+mod shared_acme;
 mod watch;
 
+pub use shared_acme::{SharedAcmeDriver, drive_shared_acme};
 pub use watch::watch_cert_files;
 
 use crate::clock::{Clock, SystemClock};
@@ -24,7 +27,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_acme::caches::DirCache;
-use rustls_acme::{AccountCache, AcmeConfig, AcmeState, CertCache, ResolvesServerCertAcme};
+use rustls_acme::{AccountCache, AcmeConfig, AcmeState, CertCache};
 use std::fmt::Debug;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -266,7 +269,7 @@ impl ResolvesServerCert for FileCerts {
 
 /// `[server.acme]`: what the ACME driver reports, shared with the listener and `/readyz`.
 pub struct AcmeCerts {
-    resolver: Arc<ResolvesServerCertAcme>,
+    resolver: Arc<dyn ResolvesServerCert>,
     /// For TLS-ALPN-01 validation handshakes (ALPN `acme-tls/1`), answered with the challenge
     /// certificate and then closed.
     challenge: Arc<ServerConfig>,
@@ -297,21 +300,63 @@ impl AcmeCerts {
 /// The ACME state machine to poll (see [`drive_acme`]) and what it shares.
 pub type AcmeDriver = AcmeState<std::io::Error, std::io::Error>;
 
-/// Sets up automatic certificates: nothing touches the network until the returned driver is
-/// polled, and the driver's first step is the cache, so a restart serves the cached
-/// certificate before any call to the CA.
-pub fn acme(cfg: &Acme, metrics: Arc<Metrics>) -> Result<(Arc<AcmeCerts>, AcmeDriver), TlsError> {
-    prepare_cache_dir(&cfg.cache_dir)?;
-    // The directory is reached over https: public roots, plus `ca_file` for a private ACME CA.
+/// What keeps an ACME certificate current, to run once the https listener is bound.
+pub enum AcmeRunner {
+    /// One relay: rustls-acme and its cache directory.
+    Cache(Arc<AcmeCerts>, AcmeDriver),
+    /// Relays sharing a database: one account and certificate for all of them.
+    Shared(Box<SharedAcmeDriver>),
+}
+
+impl AcmeRunner {
+    pub async fn run(self, metrics: Arc<Metrics>, stop: tokio::sync::watch::Receiver<bool>) {
+        match self {
+            AcmeRunner::Cache(certs, state) => drive_acme(state, certs, metrics, stop).await,
+            AcmeRunner::Shared(driver) => drive_shared_acme(*driver, stop).await,
+        }
+    }
+}
+
+/// Sets up `[server.acme]`: shared through `shared` (the relays' database) when there is one,
+/// else rustls-acme over `cache_dir`. Nothing touches the network until the runner runs.
+pub fn acme_source(
+    cfg: &Acme,
+    shared: Option<Arc<dyn crate::store::AcmeStore>>,
+    metrics: Arc<Metrics>,
+) -> Result<(Arc<AcmeCerts>, AcmeRunner), TlsError> {
+    match shared {
+        Some(store) => {
+            let (certs, driver) = shared_acme::shared_acme(cfg, store, acme_client(cfg)?, metrics)?;
+            Ok((certs, AcmeRunner::Shared(Box::new(driver))))
+        }
+        None => {
+            let (certs, state) = acme(cfg, metrics)?;
+            Ok((certs.clone(), AcmeRunner::Cache(certs, state)))
+        }
+    }
+}
+
+/// The client that reaches the ACME directory over https: public roots, plus `ca_file` for a
+/// private ACME CA.
+fn acme_client(cfg: &Acme) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let roots = crate::upstream::root_store(cfg.ca_file.as_deref())?;
     let client = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions")
         .with_root_certificates(roots)
         .with_no_client_auth();
+    Ok(Arc::new(client))
+}
+
+/// Sets up automatic certificates: nothing touches the network until the returned driver is
+/// polled, and the driver's first step is the cache, so a restart serves the cached
+/// certificate before any call to the CA.
+pub fn acme(cfg: &Acme, metrics: Arc<Metrics>) -> Result<(Arc<AcmeCerts>, AcmeDriver), TlsError> {
+    prepare_cache_dir(&cfg.cache_dir)?;
+    let client = acme_client(cfg)?;
     let shared = Arc::new(Mutex::new(None::<Arc<AcmeCerts>>));
     let cache = ObservedCache { dir: DirCache::new(cfg.cache_dir.clone()), certs: shared.clone(), metrics };
-    let state = AcmeConfig::new_with_client_config(&cfg.domains, Arc::new(client))
+    let state = AcmeConfig::new_with_client_config(&cfg.domains, client)
         .contact(&cfg.contact)
         .directory(&cfg.directory)
         .cache(cache)

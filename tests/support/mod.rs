@@ -2,6 +2,7 @@
 //! receive, and a small HTTP client. Every test reads as a story built from these pieces.
 #![allow(dead_code)]
 
+pub mod pebble;
 pub mod pg;
 pub mod tls;
 

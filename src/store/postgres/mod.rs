@@ -2,7 +2,7 @@
 //! of relays share (`[storage] backend = "postgres"`).
 //!
 //! Owns: the tables (`schema`), connections and TLS (`connect`), conversation leases, LISTEN and
-//! the health probe (`lease`), and a small tokio runtime of its own: the store interfaces block
+//! the health probe (`lease`), the relays' shared ACME state (`acme`), and a small tokio runtime of its own: the store interfaces block
 //! (callers run them on the blocking pool or the group-commit writer thread), so each call is
 //! handed to that runtime and waited for.
 //!
@@ -22,6 +22,7 @@
 //! Must never: return from a synced method before COMMIT has returned, log bodies, numbers or
 //! the URL (it holds the password), or write to a local file instead.
 
+mod acme;
 mod connect;
 mod lease;
 pub mod schema;
@@ -50,6 +51,8 @@ pub struct PostgresStore {
 
 struct Inner {
     pool: Pool,
+    /// For connections outside the pool (the ACME ordering lock holds one).
+    connector: Connector,
     leases: Arc<PgLeases>,
     /// When the last health probe succeeded (None: it failed).
     healthy: Arc<Mutex<Option<Instant>>>,
@@ -91,9 +94,9 @@ impl PostgresStore {
         first.map_err(open_err)?;
         let leaving = Arc::new(AtomicBool::new(false));
         let healthy = Arc::new(Mutex::new(Some(Instant::now())));
-        runtime.spawn(lease::listen(connector, leases.clone()));
+        runtime.spawn(lease::listen(connector.clone(), leases.clone()));
         runtime.spawn(lease::probe(pool.clone(), healthy.clone(), leaving.clone()));
-        let inner = Arc::new(Inner { pool, leases, healthy, down_since: Mutex::new(None), leaving });
+        let inner = Arc::new(Inner { pool, connector, leases, healthy, down_since: Mutex::new(None), leaving });
         tracing::info!(relay = %inner.leases.me, "postgres store open");
         Ok(PostgresStore { inner, runtime: Some(runtime) })
     }

@@ -8,6 +8,8 @@ use tokio_postgres::Client;
 
 /// `pg_advisory_lock` key for migrations ("wr-migr").
 const MIGRATION_LOCK: i64 = 0x0077_722d_6d69_6772;
+/// `pg_try_advisory_lock` key held by the relay that orders an ACME certificate ("wr-acme").
+pub const ACME_LOCK: i64 = 0x0077_722d_6163_6d65;
 
 /// Partitions conversations are hashed into; each is held by one relay at a time (a lease).
 /// Part of the schema (lease rows) and of every stored event: never change it in place.
@@ -44,6 +46,33 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE relay_nodes (id text PRIMARY KEY, seen timestamptz NOT NULL, started timestamptz NOT NULL);
     CREATE TABLE relay_leases (part int PRIMARY KEY, holder text, expires timestamptz NOT NULL DEFAULT '-infinity');
     INSERT INTO relay_leases (part) SELECT generate_series(0, 63);
+    "#,
+    // 2: the relays' one ACME account and certificate, and the TLS-ALPN-01 challenges of an
+    // order in progress; `version` moves with every change (the relays poll it).
+    r#"
+    CREATE TABLE relay_acme_account (
+        directory text PRIMARY KEY,
+        key_id text NOT NULL,
+        key bytea NOT NULL,
+        created timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE relay_acme_cert (
+        directory text NOT NULL,
+        domains text NOT NULL,
+        chain text NOT NULL,
+        key_id text NOT NULL,
+        key bytea NOT NULL,
+        stored timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (directory, domains)
+    );
+    CREATE TABLE relay_acme_challenge (
+        domain text PRIMARY KEY,
+        token text NOT NULL,
+        url text NOT NULL,
+        expires timestamptz NOT NULL
+    );
+    CREATE TABLE relay_acme_version (id int PRIMARY KEY CHECK (id = 1), version bigint NOT NULL);
+    INSERT INTO relay_acme_version VALUES (1, 0);
     "#,
 ];
 
