@@ -322,3 +322,34 @@ async fn postgres_stopped_mid_load_means_503_and_unready_then_recovery_without_r
         back.elapsed()
     );
 }
+
+/// `max_queued` holds for the cluster: ten events spread over two relays (each holding only
+/// some of their conversations) fill a Motion whose max_queued is 10, and both relays then
+/// answer 503 for it; once Motion is back and the backlog drains, both accept again.
+#[tokio::test]
+async fn max_queued_counts_every_relays_events() {
+    let Some(backend) = Backend::postgres("max_queued_cluster") else { return };
+    let motion_addr = dead_addr().await;
+    let cfg = backend.apply(
+        &config(&format!("http://{motion_addr}"))
+            .replace("  [[motion.account]]", "max_queued = 10\n  [[motion.account]]"),
+    );
+    let relays = [RelayProcess::start(&cfg), RelayProcess::start(&cfg)];
+    for c in 0..10 {
+        let status = try_post(&relays[c % 2].url(PATH), message(c, 0)).await;
+        assert_eq!(status, Some(200), "event {c}");
+    }
+    // Each relay counts the cluster's backlog about once a second.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    for (i, relay) in relays.iter().enumerate() {
+        let status = try_post(&relay.url(PATH), message(100 + i, 0)).await;
+        assert_eq!(status, Some(503), "relay {i} accepted an 11th event for a Motion with max_queued = 10");
+    }
+    // Motion comes back: the backlog drains and both accept again.
+    let motion = FakeMotion::start_on(motion_addr).await;
+    motion.wait_for(10, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (i, relay) in relays.iter().enumerate() {
+        assert_eq!(try_post(&relay.url(PATH), message(200 + i, 0)).await, Some(200), "relay {i} after draining");
+    }
+}

@@ -76,7 +76,14 @@ pub struct Queue {
     /// `auto` requests waiting for their event's first attempt, by delivery id (handed to the
     /// scheduler with the event once it is stored).
     waiters: Mutex<HashMap<String, scheduler::Waiter>>,
+    /// With a shared store: every relay's waiting events and bytes per Motion, as last
+    /// counted (see [`count_cluster`]); `max_queued` holds for the cluster, not per relay.
+    cluster_waiting: ArcSwap<HashMap<String, (u64, u64)>>,
 }
+
+/// How often a relay on a shared store counts the cluster's waiting events. Between counts a
+/// Motion may pass `max_queued` by what the relays accept in that time.
+const CLUSTER_COUNT_EVERY: Duration = Duration::from_secs(1);
 
 impl Queue {
     /// Opens the queue over `store` and resumes every event it still holds, in order. Runs its
@@ -104,6 +111,7 @@ impl Queue {
                 ctx: ctx.clone(),
                 runtime: tokio::runtime::Handle::current(),
                 waiters: Mutex::new(HashMap::new()),
+                cluster_waiting: ArcSwap::from_pointee(HashMap::new()),
             }
         });
         let news = queue.leases.news();
@@ -129,6 +137,7 @@ impl Queue {
         tokio::spawn(prune_dedup(Arc::downgrade(&queue)));
         if let Some(news) = news {
             tokio::spawn(follow(Arc::downgrade(&queue), news, top));
+            tokio::spawn(count_cluster(Arc::downgrade(&queue)));
         }
         Ok(queue)
     }
@@ -180,7 +189,12 @@ impl Queue {
 
     /// Events and bytes waiting for a Motion, in one lookup (the request path's limits).
     pub fn waiting(&self, motion: &str) -> (u64, u64) {
-        self.motions.load().get(motion).map_or((0, 0), |m| (m.depth().events(), m.depth().bytes()))
+        let here = self.motions.load().get(motion).map_or((0, 0), |m| (m.depth().events(), m.depth().bytes()));
+        // What this relay holds is counted now, the cluster's as of its last count.
+        match self.cluster_waiting.load().get(motion) {
+            Some(&(events, bytes)) => (here.0.max(events), here.1.max(bytes)),
+            None => here,
+        }
     }
 
     /// Durably appends `events` (one atomic write); the stored ones are scheduled as part of
@@ -338,6 +352,29 @@ async fn follow(queue: Weak<Queue>, mut news: tokio::sync::watch::Receiver<News>
                 }
             }
             Ok(Err(e)) => tracing::debug!("could not look at the shared queue: {e}"),
+            Err(_) => {}
+        }
+    }
+}
+
+/// Counts a shared store's waiting events per Motion every [`CLUSTER_COUNT_EVERY`], for
+/// `max_queued` and `max_queued_bytes` (each relay holds only its conversations' events). A
+/// failed count keeps the last one: the store's own outage answers 503 anyway.
+async fn count_cluster(queue: Weak<Queue>) {
+    let mut every = tokio::time::interval(CLUSTER_COUNT_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(q) = queue.upgrade() else { return };
+        let store = q.store.clone();
+        drop(q);
+        match tokio::task::spawn_blocking(move || store.waiting_by_motion()).await {
+            Ok(Ok(Some(counts))) => match queue.upgrade() {
+                Some(q) => q.cluster_waiting.store(Arc::new(counts)),
+                None => return,
+            },
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => tracing::debug!("could not count the shared queue: {e}"),
             Err(_) => {}
         }
     }

@@ -263,6 +263,9 @@ impl Stores {
     }
 }
 
+/// Waiting events and their bytes, by Motion name.
+pub type WaitingByMotion = std::collections::HashMap<String, (u64, u64)>;
+
 /// The queue's storage. Methods marked "synced" return only once the change is durable.
 pub trait QueueStore: Send + Sync + 'static {
     /// Appends all events in ONE atomic transaction, synced to disk before returning.
@@ -287,6 +290,11 @@ pub trait QueueStore: Send + Sync + 'static {
         let all = self.pending()?;
         let top = all.last().map_or(after, |m| m.seq.max(after));
         Ok((top, all.into_iter().filter(|m| m.seq > after).collect()))
+    }
+    /// A shared store's waiting events and their bytes per Motion, counted across every relay
+    /// (None: this relay's own count is the whole, as with the embedded store).
+    fn waiting_by_motion(&self) -> Result<Option<WaitingByMotion>, StoreError> {
+        Ok(None)
     }
     /// The conversations this relay may deliver (see [`Leases`]).
     fn leases(&self) -> Arc<dyn Leases> {

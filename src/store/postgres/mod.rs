@@ -486,6 +486,20 @@ impl QueueStore for PostgresStore {
         })
     }
 
+    fn waiting_by_motion(&self) -> Result<Option<crate::store::WaitingByMotion>, StoreError> {
+        self.read(|inner| async move {
+            let client = inner.pool.get().await?;
+            let rows = client
+                .query(
+                    "SELECT motion, count(*), coalesce(sum(bytes), 0)::bigint FROM relay_events GROUP BY motion",
+                    &[],
+                )
+                .await?;
+            let count = |v: i64| u64::try_from(v).unwrap_or(0);
+            Ok(Some(rows.iter().map(|r| (r.get(0), (count(r.get(1)), count(r.get(2))))).collect()))
+        })
+    }
+
     fn leases(&self) -> Arc<dyn Leases> {
         self.inner.leases.clone()
     }
