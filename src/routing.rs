@@ -12,8 +12,8 @@ use crate::upstream::{Client, Upstream, UpstreamError};
 use arc_swap::ArcSwap;
 use governor::clock::{Clock as _, DefaultClock};
 use governor::{Quota, RateLimiter};
-use std::borrow::Cow;
-use std::collections::HashMap;
+use std::borrow::{Borrow, Cow};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 /// A config and the routing table built from it: what one request sees from start to end.
@@ -39,10 +39,33 @@ pub struct MotionRoute {
     /// The pooled client of a Motion with its own `ca_file`; others use the thread's own.
     ca_client: Option<Client>,
     upstream: Upstream,
-    accounts: HashMap<String, Arc<Account>>,
+    accounts: HashSet<ById>,
     /// `rate_limit`: the webhooks accepted for this Motion (a reload starts it full again).
     limiter: Option<Limiter>,
 }
+
+/// An account in its Motion's set, found by its id (the set holds no second copy of the id).
+struct ById(Arc<Account>);
+
+impl Borrow<str> for ById {
+    fn borrow(&self) -> &str {
+        &self.0.id
+    }
+}
+
+impl std::hash::Hash for ById {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.id.as_str().hash(state)
+    }
+}
+
+impl PartialEq for ById {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.id == other.0.id
+    }
+}
+
+impl Eq for ById {}
 
 type Limiter = RateLimiter<governor::state::NotKeyed, governor::state::InMemoryState, DefaultClock>;
 
@@ -69,7 +92,7 @@ impl MotionRoute {
     }
 
     pub fn account(&self, id: &str) -> Option<&Arc<Account>> {
-        self.accounts.get(id)
+        self.accounts.get(id).map(|a| &a.0)
     }
 
     /// Takes one webhook from this Motion's `rate_limit`: `Err` says how long until the next
@@ -142,7 +165,7 @@ impl RouteTable {
                 motion: m.clone(),
                 ca_client: upstream.client_for(m.ca_file.as_deref())?,
                 upstream: upstream.clone(),
-                accounts: m.accounts.iter().map(|a| (a.id.clone(), a.clone())).collect(),
+                accounts: m.accounts.iter().map(|a| ById(a.clone())).collect(),
                 limiter: m.rate_limit.as_ref().map(limiter),
             });
             for h in &m.hosts {
@@ -212,12 +235,12 @@ impl RouteTable {
                 if segs.next()? != "whatsapp" || segs.next()? != "accounts" {
                     return None;
                 }
-                let account = motion.accounts.get(segs.next()?.as_ref())?;
+                let account = motion.account(segs.next()?.as_ref())?;
                 segs.validate_rest()?;
                 Some(Route::Inbound { motion, account, forward_at: start, by_host })
             }
             "outbound" => {
-                let account = motion.accounts.get(segs.next()?.as_ref())?;
+                let account = motion.account(segs.next()?.as_ref())?;
                 let rest_at = segs.offset();
                 segs.validate_rest()?;
                 Some(Route::Outbound { motion, account, rest_at })

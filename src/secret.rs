@@ -4,11 +4,11 @@
 use std::fmt;
 
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+pub struct Secret(Box<str>);
 
 impl Secret {
     pub fn new(value: String) -> Secret {
-        Secret(value)
+        Secret(value.into_boxed_str())
     }
 
     pub fn expose(&self) -> &str {

@@ -60,7 +60,7 @@ pub fn run(config: &Config, account_ref: &str, text: &str, trust: &TlsTrust) -> 
 
 /// The first of the account's signing secrets that could not be read, with the reason.
 fn unreadable_secret<'a>(config: &'a Config, account: &Account) -> Option<&'a str> {
-    let v = &account.verification;
+    let v = account.verification.as_deref()?;
     [&v.auth_token, &v.app_secret, &v.platform_secret, &v.webhook_secret, &v.hmac_secret, &v.shared_token]
         .into_iter()
         .flatten()
@@ -114,8 +114,8 @@ async fn post(
     let id = format!("simulated-{}", uuid::Uuid::now_v7());
     let (content_type, body) = account.provider.sample(text, &id);
     let now = (SystemClock.now_unix_ms() / 1000) as i64;
-    let mut headers =
-        crate::provider::sign_request(&account.verification, &signed_url, Some(content_type), &body, now)?;
+    let settings = account.verification.as_deref().ok_or("the config was not loaded for an operator command")?;
+    let mut headers = crate::provider::sign_request(settings, &signed_url, Some(content_type), &body, now)?;
     headers.push(("content-type".into(), content_type.into()));
     let body = Bytes::from(body);
     let mut target = first;

@@ -83,10 +83,10 @@ fn account(out: &mut String, base: &str, scheme: &str, m: &Motion, a: &Account) 
                      a 503 or a timeout, up to 5 times within 15 s. The relay verifies either form."
                 );
             }
-            if let Some(token) = &a.verification.shared_token {
-                let _ = token; // never printed
-                let header = a.verification.token_header.as_deref().unwrap_or("X-Webhook-Token");
-                let param = a.verification.token_param.as_deref().unwrap_or("token");
+            if let Some(v) = a.verification.as_deref().filter(|v| v.shared_token.is_some()) {
+                // The token itself is never printed.
+                let header = v.token_header.as_deref().unwrap_or("X-Webhook-Token");
+                let param = v.token_param.as_deref().unwrap_or("token");
                 let _ = writeln!(
                     out,
                     "            shared_token: in the {header} header, or add ?{param}=<the token> to the URL"

@@ -220,8 +220,10 @@ pub struct Account {
     pub id: String,
     pub provider: ProviderKind,
     pub verifier: AccountVerifier,
-    /// The resolved settings the verifier was built from (`simulate` signs with them).
-    pub verification: VerifierConfig,
+    /// The resolved settings the verifier was built from, kept by the operator commands' loads
+    /// ([`load_for_operator`], [`load_for_check`]: `simulate` signs with them, `check --urls`
+    /// names the token); `None` from [`load`] and [`parse`], whose relay needs only the verifier.
+    pub verification: Option<Box<VerifierConfig>>,
     /// Meta's handshake token (any account may carry one).
     pub verify_token: Option<Secret>,
     pub outbound: OutboundCreds,
@@ -863,8 +865,8 @@ impl Validator<'_> {
         let mut ids = HashSet::new();
         let mut accounts = Vec::with_capacity(m.account.len());
         for a in &m.account {
-            let acc = self.account(a)?;
-            self.shared_secrets(&name, &acc, a.id.span());
+            let (acc, settings) = self.account(a)?;
+            self.shared_secrets(&name, &acc, &settings, a.id.span());
             if !ids.insert(acc.id.clone()) {
                 return self.err(a.id.span(), format!("duplicate account id {:?} in motion {name:?}", acc.id));
             }
@@ -934,12 +936,11 @@ impl Validator<'_> {
     /// Warns when an account of another Motion verifies with the same secret: signatures do not
     /// name the account, so each would accept webhooks signed for the other (one tenant could
     /// replay its own into the other's Motion). App accounts share their app's on purpose.
-    fn shared_secrets(&mut self, motion: &str, acc: &Account, span: std::ops::Range<usize>) {
+    fn shared_secrets(&mut self, motion: &str, acc: &Account, v: &VerifierConfig, span: std::ops::Range<usize>) {
         use sha2::Digest;
         if acc.app.is_some() {
             return;
         }
-        let v = &acc.verification;
         let secrets = [
             ("auth_token", &v.auth_token),
             ("app_secret", &v.app_secret),
@@ -968,7 +969,8 @@ impl Validator<'_> {
         }
     }
 
-    fn account(&mut self, a: &schema::Account) -> R<Account> {
+    /// The account, and the resolved settings its verifier was built from.
+    fn account(&mut self, a: &schema::Account) -> R<(Account, VerifierConfig)> {
         let id = self.segment(&a.id, "account id")?;
         let Some(provider) = ProviderKind::parse(a.provider.get_ref()) else {
             return self.err(
@@ -1085,18 +1087,22 @@ impl Validator<'_> {
             Ok(p) => p,
             Err(msg) => return self.err(a.id.span(), format!("account {id:?}: {msg}")),
         };
-        Ok(Account {
+        // Only operator commands read the settings again; the relay's own loads keep no second
+        // copy of the account's secrets beside its verifier.
+        let verification = (self.secrets != Secrets::Required).then(|| Box::new(vcfg.clone()));
+        let account = Account {
             outbound,
             id,
             provider,
             verifier,
-            verification: vcfg,
+            verification,
             verify_token,
             app: a.app.as_ref().map(|x| x.get_ref().clone()),
             phone_number_id,
             waba_id: a.waba_id.clone(),
             received: Default::default(),
-        })
+        };
+        Ok((account, vcfg))
     }
 
     fn meta_app(&mut self, a: &schema::MetaApp) -> R<MetaApp> {

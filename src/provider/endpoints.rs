@@ -17,6 +17,8 @@
 use super::ProviderKind;
 use crate::secret::Secret;
 use http::Method;
+use std::collections::HashSet;
+use std::sync::{Arc, LazyLock, Mutex};
 
 /// Credentials and endpoint settings for sends through the relay (all optional).
 #[derive(Debug, Default)]
@@ -49,9 +51,12 @@ impl OutboundCreds {
 }
 
 /// One segment of a pattern.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Seg {
     Lit(String),
+    /// `{}` in a provider's default: the account's own id (its number, account or project),
+    /// matched literally, never read as a wildcard, whatever it holds.
+    Id,
     /// `*` or `prefix*suffix`: one non-empty segment.
     Glob {
         prefix: String,
@@ -62,9 +67,10 @@ enum Seg {
 }
 
 impl Seg {
-    fn matches(&self, s: &str) -> bool {
+    fn matches(&self, s: &str, id: Option<&str>) -> bool {
         match self {
             Seg::Lit(l) => l == s,
+            Seg::Id => id == Some(s),
             Seg::Glob { prefix, suffix } => {
                 s.len() > prefix.len() + suffix.len() && s.starts_with(prefix.as_str()) && s.ends_with(suffix.as_str())
             }
@@ -74,7 +80,7 @@ impl Seg {
 }
 
 /// A parsed endpoint pattern.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Pattern {
     methods: Option<Vec<Method>>,
     segs: Vec<Seg>,
@@ -125,24 +131,7 @@ impl Pattern {
         Ok(Pattern { methods, segs })
     }
 
-    /// Builds a default pattern: `template` in the syntax above where each `{}` segment takes the
-    /// next of `ids` as a literal (never read as a wildcard, whatever it holds), or `*` when that
-    /// id is not configured.
-    pub(crate) fn template(methods: &str, template: &str, ids: &[Option<&str>]) -> Pattern {
-        let mut p = Pattern::parse(&format!("{methods} {template}")).expect("built-in patterns are valid");
-        let mut ids = ids.iter();
-        for seg in &mut p.segs {
-            if *seg == Seg::Lit("{}".into()) {
-                *seg = match ids.next().copied().flatten() {
-                    Some(id) => Seg::Lit(id.to_string()),
-                    None => Seg::Glob { prefix: String::new(), suffix: String::new() },
-                };
-            }
-        }
-        p
-    }
-
-    fn matches(&self, method: &Method, segs: &[std::borrow::Cow<'_, str>]) -> bool {
+    fn matches(&self, method: &Method, segs: &[std::borrow::Cow<'_, str>], id: Option<&str>) -> bool {
         if self.methods.as_ref().is_some_and(|m| !m.contains(method)) {
             return false;
         }
@@ -152,7 +141,7 @@ impl Pattern {
                 return true;
             }
             match segs.get(i) {
-                Some(s) if p.matches(s) => i += 1,
+                Some(s) if p.matches(s, id) => i += 1,
                 _ => return false,
             }
         }
@@ -160,10 +149,57 @@ impl Pattern {
     }
 }
 
+/// A provider's default endpoints for one account (from
+/// [`Provider::endpoints`](super::Provider::endpoints)): patterns in the syntax above where a
+/// `{}` segment stands for the account's `id`, or for any one segment (`*`) when it has none.
+/// The patterns do not hold the id, so every account of a provider shares one copy of them.
+pub struct Defaults<'a> {
+    id: Option<&'a str>,
+    patterns: Vec<Pattern>,
+}
+
+impl<'a> Defaults<'a> {
+    pub(crate) fn new(id: Option<&'a str>) -> Defaults<'a> {
+        Defaults { id, patterns: Vec::new() }
+    }
+
+    /// Adds `template`, for `methods` (a comma-separated list, or "" for any method).
+    pub(crate) fn with(mut self, methods: &str, template: &str) -> Defaults<'a> {
+        let text = if methods.is_empty() { template.to_string() } else { format!("{methods} {template}") };
+        let mut p = Pattern::parse(&text).expect("built-in patterns are valid");
+        for seg in &mut p.segs {
+            if *seg == Seg::Lit("{}".into()) {
+                *seg = match self.id {
+                    Some(_) => Seg::Id,
+                    None => Seg::Glob { prefix: String::new(), suffix: String::new() },
+                };
+            }
+        }
+        self.patterns.push(p);
+        self
+    }
+}
+
+/// Every distinct default list, built once for the process: a few per provider (the id is not
+/// in them), however many accounts and reloads use them.
+fn shared(patterns: Vec<Pattern>) -> Arc<[Pattern]> {
+    static SHARED: LazyLock<Mutex<HashSet<Arc<[Pattern]>>>> = LazyLock::new(Default::default);
+    let mut set = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(found) = set.get(patterns.as_slice()) {
+        return found.clone();
+    }
+    let new: Arc<[Pattern]> = patterns.into();
+    set.insert(new.clone());
+    new
+}
+
 /// The endpoints one account may reach.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AllowList {
-    patterns: Vec<Pattern>,
+    /// Shared between accounts when they are a provider's defaults.
+    patterns: Arc<[Pattern]>,
+    /// What an [`Seg::Id`] segment matches.
+    id: Option<Box<str>>,
 }
 
 impl AllowList {
@@ -175,8 +211,13 @@ impl AllowList {
         phone_number_id: Option<&str>,
     ) -> Result<AllowList, String> {
         match &creds.outbound_paths {
-            Some(list) => Ok(AllowList { patterns: list.iter().map(|p| Pattern::parse(p)).collect::<Result<_, _>>()? }),
-            None => Ok(AllowList { patterns: provider.endpoints(creds, phone_number_id)? }),
+            Some(list) => {
+                Ok(AllowList { patterns: list.iter().map(|p| Pattern::parse(p)).collect::<Result<_, _>>()?, id: None })
+            }
+            None => {
+                let d = provider.endpoints(creds, phone_number_id)?;
+                Ok(AllowList { patterns: shared(d.patterns), id: d.id.map(Box::from) })
+            }
         }
     }
 
@@ -194,7 +235,7 @@ impl AllowList {
                 }
             }
         }
-        self.patterns.iter().any(|p| p.matches(method, &segs))
+        self.patterns.iter().any(|p| p.matches(method, &segs, self.id.as_deref()))
     }
 }
 

@@ -33,7 +33,7 @@ pub mod twilio;
 mod verifier;
 
 pub(crate) use body::is_form;
-pub use endpoints::{AllowList, OutboundCreds, Pattern};
+pub use endpoints::{AllowList, Defaults, OutboundCreds, Pattern};
 pub use meta::handshake::meta_handshake;
 pub use signature::ct_eq;
 pub(crate) use signature::{Algorithm, Encoding, Prefix, SignatureHeader, required_header};
@@ -124,7 +124,8 @@ pub trait Provider: Send + Sync + 'static {
 
     /// The messaging endpoints an account may reach when it lists no `outbound_paths`. Err when
     /// the relay holds credentials that a free id segment would let a Motion use as anyone.
-    fn endpoints(&self, creds: &OutboundCreds, phone_number_id: Option<&str>) -> Result<Vec<Pattern>, String>;
+    fn endpoints<'a>(&self, creds: &'a OutboundCreds, phone_number_id: Option<&'a str>)
+    -> Result<Defaults<'a>, String>;
 
     /// Who an outbound request body sends to, and whether it is a template (the 24-hour window).
     fn send(&self, _content_type: Option<&str>, _body: &[u8]) -> Option<Outgoing> {

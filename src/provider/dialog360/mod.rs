@@ -7,7 +7,7 @@
 //! sends go to 360dialog's own API with the account's `D360-API-KEY`.
 
 use super::{
-    Algorithm, Encoding, Inbound, Keyed, OutboundAuth, OutboundCreds, Outgoing, Pattern, Payload, Prefix, Provider,
+    Algorithm, Defaults, Encoding, Inbound, Keyed, OutboundAuth, OutboundCreds, Outgoing, Payload, Prefix, Provider,
     ProviderKind, Rejection, SignatureHeader, Verify, meta,
 };
 
@@ -61,19 +61,17 @@ impl Provider for Dialog360 {
         }
     }
 
-    fn endpoints(&self, _c: &OutboundCreds, _phone_number_id: Option<&str>) -> Result<Vec<Pattern>, String> {
-        let t = Pattern::template;
-        Ok(vec![
+    fn endpoints<'a>(&self, _c: &'a OutboundCreds, _phone_number_id: Option<&'a str>) -> Result<Defaults<'a>, String> {
+        Ok(Defaults::new(None)
             // The key belongs to one number: everything it reaches is that number's.
-            t("POST", "/messages", &[]),
-            t("POST", "/media", &[]),
-            t("GET,DELETE", "/*", &[]),
-            t("GET,POST", "/whatsapp_business/attachments", &[]),
+            .with("POST", "/messages")
+            .with("POST", "/media")
+            .with("GET,DELETE", "/*")
+            .with("GET,POST", "/whatsapp_business/attachments")
             // The On-Premise shape (base https://waba.360dialog.io).
-            t("POST", "/v1/messages", &[]),
-            t("POST", "/v1/media", &[]),
-            t("GET,DELETE", "/v1/media/*", &[]),
-        ])
+            .with("POST", "/v1/messages")
+            .with("POST", "/v1/media")
+            .with("GET,DELETE", "/v1/media/*"))
     }
 
     fn send(&self, _content_type: Option<&str>, body: &[u8]) -> Option<Outgoing> {

@@ -4,7 +4,7 @@
 
 use super::verifier::secret;
 use super::{
-    Algorithm, Encoding, Inbound, Pattern, Prefix, Provider, ProviderKind, Rejection, SignatureHeader, ToSign,
+    Algorithm, Defaults, Encoding, Inbound, Prefix, Provider, ProviderKind, Rejection, SignatureHeader, ToSign,
     VerifierConfig, Verify, kaleyra,
 };
 
@@ -51,8 +51,8 @@ impl Provider for Generic {
 
     /// A generic provider has no known API: its `api_base` (required for outbound) is the
     /// boundary, and the client's own credentials decide what it may do there.
-    fn endpoints(&self, _c: &super::OutboundCreds, _pnid: Option<&str>) -> Result<Vec<Pattern>, String> {
-        Ok(vec![Pattern::parse("/**").expect("valid")])
+    fn endpoints<'a>(&self, _c: &'a super::OutboundCreds, _pnid: Option<&'a str>) -> Result<Defaults<'a>, String> {
+        Ok(Defaults::new(None).with("", "/**"))
     }
 }
 

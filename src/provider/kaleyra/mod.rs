@@ -4,7 +4,7 @@
 
 use serde::Deserialize;
 
-use super::{OutboundAuth, OutboundCreds, Outgoing, Pattern, Payload, Provider, ProviderKind, body, is_form};
+use super::{Defaults, OutboundAuth, OutboundCreds, Outgoing, Payload, Provider, ProviderKind, body, is_form};
 
 /// Kaleyra, as accounts name it (`provider = "kaleyra"`).
 pub const KIND: ProviderKind = ProviderKind::of(&Kaleyra);
@@ -38,13 +38,11 @@ impl Provider for Kaleyra {
         }
     }
 
-    fn endpoints(&self, c: &OutboundCreds, _phone_number_id: Option<&str>) -> Result<Vec<Pattern>, String> {
+    fn endpoints<'a>(&self, c: &'a OutboundCreds, _phone_number_id: Option<&'a str>) -> Result<Defaults<'a>, String> {
         if c.api_key.is_some() && c.sid.is_none() {
             return Err(super::endpoints::unconfined("api_key", "sid"));
         }
-        let t = Pattern::template;
-        let sid = &[c.sid.as_deref()];
-        Ok(vec![t("POST", "/v1/{}/messages", sid), t("POST", "/v2/{}/whatsapp/*/messages", sid)])
+        Ok(Defaults::new(c.sid.as_deref()).with("POST", "/v1/{}/messages").with("POST", "/v2/{}/whatsapp/*/messages"))
     }
 
     /// v1 forms (or multipart) with `to` and `type`/`template_name`; v2 JSON, which wraps the

@@ -14,7 +14,7 @@ use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 pub mod handshake;
 
 use super::{
-    Algorithm, Encoding, Inbound, Keyed, OutboundAuth, OutboundCreds, Outgoing, Pattern, Payload, Prefix, Provider,
+    Algorithm, Defaults, Encoding, Inbound, Keyed, OutboundAuth, OutboundCreds, Outgoing, Payload, Prefix, Provider,
     ProviderKind, Rejection, SignatureHeader, Verify,
 };
 
@@ -65,20 +65,15 @@ impl Provider for Meta {
         }
     }
 
-    fn endpoints(&self, c: &OutboundCreds, phone_number_id: Option<&str>) -> Result<Vec<Pattern>, String> {
+    fn endpoints<'a>(&self, c: &'a OutboundCreds, phone_number_id: Option<&'a str>) -> Result<Defaults<'a>, String> {
         if c.access_token.is_some() && phone_number_id.is_none() {
             return Err(super::endpoints::unconfined("access_token", "phone_number_id"));
         }
-        let t = Pattern::template;
-        let pnid = &[phone_number_id];
-        let mut v = vec![t("POST", "/v*/{}/messages", pnid), t("POST", "/v*/{}/media", pnid)];
+        let d = Defaults::new(phone_number_id).with("POST", "/v*/{}/messages").with("POST", "/v*/{}/media");
         // GET /{media-id} reads any Graph object the token can see: with the relay's own
         // token that could be another number's or another tenant's, so only the client's
         // own credentials may use it.
-        if c.access_token.is_none() {
-            v.push(t("GET,DELETE", "/v*/*", &[]));
-        }
-        Ok(v)
+        Ok(if c.access_token.is_none() { d.with("GET,DELETE", "/v*/*") } else { d })
     }
 
     fn send(&self, _content_type: Option<&str>, body: &[u8]) -> Option<Outgoing> {

@@ -11,7 +11,7 @@ use serde::Deserialize;
 pub mod oauth;
 
 use super::{
-    Algorithm, Encoding, Inbound, Keyed, OutboundAuth, OutboundCreds, Outgoing, Pattern, Payload, Prefix, Provider,
+    Algorithm, Defaults, Encoding, Inbound, Keyed, OutboundAuth, OutboundCreds, Outgoing, Payload, Prefix, Provider,
     ProviderKind, Rejection, SignatureHeader, Verify, required_header,
 };
 
@@ -62,11 +62,11 @@ impl Provider for Sinch {
         }
     }
 
-    fn endpoints(&self, c: &OutboundCreds, _phone_number_id: Option<&str>) -> Result<Vec<Pattern>, String> {
+    fn endpoints<'a>(&self, c: &'a OutboundCreds, _phone_number_id: Option<&'a str>) -> Result<Defaults<'a>, String> {
         if c.key_id.is_some() && c.project_id.is_none() {
             return Err(super::endpoints::unconfined("key_id/key_secret", "project_id"));
         }
-        Ok(vec![Pattern::template("POST", "/v1/projects/{}/messages:send", &[c.project_id.as_deref()])])
+        Ok(Defaults::new(c.project_id.as_deref()).with("POST", "/v1/projects/{}/messages:send"))
     }
 
     /// The WhatsApp identity among the recipient's channel identities (else the first); a send

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::{
-    Algorithm, Encoding, Inbound, Keyed, OutboundAuth, OutboundCreds, Outgoing, Pattern, Payload, Prefix, Provider,
+    Algorithm, Defaults, Encoding, Inbound, Keyed, OutboundAuth, OutboundCreds, Outgoing, Payload, Prefix, Provider,
     ProviderKind, Rejection, SignatureHeader, Verify, body, is_form,
 };
 
@@ -73,18 +73,15 @@ impl Provider for Twilio {
         }
     }
 
-    fn endpoints(&self, c: &OutboundCreds, _phone_number_id: Option<&str>) -> Result<Vec<Pattern>, String> {
-        let t = Pattern::template;
-        let sid = &[c.account_sid.as_deref()];
-        Ok(vec![
+    fn endpoints<'a>(&self, c: &'a OutboundCreds, _phone_number_id: Option<&'a str>) -> Result<Defaults<'a>, String> {
+        Ok(Defaults::new(c.account_sid.as_deref())
             // Outgoing. Listing (GET Messages.json) is left out: it shows every number of the account.
-            t("POST", "/2010-04-01/Accounts/{}/Messages.json", sid),
+            .with("POST", "/2010-04-01/Accounts/{}/Messages.json")
             // Fetch, update (redact, cancel) and delete one message.
-            t("GET,POST,DELETE", "/2010-04-01/Accounts/{}/Messages/*.json", sid),
+            .with("GET,POST,DELETE", "/2010-04-01/Accounts/{}/Messages/*.json")
             // Its media: the list and each item (media download answers with a redirect).
-            t("GET", "/2010-04-01/Accounts/{}/Messages/*/Media.json", sid),
-            t("GET,DELETE", "/2010-04-01/Accounts/{}/Messages/*/Media/**", sid),
-        ])
+            .with("GET", "/2010-04-01/Accounts/{}/Messages/*/Media.json")
+            .with("GET,DELETE", "/2010-04-01/Accounts/{}/Messages/*/Media/**"))
     }
 
     fn send(&self, content_type: Option<&str>, b: &[u8]) -> Option<Outgoing> {
