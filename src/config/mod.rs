@@ -68,6 +68,9 @@ enum Secrets {
     /// service has, is a warning when neither `$CREDENTIALS_DIRECTORY` nor the running
     /// service's credentials hold it (the service's own `ExecStartPre=` check reads it).
     Check,
+    /// Only inline secrets: an `env:`, `file:` or `cred:` reference is a config error, never
+    /// read ([`parse_self_contained`]).
+    InlineOnly,
 }
 
 /// What the packaged config template writes where the operator must fill something in: a file
@@ -262,6 +265,14 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     parse_with(path, text, Secrets::Required)
 }
 
+/// Like [`parse`], but the text alone decides: a secret must be written inline, and an `env:`,
+/// `file:` or `cred:` reference is a config error instead of being read. For the config fuzz
+/// target, which feeds arbitrary text and must not read the machine's files or environment
+/// (file paths such as `ca_file` are still checked for existence, never opened).
+pub fn parse_self_contained(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    parse_with(path, text, Secrets::InlineOnly)
+}
+
 fn parse_with(path: &Path, text: &str, secrets: Secrets) -> Result<Config, ConfigError> {
     let loc = Locator::new(path, text);
     let file: schema::File = toml::from_str(text).map_err(|e| loc.error(e.span(), e.message().to_string()))?;
@@ -358,6 +369,12 @@ impl Validator<'_> {
                 }
             }
             Secrets::Check => secret::resolve(s.get_ref()),
+            Secrets::InlineOnly => match s.get_ref().split_once(':') {
+                Some((scheme @ ("env" | "file" | "cred"), _)) => {
+                    Err(format!("secret {scheme}: references are not read here; write the secret inline"))
+                }
+                _ => secret::resolve(s.get_ref()),
+            },
         };
         match resolved {
             Ok((secret, source)) => {

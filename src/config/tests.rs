@@ -92,6 +92,22 @@ fn unset_and_unreadable_secrets() {
 }
 
 #[test]
+fn self_contained_parsing_reads_no_secret_reference() {
+    let self_contained = |text: &str| parse_self_contained(Path::new("relay.toml"), text);
+    assert!(self_contained(BASE).is_ok());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "t\n").unwrap();
+    let by_file = BASE.replace("shared_token = \"t\"", &format!("shared_token = \"file:{}\"", file.display()));
+    assert!(parse_str(&by_file).is_ok(), "the file is readable");
+    for reference in [format!("file:{}", file.display()), "env:PATH".into(), "cred:acme".into()] {
+        let text = BASE.replace("shared_token = \"t\"", &format!("shared_token = \"{reference}\""));
+        let e = self_contained(&text).expect_err(&reference).to_string();
+        assert!(e.starts_with("relay.toml:12:18:") && e.contains("references are not read here"), "{e}");
+    }
+}
+
+#[test]
 fn duplicate_and_reserved_names() {
     let dup = format!("{BASE}\n[[motion]]\nname = \"acme\"\nurl = \"http://127.0.0.1:9001\"\n");
     let e = err(&dup);
