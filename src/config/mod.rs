@@ -713,6 +713,25 @@ impl Validator<'_> {
         Ok(v.clone())
     }
 
+    /// One of a Motion's `hosts`, lower-cased: a name or a bracketed IPv6 address, without a
+    /// port. Routing compares the Host header without its port, so an entry with a port (or
+    /// anything a Host header cannot carry) would be accepted here and never match a request.
+    fn host(&self, s: &S<String>) -> R<String> {
+        let h = s.get_ref().to_ascii_lowercase();
+        let name = !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'));
+        let ipv6 = h
+            .strip_prefix('[')
+            .and_then(|a| a.strip_suffix(']'))
+            .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok());
+        if !(name || ipv6) {
+            return self.err(
+                s.span(),
+                format!("host {h:?} must be a name or address without a port, e.g. \"chat.example.com\" or \"[2001:db8::1]\""),
+            );
+        }
+        Ok(h)
+    }
+
     fn motion(&mut self, m: &schema::Motion, delivery: &Delivery) -> R<Motion> {
         let name = self.segment(&m.name, "motion name")?;
         if RESERVED.contains(&name.as_str()) {
@@ -731,7 +750,7 @@ impl Validator<'_> {
             accounts.push(Arc::new(acc));
         }
         Ok(Motion {
-            hosts: m.hosts.iter().map(|h| h.get_ref().to_ascii_lowercase()).collect(),
+            hosts: m.hosts.iter().map(|h| self.host(h)).collect::<R<_>>()?,
             outbound_token: self.opt_secret(&m.outbound_token)?,
             signing_secret: self.opt_secret(&m.signing_secret)?,
             ca_file: m.ca_file.as_ref().map(|c| self.readable(c)).transpose()?,
