@@ -24,6 +24,9 @@ pub mod config;
 pub mod control;
 pub mod deliver;
 pub mod event;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http_util;
 pub mod inbound;
 pub mod meta_app;

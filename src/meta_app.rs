@@ -76,7 +76,7 @@ pub(crate) enum Dest {
 }
 
 impl Dest {
-    fn same(&self, other: &Dest) -> bool {
+    pub(crate) fn same(&self, other: &Dest) -> bool {
         match (self, other) {
             (Dest::Account(a), Dest::Account(b)) => {
                 a.account.id == b.account.id && std::sync::Arc::ptr_eq(&a.motion, &b.motion)

@@ -69,6 +69,9 @@ enum Secrets {
     /// service has, is a warning when neither `$CREDENTIALS_DIRECTORY` nor the running
     /// service's credentials hold it (the service's own `ExecStartPre=` check reads it).
     Check,
+    /// Only inline secrets: an `env:`, `file:` or `cred:` reference is a config error, never
+    /// read ([`parse_self_contained`]).
+    InlineOnly,
 }
 
 /// What the packaged config template writes where the operator must fill something in: a file
@@ -311,6 +314,14 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     parse_with(path, text, Secrets::Required)
 }
 
+/// Like [`parse`], but the text alone decides: a secret must be written inline, and an `env:`,
+/// `file:` or `cred:` reference is a config error instead of being read. For the config fuzz
+/// target, which feeds arbitrary text and must not read the machine's files or environment
+/// (file paths such as `ca_file` are still checked for existence, never opened).
+pub fn parse_self_contained(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    parse_with(path, text, Secrets::InlineOnly)
+}
+
 fn parse_with(path: &Path, text: &str, secrets: Secrets) -> Result<Config, ConfigError> {
     let loc = Locator::new(path, text);
     let file: schema::File = toml::from_str(text).map_err(|e| loc.error(e.span(), e.message().to_string()))?;
@@ -407,6 +418,12 @@ impl Validator<'_> {
                 }
             }
             Secrets::Check => secret::resolve(s.get_ref()),
+            Secrets::InlineOnly => match s.get_ref().split_once(':') {
+                Some((scheme @ ("env" | "file" | "cred"), _)) => {
+                    Err(format!("secret {scheme}: references are not read here; write the secret inline"))
+                }
+                _ => secret::resolve(s.get_ref()),
+            },
         };
         match resolved {
             Ok((secret, source)) => {
@@ -855,6 +872,25 @@ impl Validator<'_> {
         Ok(v.clone())
     }
 
+    /// One of a Motion's `hosts`, lower-cased: a name or a bracketed IPv6 address, without a
+    /// port. Routing compares the Host header without its port, so an entry with a port (or
+    /// anything a Host header cannot carry) would be accepted here and never match a request.
+    fn host(&self, s: &S<String>) -> R<String> {
+        let h = s.get_ref().to_ascii_lowercase();
+        let name = !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'));
+        let ipv6 = h
+            .strip_prefix('[')
+            .and_then(|a| a.strip_suffix(']'))
+            .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok());
+        if !(name || ipv6) {
+            return self.err(
+                s.span(),
+                format!("host {h:?} must be a name or address without a port, e.g. \"chat.example.com\" or \"[2001:db8::1]\""),
+            );
+        }
+        Ok(h)
+    }
+
     fn motion(&mut self, m: &schema::Motion, delivery: &Delivery) -> R<Motion> {
         let name = self.segment(&m.name, "motion name")?;
         if RESERVED.contains(&name.as_str()) {
@@ -873,7 +909,7 @@ impl Validator<'_> {
             accounts.push(Arc::new(acc));
         }
         Ok(Motion {
-            hosts: m.hosts.iter().map(|h| h.get_ref().to_ascii_lowercase()).collect(),
+            hosts: m.hosts.iter().map(|h| self.host(h)).collect::<R<_>>()?,
             outbound_token: self.opt_secret(&m.outbound_token)?,
             signing_secret: self.opt_secret(&m.signing_secret)?,
             ca_file: m.ca_file.as_ref().map(|c| self.readable(c)).transpose()?,

@@ -93,6 +93,37 @@ fn unset_and_unreadable_secrets() {
 }
 
 #[test]
+fn self_contained_parsing_reads_no_secret_reference() {
+    let self_contained = |text: &str| parse_self_contained(Path::new("relay.toml"), text);
+    assert!(self_contained(BASE).is_ok());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "t\n").unwrap();
+    let by_file = BASE.replace("shared_token = \"t\"", &format!("shared_token = \"file:{}\"", file.display()));
+    assert!(parse_str(&by_file).is_ok(), "the file is readable");
+    for reference in [format!("file:{}", file.display()), "env:PATH".into(), "cred:acme".into()] {
+        let text = BASE.replace("shared_token = \"t\"", &format!("shared_token = \"{reference}\""));
+        let e = self_contained(&text).expect_err(&reference).to_string();
+        assert!(e.starts_with("relay.toml:12:18:") && e.contains("references are not read here"), "{e}");
+    }
+}
+
+#[test]
+fn hosts_are_names_or_addresses_without_a_port() {
+    let with_host = |h: &str| {
+        BASE.replace("url = \"http://127.0.0.1:9000\"", &format!("url = \"http://127.0.0.1:9000\"\nhosts = [\"{h}\"]"))
+    };
+    for ok in ["chat.example.com", "Chat.Example.COM", "[2001:db8::1]", "192.0.2.7"] {
+        assert!(parse_str(&with_host(ok)).is_ok(), "{ok}");
+    }
+    // Routing compares the Host header without its port: none of these could ever match.
+    for bad in ["chat.example.com:8443", "2001:db8::1", "[2001:db8::1]:443", "", "a b", "a/b", "[nope]"] {
+        let e = err(&with_host(bad));
+        assert!(e.starts_with("relay.toml:8:10:") && e.contains("without a port"), "{bad}: {e}");
+    }
+}
+
+#[test]
 fn duplicate_and_reserved_names() {
     let dup = format!("{BASE}\n[[motion]]\nname = \"acme\"\nurl = \"http://127.0.0.1:9001\"\n");
     let e = err(&dup);

@@ -1,0 +1,5 @@
+//! 360dialog: payload parsing, sends, the handshake and `x-360dialog-signature` verification.
+//! The body and its invariants: `whatsapp_relay::fuzzing`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| whatsapp_relay::fuzzing::provider(whatsapp_relay::provider::dialog360::KIND, data));

@@ -1,0 +1,5 @@
+//! Twilio: payload parsing, sends, the handshake and `X-Twilio-Signature` verification.
+//! The body and its invariants: `whatsapp_relay::fuzzing`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| whatsapp_relay::fuzzing::provider(whatsapp_relay::provider::twilio::KIND, data));
