@@ -471,7 +471,13 @@ fn check_warns_when_max_connections_exceeds_the_open_files_limit() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let text = check(4096, "");
-    assert!(text.contains("relay.toml:") && text.contains("max_connections = 10000 (per listener, the admin one included) may need 20512 open files, more than this process may open (4096)"), "{text}");
+    assert!(
+        text.contains("relay.toml: max_connections = 10000 on 1 public listener(s) may need 10512 open files, more than this process may open (4096)")
+            && text.contains("(10000 by default)"),
+        "{text}"
+    );
+    let text = check(4096, "max_connections = 5000\n");
+    assert!(text.contains("relay.toml:2:19: max_connections = 5000 on 1 public listener(s) may need 5512"), "{text}");
     assert!(text.contains("LimitNOFILE="), "{text}");
     let text = check(4096, "max_connections = 1000\n");
     assert!(!text.contains("max_connections"), "{text}");

@@ -737,19 +737,20 @@ impl Validator<'_> {
             return self.err(n.span(), format!("max_connections_per_ip ({per_ip}) is above max_connections ({max})"));
         }
         // Each connection is a file; the relay raises its soft limit to the hard one at start.
-        let listeners = listeners.iter().flatten().count().max(1) as u64 + 1; // + admin
-        let wanted = listeners * max as u64 + FILES_BESIDE_CONNECTIONS;
+        // The public listeners are what clients can fill (the admin one sits on loopback or a
+        // management network); the reserve covers the admin listener, store and upstreams.
+        let public = listeners.iter().flatten().count().max(1) as u64;
+        let wanted = public * max as u64 + FILES_BESIDE_CONNECTIONS;
         let hard = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(u64::MAX, |(_, hard)| hard);
         if wanted > hard {
-            let span = s.max_connections.as_ref().map(|n| n.span()).unwrap_or_default();
-            self.warn(
-                span,
-                format!(
-                    "max_connections = {max} (per listener, the admin one included) may need {wanted} open files, \
-                     more than this process may open ({hard}): raise LimitNOFILE= in the service, or lower \
-                     max_connections"
-                ),
+            let msg = format!(
+                "max_connections = {max} on {public} public listener(s) may need {wanted} open files, more than \
+                 this process may open ({hard}): raise LimitNOFILE= in the service, or lower max_connections"
             );
+            match &s.max_connections {
+                Some(n) => self.warn(n.span(), msg),
+                None => self.warnings.push(format!("{}: {msg} (10000 by default)", self.loc.path.display())),
+            }
         }
         Ok((max as usize, per_ip as usize))
     }
