@@ -94,10 +94,10 @@ pub(crate) struct Routed {
 
 /// Routes every change of a batch. `Err` when the body is not a Meta webhook.
 pub(crate) fn route(app: &AppRoute, body: &[u8]) -> Result<Routed, String> {
-    // serde also reads a struct from an array of its fields in order (`[2]` would be a batch
-    // whose `object` is 2 and has no entries): Meta sends an object, so only an object is one.
+    // serde also reads a struct from a JSON array, field by field in order: `[2]` would pass as
+    // an envelope without entries (and be acknowledged, storing nothing). Meta's is an object.
     if !body.trim_ascii_start().starts_with(b"{") {
-        return Err("not a Meta webhook batch: expected a JSON object".into());
+        return Err("not a Meta webhook batch: not a JSON object".into());
     }
     let env: Envelope = serde_json::from_slice(body).map_err(|e| format!("not a Meta webhook batch: {e}"))?;
     // (destination, [(entry index, change)]) in order of first appearance.

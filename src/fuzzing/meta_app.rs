@@ -6,6 +6,7 @@ use crate::meta_app::{Dest, route};
 pub fn meta_app(data: &[u8]) {
     let app = super::routing::table().app("main").expect("the fuzz config has the app");
     let Ok(routed) = route(app, data) else { return };
+    assert!(data.trim_ascii_start().starts_with(b"{"), "a batch that is not a JSON object routes");
     let changes_in = changes(data).expect("a batch that routes has entries and changes");
     if changes_in == 0 {
         assert!(routed.parts.is_empty(), "a batch without changes goes nowhere");
@@ -36,19 +37,27 @@ pub fn meta_app(data: &[u8]) {
     assert!(changes_out >= changes_in, "{changes_in} changes in, {changes_out} out");
 }
 
-/// How many `entry[].changes[]` a batch holds, read as leniently as [`route`] reads it: serde
-/// skips the fields it does not need without checking them, invalid UTF-8 in a string
-/// included, so a batch that routes need not be valid JSON.
+/// How many `entry[].changes[]` a batch holds, read as [`route`] reads it: the same fields in
+/// the same order (serde also reads a struct from an array, field by field), and the fields it
+/// does not need skipped unchecked, invalid UTF-8 in a string included, so a batch that routes
+/// need not be valid JSON.
 fn changes(body: &[u8]) -> Option<usize> {
+    use serde::de::IgnoredAny;
     #[derive(serde::Deserialize)]
     struct Batch {
+        #[allow(dead_code)]
+        object: Option<IgnoredAny>,
         #[serde(default)]
         entry: Vec<Entry>,
     }
     #[derive(serde::Deserialize)]
     struct Entry {
+        #[allow(dead_code)]
+        id: Option<IgnoredAny>,
+        #[allow(dead_code)]
+        time: Option<IgnoredAny>,
         #[serde(default)]
-        changes: Vec<serde::de::IgnoredAny>,
+        changes: Vec<IgnoredAny>,
     }
     let batch: Batch = serde_json::from_slice(body).ok()?;
     Some(batch.entry.iter().map(|e| e.changes.len()).sum())
