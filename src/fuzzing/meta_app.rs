@@ -23,7 +23,9 @@ pub fn meta_app(data: &[u8]) {
             continue;
         };
         // Split parts are rebuilt from the changes as they came, which serde checked: valid JSON.
-        assert!(serde_json::from_str::<serde_json::Value>(part).is_ok(), "a split part is not JSON: {part}");
+        // Checked as syntax (RawValue), as the split reads it: JSON numbers have no range, and a
+        // number past f64 (passed through from the batch) is not a broken part.
+        assert!(serde_json::from_str::<&serde_json::value::RawValue>(part).is_ok(), "a split part is not JSON: {part}");
         changes_out += changes(part.as_bytes()).expect("a split part has entries and changes");
         // A part routes back to where it was sent, whole; splitting it again changes nothing.
         let again = route(app, part.as_bytes()).expect("a split part routes");
