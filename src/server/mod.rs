@@ -122,12 +122,13 @@ async fn start_inner(
     let (http_addr, https_addr, admin_addr) = (config.server.http, config.server.https, config.admin.listen);
     let (tls_files, acme_cfg) = (config.server.tls.clone(), config.server.acme.clone());
     let started = Started::of(&config);
-    let s = &config.server;
-    let caps = (s.max_connections, s.max_connections_per_ip, s.trusted_proxies.clone());
+    // The connection caps, read before the config moves into the services.
+    let (max_connections, per_ip) = (config.server.max_connections, config.server.max_connections_per_ip);
+    let trusted = config.server.trusted_proxies.clone();
     let shared_acme = stores.acme.clone();
     let services = Services::start(config, stores, clock).map_err(|e| ServeError::Setup(e.to_string()))?;
     let metrics = services.metrics.clone();
-    let admission = |what| Admission::new(what, caps.0, caps.1, caps.2.clone(), &metrics);
+    let admission = |what| Admission::new(what, max_connections, per_ip, trusted.clone(), &metrics);
 
     // The certificate source, before anything is bound: a bad certificate file fails the start.
     let mut acme_driver = None;
