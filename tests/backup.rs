@@ -98,7 +98,11 @@ async fn backup_under_load_opens_cleanly_and_holds_every_acknowledged_event() {
     let data = relay.dir.as_ref().unwrap().path().join("data");
     let mut leftovers: Vec<_> = std::fs::read_dir(&data).unwrap().flatten().map(|e| e.file_name()).collect();
     leftovers.sort();
-    assert_eq!(leftovers, ["queue.redb", "queue.redb.marker"], "no temporary copy is left beside the store");
+    assert_eq!(
+        leftovers,
+        ["queue.journal", "queue.redb", "queue.redb.marker"],
+        "no temporary copy is left beside the store"
+    );
     let waiting: usize =
         said.split(" (").nth(1).and_then(|s| s.split(' ').next()).and_then(|n| n.parse().ok()).unwrap();
     assert!(waiting >= BEFORE, "{said}");

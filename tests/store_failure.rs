@@ -117,7 +117,7 @@ async fn delivered_events_are_pruned_once_a_full_disk_has_room_again_and_not_del
         let body = meta_message("1", &format!("1650{i}"), &format!("wamid.{i}"), &i.to_string());
         assert_eq!(post_meta(&url, "s", body).await.status, 200);
     }
-    // Motion comes up and takes them; their deletion is a cheap commit, in redb's memory only.
+    // Motion comes up and takes them; their deletion is noted in the journal, not synced.
     let motion = FakeMotion::start_on(motion_addr).await;
     let got = motion.wait_for(N, Duration::from_secs(20)).await;
     assert_eq!(got.len(), N);
@@ -170,7 +170,9 @@ async fn delivered_events_are_pruned_once_a_full_disk_has_room_again_and_not_del
     // A restart on the store as it is on disk delivers nothing a second time. (On a copy: this
     // process still holds the file through the stopped relay's last references.)
     let restarted = tempfile::tempdir().unwrap();
-    std::fs::copy(dir.path().join("queue.redb"), restarted.path().join("queue.redb")).unwrap();
+    for file in ["queue.redb", "queue.journal"] {
+        std::fs::copy(dir.path().join(file), restarted.path().join(file)).unwrap();
+    }
     let text = text.replace(&dir.path().display().to_string(), &restarted.path().display().to_string());
     let config = || whatsapp_relay::config::parse(std::path::Path::new("relay.toml"), &text).unwrap();
     let store = Arc::new(EmbeddedStore::open(restarted.path()).unwrap());

@@ -389,10 +389,10 @@ fn prune_backoff(failures: u32) -> Duration {
     Duration::from_millis(200).saturating_mul(1 << failures.min(6)).min(Duration::from_secs(10))
 }
 
-/// Bodies kept in memory per Motion, for the heads of its conversations only: events behind a
-/// head, and any beyond this budget, are read back from the store when their turn comes. A
-/// Motion down for hours must not hold its whole backlog in memory.
-const CACHE_BUDGET: usize = 64 << 20;
+/// Bodies kept in memory per Motion, in arrival order: any beyond this budget are read back from
+/// the store when their turn comes. A Motion down for hours must not hold its whole backlog in
+/// memory; one that keeps up (or a short burst) is delivered without reading anything back.
+const CACHE_BUDGET: usize = 16 << 20;
 
 /// `ev` if [`CACHE_BUDGET`] has room for it (then counted in `used`), else `None`: the event is
 /// read back from the store when its turn comes.
@@ -470,8 +470,6 @@ impl Scheduler {
             // Events of this conversation are waiting: an `auto` request must not overtake them,
             // so it is acknowledged now (dropping the waiter tells it) and delivered in turn.
             e.waiter = None;
-            // Its body is read back from the store when its turn comes.
-            e.cached = None;
         }
         e.cached = keep_cached(&mut self.cached_bytes, e.cached.take());
         // Seq order within the conversation: events stored by other relays may be handed over

@@ -45,9 +45,10 @@
 //! stores them typed ([`DeadReason`], [`Unowned`]), and a waiting event's weight in bytes. A format-1 file is migrated at open, in
 //! one transaction (a crash midway leaves it format 1, migrated again at the next open).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Mutex, PoisonError, RwLock};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use redb::{
@@ -56,8 +57,10 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::journal::{self, Journal, Record, RecordRef};
 use super::marker::Marker;
 use super::preflight::{self, Found};
+use super::unfolded::Unfolded;
 use super::{
     Appended, Backup, BackupSummary, DeadInfo, DeadLetter, DeadReason, Event, EventMeta, MAX_ANSWER, NewEvent,
     QueueStore, StoreError, Unowned, WindowStore,
@@ -70,6 +73,8 @@ const DEDUP: TableDefinition<[u8; 32], u64> = TableDefinition::new("dedup");
 const WINDOW: TableDefinition<&str, u64> = TableDefinition::new("window");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NEXT_SEQ: &str = "next_seq";
+/// The generation of the journal whose records the file does not have yet (see `journal`).
+const JOURNAL_GENERATION: &str = "journal_generation";
 /// Postcard is not self-describing: a change to a stored type (even a new field) changes the
 /// encoding. Bump this with such a change, and teach `open` to migrate older files.
 const FORMAT_KEY: &str = "format";
@@ -83,6 +88,12 @@ pub const CHEAP_COMMITS_PER_SYNC: u32 = 32;
 const CACHE_BYTES: usize = 64 << 20;
 /// After an I/O error, how often a re-open of the file is tried (by `writable()` or any call).
 const REOPEN_EVERY: Duration = Duration::from_secs(1);
+/// A journal this long is folded into the file. It bounds the start-up replay (a few tenths of
+/// a second) and the checkpoint's pause, and spreads the dedup keys' B-tree writes over
+/// thousands of events instead of one commit each.
+const FOLD_AT: u64 = 32 << 20;
+/// After a failed checkpoint, the next is not tried sooner than this.
+const FOLD_RETRY: Duration = Duration::from_secs(1);
 
 type DbResult<T> = Result<T, Fail>;
 
@@ -133,6 +144,27 @@ pub struct EmbeddedStore {
     /// Whether the marker beside the file says it has held data (see `marker`): written before
     /// the first event is stored.
     marked: AtomicBool,
+    /// The journal and what it holds that the file does not yet. `None` only while opening.
+    hot: Mutex<Option<Hot>>,
+    /// Held by an append from its write through its fdatasync (which runs without `hot`, so
+    /// deliveries are noted meanwhile) and by a checkpoint, which must not fold records in
+    /// whose sync may still fail. Taken before `hot`.
+    syncing: Mutex<()>,
+}
+
+/// The journal in front of the file: appends and deliveries are written here (one sequential
+/// write, one fdatasync per group of appends) and folded into the file at checkpoints.
+struct Hot {
+    journal: Journal,
+    unfolded: Unfolded,
+    /// The next seq to give out (the file's `next_seq` is brought up to it at checkpoints).
+    next_seq: u64,
+    /// Reused for encoding records.
+    buf: Vec<u8>,
+    /// A failed write could not be cut off again: the journal may hold records that were
+    /// refused, so it is replaced (after a checkpoint) before anything else is written.
+    broken: bool,
+    fold_failed: Option<Instant>,
 }
 
 /// Dedup keys one `prune_dedup` call looks at: the sweep holds the writer, so it goes in slices
@@ -169,6 +201,8 @@ impl EmbeddedStore {
             prune_from: Mutex::new(None),
             prune_slice: PRUNE_SLICE,
             marked: AtomicBool::new(false),
+            hot: Mutex::new(None),
+            syncing: Mutex::new(()),
         };
         let format = store.write(Commit::Synced, |txn| {
             let mut meta = txn.open_table(META)?;
@@ -202,7 +236,195 @@ impl EmbeddedStore {
         if store.read(|txn| Ok(txn.open_table(META)?.get(NEXT_SEQ)?.is_some()))? {
             store.mark()?;
         }
+        let hot = store.open_journal()?;
+        *store.hot.lock().unwrap_or_else(PoisonError::into_inner) = Some(hot);
         Ok(store)
+    }
+
+    fn dir(&self) -> &Path {
+        self.file.parent().unwrap_or(Path::new("."))
+    }
+
+    /// Opens the journal, replays what it holds that the file does not have and folds it in,
+    /// so every start begins with an empty journal. A journal that is missing or belongs to
+    /// another file while it may hold acknowledged events stops the start.
+    fn open_journal(&self) -> Result<Hot, StoreError> {
+        let path = self.dir().join(journal::FILE_NAME);
+        let (generation, next_seq) = self.read(|txn| {
+            let meta = txn.open_table(META)?;
+            let generation = meta.get(JOURNAL_GENERATION)?.map(|g| g.value());
+            Ok((generation, meta.get(NEXT_SEQ)?.map_or(1, |g| g.value())))
+        })?;
+        let contents = journal::read(&path).map_err(|why| journal_damaged(&path, &why))?;
+        let io = |e: std::io::Error| open_error(&path, e);
+        let fresh = |generation: u64| -> Result<Hot, StoreError> {
+            self.write(Commit::Synced, |txn| {
+                txn.open_table(META)?.insert(JOURNAL_GENERATION, generation)?;
+                Ok(())
+            })?;
+            let journal = Journal::create(self.dir(), generation, self.disk.clone()).map_err(io)?;
+            Ok(Hot::new(journal, next_seq))
+        };
+        let Some(contents) = contents else {
+            return match generation {
+                // A new store, a first start with a journal, or a restored backup.
+                None => fresh(1),
+                Some(g) => Err(journal_damaged(
+                    &path,
+                    &format!(
+                        "it is missing, and {} says journal {g} may hold acknowledged events",
+                        self.file.display()
+                    ),
+                )),
+            };
+        };
+        match generation {
+            Some(g) if g == contents.generation => {}
+            // A checkpoint folded it in, and the crash came before its successor replaced it.
+            Some(g) if contents.generation < g => return fresh(g),
+            // An empty journal of another file (a restored backup after a clean stop).
+            _ if contents.records.is_empty() => return fresh(generation.unwrap_or(0).max(contents.generation) + 1),
+            _ => {
+                let why = format!(
+                    "it is generation {} with {} records, but {} expects generation {}; if {} was restored from a backup, move this journal away first (its events are not in the backup)",
+                    contents.generation,
+                    contents.records.len(),
+                    self.file.display(),
+                    generation.map_or("none".to_string(), |g| g.to_string()),
+                    self.file.display(),
+                );
+                return Err(journal_damaged(&path, &why));
+            }
+        }
+        if contents.cut > 0 {
+            tracing::warn!(journal = %path.display(), bytes = contents.cut, "the store journal ended in an unfinished write (never acknowledged); it was dropped");
+        }
+        let mut unfolded = Unfolded::default();
+        for (at, len, record) in &contents.records {
+            unfolded.replay(record, *at, *len);
+        }
+        let journal = Journal::reopen(&path, &contents, self.disk.clone()).map_err(io)?;
+        let next_seq = next_seq.max(unfolded.last_seq + 1);
+        let mut hot = Hot::new(journal, next_seq);
+        hot.unfolded = unfolded;
+        if !contents.records.is_empty() {
+            tracing::info!(records = contents.records.len(), "store journal replayed");
+        }
+        self.fold(&mut hot)?;
+        Ok(hot)
+    }
+
+    /// Runs `f` on the journal, first replacing a broken one unless an append is syncing.
+    fn with_hot<T>(&self, f: impl FnOnce(&mut Hot) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let syncing = self.syncing.try_lock();
+        self.hot_then(syncing.is_ok(), f)
+    }
+
+    /// [`with_hot`](Self::with_hot) for a caller that holds `syncing`: a checkpoint may run.
+    fn with_hot_syncing<T>(
+        &self,
+        _syncing: &MutexGuard<()>,
+        f: impl FnOnce(&mut Hot) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.hot_then(true, f)
+    }
+
+    fn hot_then<T>(&self, may_fold: bool, f: impl FnOnce(&mut Hot) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let mut guard = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
+        let hot = guard.as_mut().ok_or_else(|| StoreError::Write("the store journal is not open".into()))?;
+        if hot.broken && may_fold {
+            self.fold(hot)?;
+        }
+        f(hot)
+    }
+
+    /// Folds the journal into the file now (see [`fold`](Self::fold)).
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        let syncing = self.syncing.lock().unwrap_or_else(PoisonError::into_inner);
+        self.with_hot_syncing(&syncing, |hot| self.fold(hot))
+    }
+
+    /// A checkpoint: writes what the journal holds that the file does not (waiting events,
+    /// deliveries, attempt counts, dedup keys, the next seq) into the file in one synced commit,
+    /// then starts the journal's next generation, empty. A crash between the two leaves the
+    /// old journal, which the file's generation marks as folded in (`open_journal` drops it).
+    fn fold(&self, hot: &mut Hot) -> Result<(), StoreError> {
+        if hot.unfolded.is_empty() && hot.journal.is_empty() && !hot.broken {
+            return Ok(());
+        }
+        let generation = hot.journal.generation() + 1;
+        let mut events = Vec::with_capacity(hot.unfolded.stored.len());
+        for (&seq, held) in &hot.unfolded.stored {
+            match hot.journal.load(held.at, held.len) {
+                Ok(Record::Stored { ev, seq: s }) if s == seq => events.push((seq, held.attempts, ev)),
+                Ok(_) => return Err(StoreError::Read(format!("journal record of event {seq} holds another record"))),
+                Err(e) => return Err(StoreError::Read(format!("journal {}: {e}", hot.journal.path().display()))),
+            }
+        }
+        let unfolded = &hot.unfolded;
+        let next_seq = hot.next_seq;
+        let done = self.write(Commit::Synced, |txn| {
+            let mut table = txn.open_table(EVENTS)?;
+            let mut waiting = txn.open_table(WAITING)?;
+            let dead = txn.open_table(DEAD)?;
+            for (seq, attempts, ev) in &events {
+                // Killed while in the journal, and the crash lost the journal's note of it.
+                if dead.get(*seq)?.is_some() {
+                    continue;
+                }
+                insert_event(&mut table, *seq, &[], ev)?;
+                waiting.insert(*seq, encode(&EventMeta::of(*seq, *attempts, ev))?.as_slice())?;
+            }
+            for &seq in &unfolded.delivered {
+                table.remove(seq)?;
+                waiting.remove(seq)?;
+            }
+            for (&seq, &attempts) in &unfolded.attempts {
+                set_attempts(&mut waiting, seq, attempts)?;
+            }
+            let mut dedup = txn.open_table(DEDUP)?;
+            for (key, &expiry) in &unfolded.dedup {
+                dedup.insert(key, expiry)?;
+            }
+            let mut meta = txn.open_table(META)?;
+            let stored = meta.get(NEXT_SEQ)?.map_or(1, |g| g.value());
+            meta.insert(NEXT_SEQ, stored.max(next_seq))?;
+            meta.insert(JOURNAL_GENERATION, generation)?;
+            Ok(())
+        });
+        if let Err(e) = done {
+            hot.fold_failed = Some(Instant::now());
+            return Err(e);
+        }
+        hot.unfolded = Unfolded::default();
+        hot.fold_failed = None;
+        // Everything is in the file now: the old journal may go even if its successor cannot
+        // be made yet; until it is, `broken` has every write try again first.
+        hot.broken = true;
+        hot.journal = Journal::create(self.dir(), generation, self.disk.clone())
+            .map_err(|e| StoreError::Write(format!("cannot start the store journal: {e}")))?;
+        hot.broken = false;
+        Ok(())
+    }
+
+    /// Folds the journal in when it has grown to [`FOLD_AT`]: after an append, whose events
+    /// are durable in the journal already, so a failure here is only logged.
+    fn fold_when_due(&self, hot: &mut Hot) {
+        if hot.journal.len() < FOLD_AT || hot.fold_failed.is_some_and(|t| t.elapsed() < FOLD_RETRY) {
+            return;
+        }
+        if let Err(e) = self.fold(hot) {
+            tracing::warn!(error = %e, "could not fold the store journal into the store file; will try again");
+        }
+    }
+
+    /// Writes journal records (not synced): deliveries and attempt counts, which a crash may
+    /// lose at the cost of a redelivery, as with the file's cheap commits.
+    fn note(&self, hot: &mut Hot, record: &RecordRef) -> Result<(), StoreError> {
+        hot.buf.clear();
+        journal::encode(&mut hot.buf, record).map_err(StoreError::Write)?;
+        let written = hot.journal.write(&hot.buf);
+        written.map_err(|e| StoreError::Write(format!("store journal: {e}")))
     }
 
     /// Writes the marker once, before the first event is stored: from then on a lost or
@@ -329,6 +551,159 @@ impl EmbeddedStore {
     }
 }
 
+impl EmbeddedStore {
+    /// `revive` in the file (see `cold`).
+    fn revive_in_file(&self, seq: u64, now_unix_ms: u64) -> Result<Option<EventMeta>, StoreError> {
+        self.write(Commit::Synced, |txn| {
+            let mut dead = txn.open_table(DEAD)?;
+            let Some(bytes) = dead.remove(seq)? else {
+                return Ok(None);
+            };
+            let (_, raw) = postcard::take_from_bytes::<DeadInfo>(bytes.value()).map_err(codec)?;
+            let mut ev: NewEvent = decode(raw)?;
+            ev.received_unix_ms = now_unix_ms;
+            let seq = take_seq(&mut txn.open_table(META)?)?;
+            let meta = EventMeta::of(seq, 0, &ev);
+            insert_event(&mut txn.open_table(EVENTS)?, seq, &[], &ev)?;
+            txn.open_table(WAITING)?.insert(seq, encode(&meta)?.as_slice())?;
+            Ok(Some(meta))
+        })
+    }
+
+    /// Runs a rare operation on the file directly: folds the journal in first, so the file
+    /// has every event, dedup key and the next seq, and takes the next seq back after.
+    fn cold<T>(&self, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let syncing = self.syncing.lock().unwrap_or_else(PoisonError::into_inner);
+        self.with_hot_syncing(&syncing, |hot| {
+            self.fold(hot)?;
+            let out = f()?;
+            hot.next_seq = self.read(|txn| Ok(txn.open_table(META)?.get(NEXT_SEQ)?.map_or(1, |g| g.value())))?;
+            Ok(out)
+        })
+    }
+
+    /// Writes `batch` to the journal (not yet synced: the caller syncs it without holding the
+    /// journal): the hot path of every accepted webhook.
+    fn append_hot(&self, hot: &mut Hot, batch: &[NewEvent]) -> Result<(Vec<Appended>, Option<Written>), StoreError> {
+        // Dedup keys the journal has not seen are looked up in the file, in one read.
+        let unknown: Vec<[u8; 32]> =
+            batch.iter().filter(|ev| hot.unfolded.duplicate(ev).is_none()).filter_map(|ev| ev.dedup_key).collect();
+        let in_file: HashMap<[u8; 32], u64> = if unknown.is_empty() {
+            HashMap::new()
+        } else {
+            self.read(|txn| {
+                let dedup = txn.open_table(DEDUP)?;
+                let mut found = HashMap::new();
+                for key in &unknown {
+                    if let Some(expiry) = dedup.get(key)? {
+                        found.insert(*key, expiry.value());
+                    }
+                }
+                Ok(found)
+            })?
+        };
+        let base = hot.journal.len();
+        let mut buf = std::mem::take(&mut hot.buf);
+        buf.clear();
+        let mut out = Vec::with_capacity(batch.len());
+        // What to undo if the write fails: seqs added, and each dedup key's previous expiry.
+        let mut added = Vec::new();
+        let mut keys = Vec::new();
+        for ev in batch {
+            let duplicate = hot.unfolded.duplicate(ev).unwrap_or_else(|| {
+                ev.dedup_key.and_then(|k| in_file.get(&k)).is_some_and(|&expiry| expiry > ev.received_unix_ms)
+            });
+            if duplicate {
+                out.push(Appended::Duplicate);
+                continue;
+            }
+            let seq = hot.next_seq;
+            let start = buf.len();
+            journal::encode(&mut buf, &RecordRef::Stored { seq, ev }).map_err(StoreError::Write)?;
+            hot.next_seq += 1;
+            if let Some(key) = ev.dedup_key {
+                keys.push((key, hot.unfolded.dedup.get(&key).copied()));
+            }
+            let len = (buf.len() - start - 8) as u32;
+            hot.unfolded.store(seq, ev, base + start as u64 + 8, len);
+            added.push(seq);
+            out.push(Appended::Stored(seq));
+        }
+        if added.is_empty() {
+            hot.buf = buf;
+            return Ok((out, None));
+        }
+        let written = Written { added, keys, syncer: hot.journal.syncer() };
+        let result = hot.journal.write(&buf);
+        hot.buf = buf;
+        if let Err(e) = result {
+            // The journal cut the failed write off again (or is replaced if it could not).
+            written.undo(&mut hot.unfolded);
+            if hot.journal.len() != base {
+                hot.broken = true;
+            }
+            return Err(StoreError::Write(format!("store journal {}: {e}", hot.journal.path().display())));
+        }
+        Ok((out, Some(written)))
+    }
+}
+
+/// An append written to the journal and not yet synced: what to undo if the sync fails.
+struct Written {
+    added: Vec<u64>,
+    /// Each dedup key it recorded, with the expiry the journal had for it before.
+    keys: Vec<([u8; 32], Option<u64>)>,
+    syncer: journal::Syncer,
+}
+
+impl Written {
+    fn undo(&self, unfolded: &mut Unfolded) {
+        for seq in &self.added {
+            unfolded.stored.remove(seq);
+        }
+        for (key, previous) in self.keys.iter().rev() {
+            match previous {
+                Some(expiry) => unfolded.dedup.insert(*key, *expiry),
+                None => unfolded.dedup.remove(key),
+            };
+        }
+    }
+}
+
+/// The event `seq` that the journal holds.
+fn load_held(hot: &Hot, seq: u64) -> Result<NewEvent, StoreError> {
+    let held =
+        hot.unfolded.stored.get(&seq).ok_or_else(|| StoreError::Read(format!("event {seq} is not in the journal")))?;
+    match hot.journal.load(held.at, held.len) {
+        Ok(Record::Stored { seq: s, ev }) if s == seq => Ok(*ev),
+        Ok(_) => Err(StoreError::Read(format!("the journal record of event {seq} holds another record"))),
+        Err(e) => Err(StoreError::Read(format!("store journal {}: {e}", hot.journal.path().display()))),
+    }
+}
+
+impl Hot {
+    fn new(journal: Journal, next_seq: u64) -> Hot {
+        Hot { journal, unfolded: Unfolded::default(), next_seq, buf: Vec::new(), broken: false, fold_failed: None }
+    }
+}
+
+fn journal_damaged(path: &Path, why: &str) -> StoreError {
+    StoreError::Damaged(format!(
+        "the store journal {} cannot be used: {why}. The relay will not start on it, since acknowledged events may be in it. To recover: restore the store folder from a `whatsapp-relay store backup` copy (queue.redb and its marker), or, to accept losing what the journal held, move it away and start again.",
+        path.display()
+    ))
+}
+
+/// Sets a waiting event's attempt count (no-op if it is not waiting or already has it).
+fn set_attempts(waiting: &mut Table<u64, &[u8]>, seq: u64, attempts: u32) -> DbResult<()> {
+    let meta = waiting.get(seq)?.map(|m| decode(m.value())).transpose()?;
+    if let Some(mut meta) = meta.filter(|m: &EventMeta| m.attempts != attempts) {
+        meta.attempts = attempts;
+        waiting.insert(seq, encode(&meta)?.as_slice())?;
+    }
+    Ok(())
+}
+
 /// Deletes again, durably, the delivered events whose cheap deletion the last I/O error undid
 /// (see `unsynced_deletes`); kept for the next re-open if this fails too.
 fn redo_deletes(db: &Database, seqs: &mut Vec<u64>) {
@@ -367,6 +742,15 @@ pub struct Disk {
 }
 
 impl Disk {
+    /// Fails as the disk would (in tests, a full one); passes otherwise.
+    pub(super) fn check(&self) -> std::io::Result<()> {
+        #[cfg(any(test, feature = "test-support"))]
+        if let Some(fault) = &self.fault {
+            return fault.check();
+        }
+        Ok(())
+    }
+
     fn create(&self, builder: &redb::Builder, file: &Path) -> Result<Database, redb::DatabaseError> {
         #[cfg(any(test, feature = "test-support"))]
         if let Some(fault) = &self.fault {
@@ -637,51 +1021,110 @@ impl QueueStore for EmbeddedStore {
             return Ok(Vec::new());
         }
         self.mark()?;
-        self.write(Commit::Synced, |txn| append_in(txn, batch))
+        let syncing = self.syncing.lock().unwrap_or_else(PoisonError::into_inner);
+        let (out, written) = self.with_hot_syncing(&syncing, |hot| self.append_hot(hot, batch))?;
+        let Some(written) = written else { return Ok(out) };
+        let synced = written.syncer.sync();
+        self.with_hot_syncing(&syncing, |hot| {
+            if let Err(e) = synced {
+                // Not stored: forgotten, and the journal (which may hold their records, and
+                // deliveries noted since) is replaced at the next write, after a checkpoint of
+                // what is known. Seqs are not given out again: a gap is harmless.
+                written.undo(&mut hot.unfolded);
+                hot.broken = true;
+                return Err(StoreError::Write(format!("store journal {}: {e}", hot.journal.path().display())));
+            }
+            self.fold_when_due(hot);
+            Ok(out)
+        })
     }
 
     fn append_replacing_dead(&self, batch: &[NewEvent], dead_seq: u64) -> Result<Vec<Appended>, StoreError> {
-        self.write(Commit::Synced, |txn| {
-            if txn.open_table(DEAD)?.remove(dead_seq)?.is_none() {
-                return Ok(Vec::new());
-            }
-            append_in(txn, batch)
+        // An operator's replay: rare, so it goes to the file directly, after a checkpoint (its
+        // seqs and dedup keys come from the file).
+        self.cold(|| {
+            self.write(Commit::Synced, |txn| {
+                if txn.open_table(DEAD)?.remove(dead_seq)?.is_none() {
+                    return Ok(Vec::new());
+                }
+                append_in(txn, batch)
+            })
         })
     }
 
     fn append_dead(&self, ev: &NewEvent, info: DeadInfo) -> Result<Appended, StoreError> {
         self.mark()?;
-        self.write(Commit::Synced, |txn| {
-            if !admit(&mut txn.open_table(DEDUP)?, ev)? {
+        self.with_hot(|hot| {
+            let in_file = match (hot.unfolded.duplicate(ev), ev.dedup_key) {
+                (None, Some(key)) => self.read(|txn| Ok(txn.open_table(DEDUP)?.get(&key)?.map(|g| g.value())))?,
+                _ => None,
+            };
+            let duplicate = hot.unfolded.duplicate(ev).unwrap_or(in_file.is_some_and(|e| e > ev.received_unix_ms));
+            if duplicate {
                 return Ok(Appended::Duplicate);
             }
-            let seq = take_seq(&mut txn.open_table(META)?)?;
-            insert_event(&mut txn.open_table(DEAD)?, seq, &encode_info(info)?, ev)?;
-            Ok(Appended::Stored(seq))
+            let seq = hot.next_seq;
+            hot.next_seq += 1;
+            self.write(Commit::Synced, |txn| {
+                if let Some(key) = &ev.dedup_key {
+                    txn.open_table(DEDUP)?.insert(key, ev.dedup_expires_unix_ms)?;
+                }
+                let mut meta = txn.open_table(META)?;
+                let stored = meta.get(NEXT_SEQ)?.map_or(1, |g| g.value());
+                meta.insert(NEXT_SEQ, stored.max(seq + 1))?;
+                insert_event(&mut txn.open_table(DEAD)?, seq, &encode_info(info)?, ev)?;
+                Ok(Appended::Stored(seq))
+            })
         })
     }
 
     fn pending(&self) -> Result<Vec<EventMeta>, StoreError> {
-        self.read(|txn| {
-            let waiting = txn.open_table(WAITING)?;
-            let mut out = Vec::with_capacity(waiting.len()? as usize);
-            for row in waiting.iter()? {
-                out.push(decode(row?.1.value())?);
+        self.with_hot(|hot| {
+            let mut out = self.read(|txn| {
+                let waiting = txn.open_table(WAITING)?;
+                let mut out = Vec::with_capacity(waiting.len()? as usize);
+                for row in waiting.iter()? {
+                    let mut meta: EventMeta = decode(row?.1.value())?;
+                    if hot.unfolded.delivered.contains(&meta.seq) {
+                        continue;
+                    }
+                    if let Some(&n) = hot.unfolded.attempts.get(&meta.seq) {
+                        meta.attempts = n;
+                    }
+                    out.push(meta);
+                }
+                Ok(out)
+            })?;
+            for (&seq, held) in &hot.unfolded.stored {
+                let ev = load_held(hot, seq)?;
+                out.push(EventMeta::of(seq, held.attempts, &ev));
             }
+            out.sort_by_key(|m| m.seq);
             Ok(out)
         })
     }
 
     fn load(&self, seq: u64) -> Result<Option<Event>, StoreError> {
-        self.read(|txn| {
-            let Some(ev) = txn.open_table(EVENTS)?.get(seq)? else {
+        self.with_hot(|hot| {
+            if let Some(held) = hot.unfolded.stored.get(&seq) {
+                let attempts = held.attempts;
+                return Ok(Some(Event { seq, attempts, ev: load_held(hot, seq)? }));
+            }
+            if hot.unfolded.delivered.contains(&seq) {
                 return Ok(None);
-            };
-            let attempts = match txn.open_table(WAITING)?.get(seq)? {
-                Some(m) => decode::<EventMeta>(m.value())?.attempts,
-                None => 0,
-            };
-            Ok(Some(Event { seq, attempts, ev: decode(ev.value())? }))
+            }
+            let attempts = hot.unfolded.attempts.get(&seq).copied();
+            self.read(|txn| {
+                let Some(ev) = txn.open_table(EVENTS)?.get(seq)? else {
+                    return Ok(None);
+                };
+                let attempts = match (attempts, txn.open_table(WAITING)?.get(seq)?) {
+                    (Some(n), _) => n,
+                    (None, Some(m)) => decode::<EventMeta>(m.value())?.attempts,
+                    (None, None) => 0,
+                };
+                Ok(Some(Event { seq, attempts, ev: decode(ev.value())? }))
+            })
         })
     }
 
@@ -689,25 +1132,40 @@ impl QueueStore for EmbeddedStore {
         if delivered.is_empty() && attempts.is_empty() {
             return Ok(());
         }
-        self.write_deleting(Commit::Cheap, delivered, |txn| {
-            let mut events = txn.open_table(EVENTS)?;
-            let mut waiting = txn.open_table(WAITING)?;
-            for &seq in delivered {
-                events.remove(seq)?;
-                waiting.remove(seq)?;
+        self.with_hot(|hot| {
+            if !delivered.is_empty() {
+                self.note(hot, &RecordRef::Delivered(delivered))?;
+                hot.unfolded.deliver(delivered);
             }
-            for &(seq, attempts) in attempts {
-                let meta = waiting.get(seq)?.map(|m| decode(m.value())).transpose()?;
-                if let Some(mut meta) = meta.filter(|m: &EventMeta| m.attempts != attempts) {
-                    meta.attempts = attempts;
-                    waiting.insert(seq, encode(&meta)?.as_slice())?;
-                }
+            if !attempts.is_empty() {
+                self.note(hot, &RecordRef::Attempts(attempts))?;
+                hot.unfolded.attempt(attempts);
             }
             Ok(())
         })
     }
 
     fn kill(&self, seq: u64, info: DeadInfo) -> Result<(), StoreError> {
+        let in_journal = self.with_hot(|hot| {
+            if !hot.unfolded.stored.contains_key(&seq) {
+                return Ok(false);
+            }
+            // Into the dead letters (synced), then noted as gone from the queue; a crash
+            // between the two leaves both, and the checkpoint skips events that are dead.
+            let ev = load_held(hot, seq)?;
+            self.write(Commit::Synced, |txn| {
+                insert_event(&mut txn.open_table(DEAD)?, seq, &encode_info(info.clone())?, &ev)?;
+                Ok(())
+            })?;
+            hot.unfolded.deliver(&[seq]);
+            if let Err(e) = self.note(hot, &RecordRef::Delivered(&[seq])) {
+                tracing::debug!(error = %e, "could not note a dead letter in the store journal");
+            }
+            Ok(true)
+        })?;
+        if in_journal {
+            return Ok(());
+        }
         self.write(Commit::Synced, |txn| {
             let mut events = txn.open_table(EVENTS)?;
             let Some(ev) = events.remove(seq)? else {
@@ -758,20 +1216,7 @@ impl QueueStore for EmbeddedStore {
     }
 
     fn revive(&self, seq: u64, now_unix_ms: u64) -> Result<Option<EventMeta>, StoreError> {
-        self.write(Commit::Synced, |txn| {
-            let mut dead = txn.open_table(DEAD)?;
-            let Some(bytes) = dead.remove(seq)? else {
-                return Ok(None);
-            };
-            let (_, raw) = postcard::take_from_bytes::<DeadInfo>(bytes.value()).map_err(codec)?;
-            let mut ev: NewEvent = decode(raw)?;
-            ev.received_unix_ms = now_unix_ms;
-            let seq = take_seq(&mut txn.open_table(META)?)?;
-            let meta = EventMeta::of(seq, 0, &ev);
-            insert_event(&mut txn.open_table(EVENTS)?, seq, &[], &ev)?;
-            txn.open_table(WAITING)?.insert(seq, encode(&meta)?.as_slice())?;
-            Ok(Some(meta))
-        })
+        self.cold(|| self.revive_in_file(seq, now_unix_ms))
     }
 
     fn purge_dead(&self, seq: Option<u64>) -> Result<usize, StoreError> {
@@ -790,8 +1235,10 @@ impl QueueStore for EmbeddedStore {
             })
         })
     }
-
     fn prune_dedup(&self, now_unix_ms: u64) -> Result<usize, StoreError> {
+        // The journal's dedup keys are swept once they are in the file. Called every minute,
+        // this is also the checkpoint of a quiet relay, whose journal never reaches FOLD_AT.
+        self.checkpoint()?;
         let mut from = self.prune_from.lock().unwrap_or_else(PoisonError::into_inner);
         let start = *from;
         let (pruned, next) = self.write(Commit::Cheap, |txn| {
@@ -831,27 +1278,39 @@ impl QueueStore for EmbeddedStore {
         // the store.
         let dir = self.file.parent().unwrap_or(Path::new("."));
         let tmp = dir.join(format!(".backup-{}.redb", uuid::Uuid::new_v4()));
-        let result = self.read(|txn| copy_into(txn, &tmp)).and_then(|summary| {
-            let file = std::fs::File::open(&tmp).map_err(|e| StoreError::Read(format!("backup file: {e}")))?;
-            Ok(Backup { file, summary })
-        });
+        // The copy is of the file, so the journal is folded into it first (and the journal
+        // held meanwhile, so the copy is one moment of the queue).
+        let syncing = self.syncing.lock().unwrap_or_else(PoisonError::into_inner);
+        let result = self
+            .with_hot_syncing(&syncing, |hot| {
+                self.fold(hot)?;
+                self.read(|txn| copy_into(txn, &tmp))
+            })
+            .and_then(|summary| {
+                let file = std::fs::File::open(&tmp).map_err(|e| StoreError::Read(format!("backup file: {e}")))?;
+                Ok(Backup { file, summary })
+            });
         let _ = std::fs::remove_file(&tmp);
         result
     }
 
     fn writable(&self) -> bool {
-        self.heal()
+        self.heal() && self.with_hot(|hot| Ok(!hot.broken)).unwrap_or(false)
     }
 
     fn size_bytes(&self) -> Option<u64> {
-        std::fs::metadata(&self.file).ok().map(|m| m.len())
+        let journal = std::fs::metadata(self.dir().join(journal::FILE_NAME)).map_or(0, |m| m.len());
+        std::fs::metadata(&self.file).ok().map(|m| m.len() + journal)
     }
 
     fn backend(&self) -> &'static str {
         "embedded"
     }
 
+    /// Folds the journal in (at shutdown: the next start has nothing to replay) and makes
+    /// every cheap commit durable.
     fn sync(&self) -> Result<(), StoreError> {
+        self.checkpoint()?;
         self.write(Commit::Synced, |_| Ok(()))
     }
 }
@@ -881,9 +1340,15 @@ fn copy_into(src: &ReadTransaction, dest: &Path) -> DbResult<BackupSummary> {
     copy_table(src, &out, WAITING, &theirs)?;
     copy_table(src, &out, WINDOW, &theirs)?;
     copy_table(src, &out, META, &theirs)?;
-    // The last commit is synced; dropping the handle then closes the file cleanly.
+    // The last commit is synced; dropping the handle then closes the file cleanly. The copy
+    // has every event the journal held (folded in before it was made) and no journal: it
+    // starts its own, so it names none.
     let mut txn = out.begin_write().map_err(|e| theirs(e.into()))?;
     txn.set_durability(Durability::Immediate);
+    {
+        let mut meta = txn.open_table(META).map_err(|e| theirs(e.into()))?;
+        meta.remove(JOURNAL_GENERATION).map_err(|e| theirs(e.into()))?;
+    }
     txn.commit().map_err(|e| theirs(e.into()))?;
     drop(out);
     summary.bytes = std::fs::metadata(dest).map_err(|e| theirs(e.into()))?.len();
@@ -1035,11 +1500,62 @@ pub fn check(dir: &Path) -> Result<Checked, StoreError> {
             marked,
         })
     };
-    match preflight::contain(read) {
-        Ok(Ok(checked)) => Ok(checked),
-        Ok(Err(e)) => Err(preflight::damaged(&file, &format!("is damaged ({})", e.message), &Marker::of(&file))),
-        Err(panic) => Err(preflight::damaged(&file, &format!("is damaged ({panic})"), &Marker::of(&file))),
+    let mut checked = match preflight::contain(read) {
+        Ok(Ok(checked)) => checked,
+        Ok(Err(e)) => {
+            return Err(preflight::damaged(&file, &format!("is damaged ({})", e.message), &Marker::of(&file)));
+        }
+        Err(panic) => return Err(preflight::damaged(&file, &format!("is damaged ({panic})"), &Marker::of(&file))),
+    };
+    let unfolded = read_journal(&db, dir)?;
+    let in_file = |seq: &u64| -> Result<bool, StoreError> {
+        let txn = db.begin_read().map_err(|e| StoreError::Read(e.to_string()))?;
+        let waiting = txn.open_table(WAITING).map_err(|e| StoreError::Read(e.to_string()))?;
+        Ok(waiting.get(*seq).map_err(|e| StoreError::Read(e.to_string()))?.is_some())
+    };
+    let mut gone = 0;
+    for seq in &unfolded.delivered {
+        gone += u64::from(in_file(seq)?);
     }
+    checked.waiting = checked.waiting - gone + unfolded.stored.len() as u64;
+    checked.bytes += std::fs::metadata(dir.join(journal::FILE_NAME)).map_or(0, |m| m.len());
+    Ok(checked)
+}
+
+/// With no relay running: what the journal in `dir` holds that the file `db` does not have
+/// yet (as the next start would replay it); refused as damaged as a start would refuse it.
+fn read_journal(db: &Database, dir: &Path) -> Result<Unfolded, StoreError> {
+    let path = dir.join(journal::FILE_NAME);
+    let generation = (|| -> DbResult<Option<u64>> {
+        Ok(db.begin_read()?.open_table(META)?.get(JOURNAL_GENERATION)?.map(|g| g.value()))
+    })()
+    .map_err(|e| StoreError::Read(e.message))?;
+    let mut unfolded = Unfolded::default();
+    match (journal::read(&path).map_err(|why| journal_damaged(&path, &why))?, generation) {
+        (None, Some(g)) => {
+            return Err(journal_damaged(
+                &path,
+                &format!("it is missing, and the store says journal {g} may hold acknowledged events"),
+            ));
+        }
+        (Some(c), Some(g)) if c.generation == g => {
+            for (at, len, record) in &c.records {
+                unfolded.replay(record, *at, *len);
+            }
+        }
+        (Some(c), Some(g)) if c.generation < g => {}
+        (Some(c), g) if !c.records.is_empty() => {
+            let g = g.map_or("none".to_string(), |g| g.to_string());
+            let why = format!(
+                "it is generation {} with {} records, but the store expects generation {g}",
+                c.generation,
+                c.records.len()
+            );
+            return Err(journal_damaged(&path, &why));
+        }
+        _ => {}
+    }
+    Ok(unfolded)
 }
 
 /// `store backup` with no relay running: copies `dir`'s store file to `dest` directly. Fails
@@ -1047,6 +1563,13 @@ pub fn check(dir: &Path) -> Result<Checked, StoreError> {
 pub fn backup_offline(dir: &Path, dest: &Path) -> Result<BackupSummary, StoreError> {
     let file = dir.join(FILE_NAME);
     let db = open_existing(&file, |_| {})?;
+    if !read_journal(&db, dir)?.is_empty() {
+        return Err(StoreError::Read(format!(
+            "the store journal {} holds events not yet in {} (the relay did not stop cleanly): start the relay and stop it again (a clean stop folds the journal in), or take the backup while it runs",
+            dir.join(journal::FILE_NAME).display(),
+            file.display()
+        )));
+    }
     let txn = db.begin_read().map_err(|e| StoreError::Read(e.to_string()))?;
     copy_into(&txn, dest).map_err(|e| StoreError::Read(e.message))
 }

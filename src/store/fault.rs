@@ -38,7 +38,7 @@ impl DiskFault {
         self.refused.load(Ordering::SeqCst)
     }
 
-    fn check(&self) -> Result<(), std::io::Error> {
+    pub(super) fn check(&self) -> Result<(), std::io::Error> {
         if self.full.load(Ordering::SeqCst) {
             self.refused.fetch_add(1, Ordering::SeqCst);
             return Err(std::io::Error::from_raw_os_error(28)); // ENOSPC

@@ -23,10 +23,12 @@ pub mod embedded;
 #[cfg(any(test, feature = "test-support"))]
 pub mod fault;
 pub mod group_commit;
+pub mod journal;
 pub mod marker;
 pub mod postgres;
 pub mod preflight;
 mod types;
+mod unfolded;
 
 pub use acme::{AcmeLock, AcmeStore, StoredCert, StoredChallenge, StoredKey};
 pub use embedded::EmbeddedStore;
