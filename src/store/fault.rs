@@ -221,6 +221,9 @@ impl QueueStore for FaultyStore {
     fn backup(&self) -> Result<super::Backup, StoreError> {
         self.inner.backup()
     }
+    fn maintain(&self, wait: Duration) -> bool {
+        self.inner.maintain(wait)
+    }
     fn writable(&self) -> bool {
         !self.fail_writes.load(Ordering::SeqCst) && self.inner.writable()
     }

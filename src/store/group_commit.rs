@@ -3,15 +3,18 @@
 //! capped at one request per fsync.
 //!
 //! Owns the writer thread (a plain `std::thread`: the store blocks on disk I/O and must not
-//! hold a tokio worker) and the grouping policy: take everything waiting, up to
+//! hold a tokio worker), a second one for the store's background work off the append path
+//! ([`QueueStore::maintain`]: the embedded store folds its journal in there), and the grouping policy: take everything waiting, up to
 //! [`MAX_GROUP_EVENTS`] events or [`MAX_GROUP_BYTES`], in arrival order.
 //!
 //! Must never: answer a submitter before the group's `append` has returned, answer one with
 //! another's results, reorder submissions (seq order is acceptance order, which per-
 //! conversation FIFO relies on), or block the async runtime.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -37,7 +40,14 @@ pub struct GroupCommit {
     /// `None` once closed: new appends get [`StoreError::Closed`].
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Option<JoinHandle<()>>,
+    /// Runs the store's background work ([`QueueStore::maintain`]) until `stop`.
+    maintainer: Option<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
 }
+
+/// How long the maintenance thread waits for work before it looks at `stop` again: bounds how
+/// long dropping a [`GroupCommit`] waits for it.
+const MAINTAIN_WAIT: Duration = Duration::from_millis(50);
 
 /// Runs on the writer thread after each successful commit, with the group's events in commit
 /// (sequence) order and their results, before any submitter hears back. Whatever must follow
@@ -52,11 +62,17 @@ impl GroupCommit {
     /// Like [`GroupCommit::new`], calling `on_commit` after every successful commit.
     pub fn with_hook(store: Arc<dyn QueueStore>, on_commit: OnCommit) -> GroupCommit {
         let (tx, rx) = mpsc::channel(QUEUE);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (kept, halt) = (store.clone(), stop.clone());
+        let maintainer = std::thread::Builder::new()
+            .name("store-maintain".into())
+            .spawn(move || while !halt.load(Ordering::Acquire) && kept.maintain(MAINTAIN_WAIT) {})
+            .expect("spawn the store maintenance thread");
         let writer = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || write_loop(&*store, rx, &on_commit))
             .expect("spawn the store writer thread");
-        GroupCommit { tx: Mutex::new(Some(tx)), writer: Some(writer) }
+        GroupCommit { tx: Mutex::new(Some(tx)), writer: Some(writer), maintainer: Some(maintainer), stop }
     }
 
     /// Stores `batch` atomically and synced (together with whatever else is waiting), returning
@@ -105,6 +121,12 @@ impl Drop for GroupCommit {
         if let Some(writer) = self.writer.take() {
             if writer.join().is_err() {
                 tracing::error!("the store writer thread panicked");
+            }
+        }
+        self.stop.store(true, Ordering::Release);
+        if let Some(maintainer) = self.maintainer.take() {
+            if maintainer.join().is_err() {
+                tracing::error!("the store maintenance thread panicked");
             }
         }
     }

@@ -11,7 +11,8 @@
 //! in front of a later one (a failed write is cut off again), or read a record whose checksum
 //! does not match.
 //!
-//! Format: a 16-byte header (`MAGIC`, then the generation as a little-endian u64), then
+//! Format: a 24-byte header (`MAGIC`, the generation and the store's id, little-endian u64s:
+//! the id tells a journal of another store file from an old one of this file), then
 //! records: payload length (u32 LE), CRC-32 of the payload (u32 LE), payload (postcard of
 //! [`Record`]). A crash can leave the end of the file half-written (a write that was never
 //! synced, so never acknowledged): reading stops at the first record that is incomplete or
@@ -30,7 +31,7 @@ use super::embedded::Disk;
 
 pub const FILE_NAME: &str = "queue.journal";
 const MAGIC: &[u8; 8] = b"WARJNL01";
-pub const HEADER_LEN: u64 = 16;
+pub const HEADER_LEN: u64 = 24;
 /// Larger than any record the relay writes (an event is at most the request body limit plus
 /// its headers); a length beyond it is damage, not a record.
 const MAX_RECORD: u32 = 256 << 20;
@@ -77,6 +78,7 @@ pub struct Journal {
     /// Bytes of whole records (and the header): where the next write goes.
     len: u64,
     generation: u64,
+    store_id: u64,
     disk: Disk,
 }
 
@@ -84,6 +86,7 @@ pub struct Journal {
 #[derive(Debug)]
 pub struct Contents {
     pub generation: u64,
+    pub store_id: u64,
     /// Each record with where its payload starts and its length.
     pub records: Vec<(u64, u32, Record)>,
     /// Where the last whole record ends.
@@ -96,19 +99,20 @@ impl Journal {
     /// Starts generation `generation` in `dir`, empty, replacing any journal there: written to a
     /// new file, synced, then renamed over the old one and the folder synced, so a crash leaves
     /// either the old journal or the new one, whole.
-    pub fn create(dir: &Path, generation: u64, disk: Disk) -> std::io::Result<Journal> {
+    pub fn create(dir: &Path, generation: u64, store_id: u64, disk: Disk) -> std::io::Result<Journal> {
         let path = dir.join(FILE_NAME);
         let tmp = dir.join(format!(".{FILE_NAME}.new"));
         disk.check()?;
         let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp)?;
         let mut header = [0u8; HEADER_LEN as usize];
         header[..8].copy_from_slice(MAGIC);
-        header[8..].copy_from_slice(&generation.to_le_bytes());
+        header[8..16].copy_from_slice(&generation.to_le_bytes());
+        header[16..].copy_from_slice(&store_id.to_le_bytes());
         file.write_all(&header)?;
         file.sync_all()?;
         std::fs::rename(&tmp, &path)?;
         File::open(dir)?.sync_all()?;
-        Ok(Journal { path, file: Arc::new(file), len: HEADER_LEN, generation, disk })
+        Ok(Journal { path, file: Arc::new(file), len: HEADER_LEN, generation, store_id, disk })
     }
 
     /// Opens the journal at `path` for appending after its last whole record (the rest is cut
@@ -120,11 +124,16 @@ impl Journal {
             file.sync_all()?;
         }
         let file = Arc::new(file);
-        Ok(Journal { path: path.to_path_buf(), file, len: contents.len, generation: contents.generation, disk })
+        let (len, generation, store_id) = (contents.len, contents.generation, contents.store_id);
+        Ok(Journal { path: path.to_path_buf(), file, len, generation, store_id, disk })
     }
 
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    pub fn store_id(&self) -> u64 {
+        self.store_id
     }
 
     /// Bytes in the file: what a checkpoint would fold into the store.
@@ -139,6 +148,11 @@ impl Journal {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The file was renamed to `path` (the open handle follows it).
+    pub fn moved_to(&mut self, path: &Path) {
+        self.path = path.to_path_buf();
     }
 
     /// Writes framed records at the end (not synced). On failure the file is cut back to where
@@ -217,8 +231,9 @@ pub fn read(path: &Path) -> Result<Option<Contents>, String> {
         return Err(format!("it is not a journal ({} bytes, no journal header)", bytes.len()));
     }
     let generation = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+    let store_id = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
     let (records, len) = parse(&bytes);
-    Ok(Some(Contents { generation, records, len: len as u64, cut: (bytes.len() - len) as u64 }))
+    Ok(Some(Contents { generation, store_id, records, len: len as u64, cut: (bytes.len() - len) as u64 }))
 }
 
 /// The whole records after the header, and where the last one ends.
@@ -256,7 +271,7 @@ mod tests {
     #[test]
     fn records_read_back_in_order_after_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let mut j = Journal::create(dir.path(), 7, Disk::default()).unwrap();
+        let mut j = Journal::create(dir.path(), 7, 42, Disk::default()).unwrap();
         j.write(&stored(1, "a")).unwrap();
         let mut buf = Vec::new();
         encode(&mut buf, &RecordRef::Delivered(&[1])).unwrap();
@@ -264,7 +279,7 @@ mod tests {
         j.write(&buf).unwrap();
         j.sync().unwrap();
         let c = read(&dir.path().join(FILE_NAME)).unwrap().unwrap();
-        assert_eq!((c.generation, c.records.len(), c.cut, c.len), (7, 3, 0, j.len()));
+        assert_eq!((c.generation, c.store_id, c.records.len(), c.cut, c.len), (7, 42, 3, 0, j.len()));
         assert!(matches!(&c.records[0].2, Record::Stored { seq: 1, ev } if ev.delivery_id == "a"));
         assert!(matches!(&c.records[1].2, Record::Delivered(s) if s == &[1]));
         assert!(matches!(&c.records[2].2, Record::Attempts(a) if a == &[(2, 3)]));
@@ -277,7 +292,7 @@ mod tests {
     fn a_torn_or_damaged_tail_is_left_and_cut_at_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(FILE_NAME);
-        let mut j = Journal::create(dir.path(), 1, Disk::default()).unwrap();
+        let mut j = Journal::create(dir.path(), 1, 42, Disk::default()).unwrap();
         j.write(&stored(1, "a")).unwrap();
         let whole = j.len();
         let second = stored(2, "b");
@@ -314,9 +329,9 @@ mod tests {
     #[test]
     fn create_replaces_the_old_generation_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let mut j = Journal::create(dir.path(), 1, Disk::default()).unwrap();
+        let mut j = Journal::create(dir.path(), 1, 42, Disk::default()).unwrap();
         j.write(&stored(1, "a")).unwrap();
-        let j = Journal::create(dir.path(), 2, Disk::default()).unwrap();
+        let j = Journal::create(dir.path(), 2, 42, Disk::default()).unwrap();
         assert!(j.is_empty());
         let c = read(&dir.path().join(FILE_NAME)).unwrap().unwrap();
         assert_eq!((c.generation, c.records.len()), (2, 0));

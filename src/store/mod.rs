@@ -337,6 +337,13 @@ pub trait QueueStore: Send + Sync + 'static {
     fn backup(&self) -> Result<Backup, StoreError> {
         Err(StoreError::Read("this storage backend has no file copy; back up its database with its own tools".into()))
     }
+    /// Background work the backend wants done off the append path (the embedded store folds
+    /// its journal into its file): waits up to `wait` for some and does it. [`GroupCommit`]
+    /// calls it in a loop on a thread of its own; `false` means there is never any.
+    fn maintain(&self, wait: std::time::Duration) -> bool {
+        let _ = wait;
+        false
+    }
     fn writable(&self) -> bool;
     /// What the store takes on disk, where the backend can tell cheaply.
     fn size_bytes(&self) -> Option<u64> {

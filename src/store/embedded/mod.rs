@@ -45,10 +45,9 @@
 //! stores them typed ([`DeadReason`], [`Unowned`]), and a waiting event's weight in bytes. A format-1 file is migrated at open, in
 //! one transaction (a crash midway leaves it format 1, migrated again at the next open).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Condvar, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use redb::{
@@ -57,7 +56,11 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::journal::{self, Journal, Record, RecordRef};
+mod hot;
+
+use hot::Hot;
+
+use super::journal::{self, RecordRef};
 use super::marker::Marker;
 use super::preflight::{self, Found};
 use super::unfolded::Unfolded;
@@ -75,6 +78,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NEXT_SEQ: &str = "next_seq";
 /// The generation of the journal whose records the file does not have yet (see `journal`).
 const JOURNAL_GENERATION: &str = "journal_generation";
+/// A random id of this store file, written in its journals' headers.
+const STORE_ID: &str = "store_id";
 /// Postcard is not self-describing: a change to a stored type (even a new field) changes the
 /// encoding. Bump this with such a change, and teach `open` to migrate older files.
 const FORMAT_KEY: &str = "format";
@@ -92,8 +97,6 @@ const REOPEN_EVERY: Duration = Duration::from_secs(1);
 /// a second) and the checkpoint's pause, and spreads the dedup keys' B-tree writes over
 /// thousands of events instead of one commit each.
 const FOLD_AT: u64 = 32 << 20;
-/// After a failed checkpoint, the next is not tried sooner than this.
-const FOLD_RETRY: Duration = Duration::from_secs(1);
 
 type DbResult<T> = Result<T, Fail>;
 
@@ -146,25 +149,16 @@ pub struct EmbeddedStore {
     marked: AtomicBool,
     /// The journal and what it holds that the file does not yet. `None` only while opening.
     hot: Mutex<Option<Hot>>,
+    /// Journal length that triggers a checkpoint ([`FOLD_AT`]; tests make it small).
+    fold_at: u64,
+    /// Signalled when a journal is set aside for the maintenance thread to fold in.
+    folds: Condvar,
+    /// Held while a set-aside journal is folded in (one at a time).
+    folding_lock: Mutex<()>,
     /// Held by an append from its write through its fdatasync (which runs without `hot`, so
     /// deliveries are noted meanwhile) and by a checkpoint, which must not fold records in
     /// whose sync may still fail. Taken before `hot`.
     syncing: Mutex<()>,
-}
-
-/// The journal in front of the file: appends and deliveries are written here (one sequential
-/// write, one fdatasync per group of appends) and folded into the file at checkpoints.
-struct Hot {
-    journal: Journal,
-    unfolded: Unfolded,
-    /// The next seq to give out (the file's `next_seq` is brought up to it at checkpoints).
-    next_seq: u64,
-    /// Reused for encoding records.
-    buf: Vec<u8>,
-    /// A failed write could not be cut off again: the journal may hold records that were
-    /// refused, so it is replaced (after a checkpoint) before anything else is written.
-    broken: bool,
-    fold_failed: Option<Instant>,
 }
 
 /// Dedup keys one `prune_dedup` call looks at: the sweep holds the writer, so it goes in slices
@@ -203,6 +197,9 @@ impl EmbeddedStore {
             marked: AtomicBool::new(false),
             hot: Mutex::new(None),
             syncing: Mutex::new(()),
+            fold_at: FOLD_AT,
+            folds: Condvar::new(),
+            folding_lock: Mutex::new(()),
         };
         let format = store.write(Commit::Synced, |txn| {
             let mut meta = txn.open_table(META)?;
@@ -243,188 +240,6 @@ impl EmbeddedStore {
 
     fn dir(&self) -> &Path {
         self.file.parent().unwrap_or(Path::new("."))
-    }
-
-    /// Opens the journal, replays what it holds that the file does not have and folds it in,
-    /// so every start begins with an empty journal. A journal that is missing or belongs to
-    /// another file while it may hold acknowledged events stops the start.
-    fn open_journal(&self) -> Result<Hot, StoreError> {
-        let path = self.dir().join(journal::FILE_NAME);
-        let (generation, next_seq) = self.read(|txn| {
-            let meta = txn.open_table(META)?;
-            let generation = meta.get(JOURNAL_GENERATION)?.map(|g| g.value());
-            Ok((generation, meta.get(NEXT_SEQ)?.map_or(1, |g| g.value())))
-        })?;
-        let contents = journal::read(&path).map_err(|why| journal_damaged(&path, &why))?;
-        let io = |e: std::io::Error| open_error(&path, e);
-        let fresh = |generation: u64| -> Result<Hot, StoreError> {
-            self.write(Commit::Synced, |txn| {
-                txn.open_table(META)?.insert(JOURNAL_GENERATION, generation)?;
-                Ok(())
-            })?;
-            let journal = Journal::create(self.dir(), generation, self.disk.clone()).map_err(io)?;
-            Ok(Hot::new(journal, next_seq))
-        };
-        let Some(contents) = contents else {
-            return match generation {
-                // A new store, a first start with a journal, or a restored backup.
-                None => fresh(1),
-                Some(g) => Err(journal_damaged(
-                    &path,
-                    &format!(
-                        "it is missing, and {} says journal {g} may hold acknowledged events",
-                        self.file.display()
-                    ),
-                )),
-            };
-        };
-        match generation {
-            Some(g) if g == contents.generation => {}
-            // A checkpoint folded it in, and the crash came before its successor replaced it.
-            Some(g) if contents.generation < g => return fresh(g),
-            // An empty journal of another file (a restored backup after a clean stop).
-            _ if contents.records.is_empty() => return fresh(generation.unwrap_or(0).max(contents.generation) + 1),
-            _ => {
-                let why = format!(
-                    "it is generation {} with {} records, but {} expects generation {}; if {} was restored from a backup, move this journal away first (its events are not in the backup)",
-                    contents.generation,
-                    contents.records.len(),
-                    self.file.display(),
-                    generation.map_or("none".to_string(), |g| g.to_string()),
-                    self.file.display(),
-                );
-                return Err(journal_damaged(&path, &why));
-            }
-        }
-        if contents.cut > 0 {
-            tracing::warn!(journal = %path.display(), bytes = contents.cut, "the store journal ended in an unfinished write (never acknowledged); it was dropped");
-        }
-        let mut unfolded = Unfolded::default();
-        for (at, len, record) in &contents.records {
-            unfolded.replay(record, *at, *len);
-        }
-        let journal = Journal::reopen(&path, &contents, self.disk.clone()).map_err(io)?;
-        let next_seq = next_seq.max(unfolded.last_seq + 1);
-        let mut hot = Hot::new(journal, next_seq);
-        hot.unfolded = unfolded;
-        if !contents.records.is_empty() {
-            tracing::info!(records = contents.records.len(), "store journal replayed");
-        }
-        self.fold(&mut hot)?;
-        Ok(hot)
-    }
-
-    /// Runs `f` on the journal, first replacing a broken one unless an append is syncing.
-    fn with_hot<T>(&self, f: impl FnOnce(&mut Hot) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        let syncing = self.syncing.try_lock();
-        self.hot_then(syncing.is_ok(), f)
-    }
-
-    /// [`with_hot`](Self::with_hot) for a caller that holds `syncing`: a checkpoint may run.
-    fn with_hot_syncing<T>(
-        &self,
-        _syncing: &MutexGuard<()>,
-        f: impl FnOnce(&mut Hot) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        self.hot_then(true, f)
-    }
-
-    fn hot_then<T>(&self, may_fold: bool, f: impl FnOnce(&mut Hot) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        let mut guard = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
-        let hot = guard.as_mut().ok_or_else(|| StoreError::Write("the store journal is not open".into()))?;
-        if hot.broken && may_fold {
-            self.fold(hot)?;
-        }
-        f(hot)
-    }
-
-    /// Folds the journal into the file now (see [`fold`](Self::fold)).
-    fn checkpoint(&self) -> Result<(), StoreError> {
-        let syncing = self.syncing.lock().unwrap_or_else(PoisonError::into_inner);
-        self.with_hot_syncing(&syncing, |hot| self.fold(hot))
-    }
-
-    /// A checkpoint: writes what the journal holds that the file does not (waiting events,
-    /// deliveries, attempt counts, dedup keys, the next seq) into the file in one synced commit,
-    /// then starts the journal's next generation, empty. A crash between the two leaves the
-    /// old journal, which the file's generation marks as folded in (`open_journal` drops it).
-    fn fold(&self, hot: &mut Hot) -> Result<(), StoreError> {
-        if hot.unfolded.is_empty() && hot.journal.is_empty() && !hot.broken {
-            return Ok(());
-        }
-        let generation = hot.journal.generation() + 1;
-        let mut events = Vec::with_capacity(hot.unfolded.stored.len());
-        for (&seq, held) in &hot.unfolded.stored {
-            match hot.journal.load(held.at, held.len) {
-                Ok(Record::Stored { ev, seq: s }) if s == seq => events.push((seq, held.attempts, ev)),
-                Ok(_) => return Err(StoreError::Read(format!("journal record of event {seq} holds another record"))),
-                Err(e) => return Err(StoreError::Read(format!("journal {}: {e}", hot.journal.path().display()))),
-            }
-        }
-        let unfolded = &hot.unfolded;
-        let next_seq = hot.next_seq;
-        let done = self.write(Commit::Synced, |txn| {
-            let mut table = txn.open_table(EVENTS)?;
-            let mut waiting = txn.open_table(WAITING)?;
-            let dead = txn.open_table(DEAD)?;
-            for (seq, attempts, ev) in &events {
-                // Killed while in the journal, and the crash lost the journal's note of it.
-                if dead.get(*seq)?.is_some() {
-                    continue;
-                }
-                insert_event(&mut table, *seq, &[], ev)?;
-                waiting.insert(*seq, encode(&EventMeta::of(*seq, *attempts, ev))?.as_slice())?;
-            }
-            for &seq in &unfolded.delivered {
-                table.remove(seq)?;
-                waiting.remove(seq)?;
-            }
-            for (&seq, &attempts) in &unfolded.attempts {
-                set_attempts(&mut waiting, seq, attempts)?;
-            }
-            let mut dedup = txn.open_table(DEDUP)?;
-            for (key, &expiry) in &unfolded.dedup {
-                dedup.insert(key, expiry)?;
-            }
-            let mut meta = txn.open_table(META)?;
-            let stored = meta.get(NEXT_SEQ)?.map_or(1, |g| g.value());
-            meta.insert(NEXT_SEQ, stored.max(next_seq))?;
-            meta.insert(JOURNAL_GENERATION, generation)?;
-            Ok(())
-        });
-        if let Err(e) = done {
-            hot.fold_failed = Some(Instant::now());
-            return Err(e);
-        }
-        hot.unfolded = Unfolded::default();
-        hot.fold_failed = None;
-        // Everything is in the file now: the old journal may go even if its successor cannot
-        // be made yet; until it is, `broken` has every write try again first.
-        hot.broken = true;
-        hot.journal = Journal::create(self.dir(), generation, self.disk.clone())
-            .map_err(|e| StoreError::Write(format!("cannot start the store journal: {e}")))?;
-        hot.broken = false;
-        Ok(())
-    }
-
-    /// Folds the journal in when it has grown to [`FOLD_AT`]: after an append, whose events
-    /// are durable in the journal already, so a failure here is only logged.
-    fn fold_when_due(&self, hot: &mut Hot) {
-        if hot.journal.len() < FOLD_AT || hot.fold_failed.is_some_and(|t| t.elapsed() < FOLD_RETRY) {
-            return;
-        }
-        if let Err(e) = self.fold(hot) {
-            tracing::warn!(error = %e, "could not fold the store journal into the store file; will try again");
-        }
-    }
-
-    /// Writes journal records (not synced): deliveries and attempt counts, which a crash may
-    /// lose at the cost of a redelivery, as with the file's cheap commits.
-    fn note(&self, hot: &mut Hot, record: &RecordRef) -> Result<(), StoreError> {
-        hot.buf.clear();
-        journal::encode(&mut hot.buf, record).map_err(StoreError::Write)?;
-        let written = hot.journal.write(&hot.buf);
-        written.map_err(|e| StoreError::Write(format!("store journal: {e}")))
     }
 
     /// Writes the marker once, before the first event is stored: from then on a lost or
@@ -569,129 +384,6 @@ impl EmbeddedStore {
             Ok(Some(meta))
         })
     }
-
-    /// Runs a rare operation on the file directly: folds the journal in first, so the file
-    /// has every event, dedup key and the next seq, and takes the next seq back after.
-    fn cold<T>(&self, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
-        let syncing = self.syncing.lock().unwrap_or_else(PoisonError::into_inner);
-        self.with_hot_syncing(&syncing, |hot| {
-            self.fold(hot)?;
-            let out = f()?;
-            hot.next_seq = self.read(|txn| Ok(txn.open_table(META)?.get(NEXT_SEQ)?.map_or(1, |g| g.value())))?;
-            Ok(out)
-        })
-    }
-
-    /// Writes `batch` to the journal (not yet synced: the caller syncs it without holding the
-    /// journal): the hot path of every accepted webhook.
-    fn append_hot(&self, hot: &mut Hot, batch: &[NewEvent]) -> Result<(Vec<Appended>, Option<Written>), StoreError> {
-        // Dedup keys the journal has not seen are looked up in the file, in one read.
-        let unknown: Vec<[u8; 32]> =
-            batch.iter().filter(|ev| hot.unfolded.duplicate(ev).is_none()).filter_map(|ev| ev.dedup_key).collect();
-        let in_file: HashMap<[u8; 32], u64> = if unknown.is_empty() {
-            HashMap::new()
-        } else {
-            self.read(|txn| {
-                let dedup = txn.open_table(DEDUP)?;
-                let mut found = HashMap::new();
-                for key in &unknown {
-                    if let Some(expiry) = dedup.get(key)? {
-                        found.insert(*key, expiry.value());
-                    }
-                }
-                Ok(found)
-            })?
-        };
-        let base = hot.journal.len();
-        let mut buf = std::mem::take(&mut hot.buf);
-        buf.clear();
-        let mut out = Vec::with_capacity(batch.len());
-        // What to undo if the write fails: seqs added, and each dedup key's previous expiry.
-        let mut added = Vec::new();
-        let mut keys = Vec::new();
-        for ev in batch {
-            let duplicate = hot.unfolded.duplicate(ev).unwrap_or_else(|| {
-                ev.dedup_key.and_then(|k| in_file.get(&k)).is_some_and(|&expiry| expiry > ev.received_unix_ms)
-            });
-            if duplicate {
-                out.push(Appended::Duplicate);
-                continue;
-            }
-            let seq = hot.next_seq;
-            let start = buf.len();
-            journal::encode(&mut buf, &RecordRef::Stored { seq, ev }).map_err(StoreError::Write)?;
-            hot.next_seq += 1;
-            if let Some(key) = ev.dedup_key {
-                keys.push((key, hot.unfolded.dedup.get(&key).copied()));
-            }
-            let len = (buf.len() - start - 8) as u32;
-            hot.unfolded.store(seq, ev, base + start as u64 + 8, len);
-            added.push(seq);
-            out.push(Appended::Stored(seq));
-        }
-        if added.is_empty() {
-            hot.buf = buf;
-            return Ok((out, None));
-        }
-        let written = Written { added, keys, syncer: hot.journal.syncer() };
-        let result = hot.journal.write(&buf);
-        hot.buf = buf;
-        if let Err(e) = result {
-            // The journal cut the failed write off again (or is replaced if it could not).
-            written.undo(&mut hot.unfolded);
-            if hot.journal.len() != base {
-                hot.broken = true;
-            }
-            return Err(StoreError::Write(format!("store journal {}: {e}", hot.journal.path().display())));
-        }
-        Ok((out, Some(written)))
-    }
-}
-
-/// An append written to the journal and not yet synced: what to undo if the sync fails.
-struct Written {
-    added: Vec<u64>,
-    /// Each dedup key it recorded, with the expiry the journal had for it before.
-    keys: Vec<([u8; 32], Option<u64>)>,
-    syncer: journal::Syncer,
-}
-
-impl Written {
-    fn undo(&self, unfolded: &mut Unfolded) {
-        for seq in &self.added {
-            unfolded.stored.remove(seq);
-        }
-        for (key, previous) in self.keys.iter().rev() {
-            match previous {
-                Some(expiry) => unfolded.dedup.insert(*key, *expiry),
-                None => unfolded.dedup.remove(key),
-            };
-        }
-    }
-}
-
-/// The event `seq` that the journal holds.
-fn load_held(hot: &Hot, seq: u64) -> Result<NewEvent, StoreError> {
-    let held =
-        hot.unfolded.stored.get(&seq).ok_or_else(|| StoreError::Read(format!("event {seq} is not in the journal")))?;
-    match hot.journal.load(held.at, held.len) {
-        Ok(Record::Stored { seq: s, ev }) if s == seq => Ok(*ev),
-        Ok(_) => Err(StoreError::Read(format!("the journal record of event {seq} holds another record"))),
-        Err(e) => Err(StoreError::Read(format!("store journal {}: {e}", hot.journal.path().display()))),
-    }
-}
-
-impl Hot {
-    fn new(journal: Journal, next_seq: u64) -> Hot {
-        Hot { journal, unfolded: Unfolded::default(), next_seq, buf: Vec::new(), broken: false, fold_failed: None }
-    }
-}
-
-fn journal_damaged(path: &Path, why: &str) -> StoreError {
-    StoreError::Damaged(format!(
-        "the store journal {} cannot be used: {why}. The relay will not start on it, since acknowledged events may be in it. To recover: restore the store folder from a `whatsapp-relay store backup` copy (queue.redb and its marker), or, to accept losing what the journal held, move it away and start again.",
-        path.display()
-    ))
 }
 
 /// Sets a waiting event's attempt count (no-op if it is not waiting or already has it).
@@ -1021,22 +713,7 @@ impl QueueStore for EmbeddedStore {
             return Ok(Vec::new());
         }
         self.mark()?;
-        let syncing = self.syncing.lock().unwrap_or_else(PoisonError::into_inner);
-        let (out, written) = self.with_hot_syncing(&syncing, |hot| self.append_hot(hot, batch))?;
-        let Some(written) = written else { return Ok(out) };
-        let synced = written.syncer.sync();
-        self.with_hot_syncing(&syncing, |hot| {
-            if let Err(e) = synced {
-                // Not stored: forgotten, and the journal (which may hold their records, and
-                // deliveries noted since) is replaced at the next write, after a checkpoint of
-                // what is known. Seqs are not given out again: a gap is harmless.
-                written.undo(&mut hot.unfolded);
-                hot.broken = true;
-                return Err(StoreError::Write(format!("store journal {}: {e}", hot.journal.path().display())));
-            }
-            self.fold_when_due(hot);
-            Ok(out)
-        })
+        self.append_hot(batch)
     }
 
     fn append_replacing_dead(&self, batch: &[NewEvent], dead_seq: u64) -> Result<Vec<Appended>, StoreError> {
@@ -1055,11 +732,11 @@ impl QueueStore for EmbeddedStore {
     fn append_dead(&self, ev: &NewEvent, info: DeadInfo) -> Result<Appended, StoreError> {
         self.mark()?;
         self.with_hot(|hot| {
-            let in_file = match (hot.unfolded.duplicate(ev), ev.dedup_key) {
+            let in_file = match (hot.duplicate(ev), ev.dedup_key) {
                 (None, Some(key)) => self.read(|txn| Ok(txn.open_table(DEDUP)?.get(&key)?.map(|g| g.value())))?,
                 _ => None,
             };
-            let duplicate = hot.unfolded.duplicate(ev).unwrap_or(in_file.is_some_and(|e| e > ev.received_unix_ms));
+            let duplicate = hot.duplicate(ev).unwrap_or(in_file.is_some_and(|e| e > ev.received_unix_ms));
             if duplicate {
                 return Ok(Appended::Duplicate);
             }
@@ -1080,40 +757,27 @@ impl QueueStore for EmbeddedStore {
 
     fn pending(&self) -> Result<Vec<EventMeta>, StoreError> {
         self.with_hot(|hot| {
-            let mut out = self.read(|txn| {
+            let in_file = self.read(|txn| {
                 let waiting = txn.open_table(WAITING)?;
                 let mut out = Vec::with_capacity(waiting.len()? as usize);
                 for row in waiting.iter()? {
-                    let mut meta: EventMeta = decode(row?.1.value())?;
-                    if hot.unfolded.delivered.contains(&meta.seq) {
-                        continue;
-                    }
-                    if let Some(&n) = hot.unfolded.attempts.get(&meta.seq) {
-                        meta.attempts = n;
-                    }
-                    out.push(meta);
+                    out.push(decode(row?.1.value())?);
                 }
                 Ok(out)
             })?;
-            for (&seq, held) in &hot.unfolded.stored {
-                let ev = load_held(hot, seq)?;
-                out.push(EventMeta::of(seq, held.attempts, &ev));
-            }
-            out.sort_by_key(|m| m.seq);
-            Ok(out)
+            hot.pending(in_file)
         })
     }
 
     fn load(&self, seq: u64) -> Result<Option<Event>, StoreError> {
         self.with_hot(|hot| {
-            if let Some(held) = hot.unfolded.stored.get(&seq) {
-                let attempts = held.attempts;
-                return Ok(Some(Event { seq, attempts, ev: load_held(hot, seq)? }));
+            if let Some((ev, attempts)) = hot.load(seq)? {
+                return Ok(Some(Event { seq, attempts, ev }));
             }
-            if hot.unfolded.delivered.contains(&seq) {
+            if hot.delivered(seq) {
                 return Ok(None);
             }
-            let attempts = hot.unfolded.attempts.get(&seq).copied();
+            let attempts = hot.attempts_of(seq);
             self.read(|txn| {
                 let Some(ev) = txn.open_table(EVENTS)?.get(seq)? else {
                     return Ok(None);
@@ -1134,11 +798,11 @@ impl QueueStore for EmbeddedStore {
         }
         self.with_hot(|hot| {
             if !delivered.is_empty() {
-                self.note(hot, &RecordRef::Delivered(delivered))?;
+                hot.note(&RecordRef::Delivered(delivered))?;
                 hot.unfolded.deliver(delivered);
             }
             if !attempts.is_empty() {
-                self.note(hot, &RecordRef::Attempts(attempts))?;
+                hot.note(&RecordRef::Attempts(attempts))?;
                 hot.unfolded.attempt(attempts);
             }
             Ok(())
@@ -1147,18 +811,15 @@ impl QueueStore for EmbeddedStore {
 
     fn kill(&self, seq: u64, info: DeadInfo) -> Result<(), StoreError> {
         let in_journal = self.with_hot(|hot| {
-            if !hot.unfolded.stored.contains_key(&seq) {
-                return Ok(false);
-            }
+            let Some((ev, _)) = hot.load(seq)? else { return Ok(false) };
             // Into the dead letters (synced), then noted as gone from the queue; a crash
             // between the two leaves both, and the checkpoint skips events that are dead.
-            let ev = load_held(hot, seq)?;
             self.write(Commit::Synced, |txn| {
                 insert_event(&mut txn.open_table(DEAD)?, seq, &encode_info(info.clone())?, &ev)?;
                 Ok(())
             })?;
             hot.unfolded.deliver(&[seq]);
-            if let Err(e) = self.note(hot, &RecordRef::Delivered(&[seq])) {
+            if let Err(e) = hot.note(&RecordRef::Delivered(&[seq])) {
                 tracing::debug!(error = %e, "could not note a dead letter in the store journal");
             }
             Ok(true)
@@ -1278,20 +939,19 @@ impl QueueStore for EmbeddedStore {
         // the store.
         let dir = self.file.parent().unwrap_or(Path::new("."));
         let tmp = dir.join(format!(".backup-{}.redb", uuid::Uuid::new_v4()));
-        // The copy is of the file, so the journal is folded into it first (and the journal
-        // held meanwhile, so the copy is one moment of the queue).
-        let syncing = self.syncing.lock().unwrap_or_else(PoisonError::into_inner);
-        let result = self
-            .with_hot_syncing(&syncing, |hot| {
-                self.fold(hot)?;
-                self.read(|txn| copy_into(txn, &tmp))
-            })
-            .and_then(|summary| {
-                let file = std::fs::File::open(&tmp).map_err(|e| StoreError::Read(format!("backup file: {e}")))?;
-                Ok(Backup { file, summary })
-            });
+        // The copy is of the file, so the journal is folded into it first: the copy holds every
+        // event acknowledged before the backup began.
+        let result = self.checkpoint().and_then(|()| self.read(|txn| copy_into(txn, &tmp))).and_then(|summary| {
+            let file = std::fs::File::open(&tmp).map_err(|e| StoreError::Read(format!("backup file: {e}")))?;
+            Ok(Backup { file, summary })
+        });
         let _ = std::fs::remove_file(&tmp);
         result
+    }
+
+    fn maintain(&self, wait: Duration) -> bool {
+        self.maintain_for(wait);
+        true
     }
 
     fn writable(&self) -> bool {
@@ -1348,6 +1008,7 @@ fn copy_into(src: &ReadTransaction, dest: &Path) -> DbResult<BackupSummary> {
     {
         let mut meta = txn.open_table(META).map_err(|e| theirs(e.into()))?;
         meta.remove(JOURNAL_GENERATION).map_err(|e| theirs(e.into()))?;
+        meta.remove(STORE_ID).map_err(|e| theirs(e.into()))?;
     }
     txn.commit().map_err(|e| theirs(e.into()))?;
     drop(out);
@@ -1507,55 +1168,53 @@ pub fn check(dir: &Path) -> Result<Checked, StoreError> {
         }
         Err(panic) => return Err(preflight::damaged(&file, &format!("is damaged ({panic})"), &Marker::of(&file))),
     };
-    let unfolded = read_journal(&db, dir)?;
-    let in_file = |seq: &u64| -> Result<bool, StoreError> {
-        let txn = db.begin_read().map_err(|e| StoreError::Read(e.to_string()))?;
-        let waiting = txn.open_table(WAITING).map_err(|e| StoreError::Read(e.to_string()))?;
-        Ok(waiting.get(*seq).map_err(|e| StoreError::Read(e.to_string()))?.is_some())
-    };
-    let mut gone = 0;
-    for seq in &unfolded.delivered {
-        gone += u64::from(in_file(seq)?);
+    // What a start would replay: the waiting events are the file's with each journal's
+    // layer applied over them, oldest first.
+    let layers = read_journal(&db, dir)?;
+    if !layers.is_empty() {
+        let mut waiting: std::collections::BTreeSet<u64> = (|| -> DbResult<_> {
+            let txn = db.begin_read()?;
+            let rows = txn.open_table(WAITING)?;
+            let mut seqs = std::collections::BTreeSet::new();
+            for row in rows.iter()? {
+                seqs.insert(row?.0.value());
+            }
+            Ok(seqs)
+        })()
+        .map_err(|e| StoreError::Read(e.message))?;
+        for layer in &layers {
+            waiting.retain(|seq| !layer.delivered.contains(seq));
+            waiting.extend(layer.stored.keys());
+        }
+        checked.waiting = waiting.len() as u64;
     }
-    checked.waiting = checked.waiting - gone + unfolded.stored.len() as u64;
-    checked.bytes += std::fs::metadata(dir.join(journal::FILE_NAME)).map_or(0, |m| m.len());
+    for name in [journal::FILE_NAME, hot::FOLDING_NAME] {
+        checked.bytes += std::fs::metadata(dir.join(name)).map_or(0, |m| m.len());
+    }
     Ok(checked)
 }
 
-/// With no relay running: what the journal in `dir` holds that the file `db` does not have
-/// yet (as the next start would replay it); refused as damaged as a start would refuse it.
-fn read_journal(db: &Database, dir: &Path) -> Result<Unfolded, StoreError> {
-    let path = dir.join(journal::FILE_NAME);
-    let generation = (|| -> DbResult<Option<u64>> {
-        Ok(db.begin_read()?.open_table(META)?.get(JOURNAL_GENERATION)?.map(|g| g.value()))
+/// With no relay running: what the journals in `dir` hold that the file `db` does not have
+/// yet, oldest first (as the next start would replay them); refused as damaged as a start
+/// would refuse them.
+fn read_journal(db: &Database, dir: &Path) -> Result<Vec<Unfolded>, StoreError> {
+    let (generation, store_id) = (|| -> DbResult<(Option<u64>, Option<u64>)> {
+        let meta = db.begin_read()?.open_table(META)?;
+        Ok((meta.get(JOURNAL_GENERATION)?.map(|g| g.value()), meta.get(STORE_ID)?.map(|g| g.value())))
     })()
     .map_err(|e| StoreError::Read(e.message))?;
-    let mut unfolded = Unfolded::default();
-    match (journal::read(&path).map_err(|why| journal_damaged(&path, &why))?, generation) {
-        (None, Some(g)) => {
-            return Err(journal_damaged(
-                &path,
-                &format!("it is missing, and the store says journal {g} may hold acknowledged events"),
-            ));
-        }
-        (Some(c), Some(g)) if c.generation == g => {
+    // A file without an id has never had a journal: any journal beside it is another's.
+    let layers = hot::to_replay(dir, generation, store_id.unwrap_or(0))?;
+    Ok(layers
+        .iter()
+        .map(|(_, c)| {
+            let mut unfolded = Unfolded::default();
             for (at, len, record) in &c.records {
                 unfolded.replay(record, *at, *len);
             }
-        }
-        (Some(c), Some(g)) if c.generation < g => {}
-        (Some(c), g) if !c.records.is_empty() => {
-            let g = g.map_or("none".to_string(), |g| g.to_string());
-            let why = format!(
-                "it is generation {} with {} records, but the store expects generation {g}",
-                c.generation,
-                c.records.len()
-            );
-            return Err(journal_damaged(&path, &why));
-        }
-        _ => {}
-    }
-    Ok(unfolded)
+            unfolded
+        })
+        .collect())
 }
 
 /// `store backup` with no relay running: copies `dir`'s store file to `dest` directly. Fails
@@ -1563,7 +1222,7 @@ fn read_journal(db: &Database, dir: &Path) -> Result<Unfolded, StoreError> {
 pub fn backup_offline(dir: &Path, dest: &Path) -> Result<BackupSummary, StoreError> {
     let file = dir.join(FILE_NAME);
     let db = open_existing(&file, |_| {})?;
-    if !read_journal(&db, dir)?.is_empty() {
+    if read_journal(&db, dir)?.iter().any(|layer| !layer.is_empty()) {
         return Err(StoreError::Read(format!(
             "the store journal {} holds events not yet in {} (the relay did not stop cleanly): start the relay and stop it again (a clean stop folds the journal in), or take the backup while it runs",
             dir.join(journal::FILE_NAME).display(),
@@ -1613,6 +1272,195 @@ mod tests {
 
     fn open(dir: &tempfile::TempDir) -> EmbeddedStore {
         EmbeddedStore::open(dir.path()).unwrap()
+    }
+
+    fn journal_len(dir: &tempfile::TempDir) -> u64 {
+        std::fs::metadata(dir.path().join(journal::FILE_NAME)).unwrap().len()
+    }
+
+    fn generation(store: &EmbeddedStore) -> Option<u64> {
+        store.read(|txn| Ok(txn.open_table(META)?.get(JOURNAL_GENERATION)?.map(|g| g.value()))).unwrap()
+    }
+
+    #[test]
+    fn the_journals_events_outlive_a_crash_and_are_folded_in_at_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        assert_eq!(
+            stored(&store.append(&[ev("a", "c", b"1"), ev("b", "c", b"2"), ev("c", "d", b"3")]).unwrap()),
+            [1, 2, 3]
+        );
+        store.progress(&[1], &[(3, 2)]).unwrap();
+        assert_eq!(seqs(&store), [2, 3]);
+        assert!(journal_len(&dir) > journal::HEADER_LEN);
+        // The file has none of it yet: a crash now leaves it all in the journal.
+        drop(store);
+        assert_eq!(check(dir.path()).unwrap().waiting, 2, "check counts what the journal holds");
+        let store = open(&dir);
+        assert_eq!(journal_len(&dir), journal::HEADER_LEN, "replayed and folded in at open");
+        let pending = store.pending().unwrap();
+        assert_eq!(pending.iter().map(|m| (m.seq, m.attempts)).collect::<Vec<_>>(), [(2, 0), (3, 2)]);
+        assert_eq!(store.load(3).unwrap().unwrap().ev.body, &b"3"[..]);
+        assert_eq!(store.load(1).unwrap(), None);
+        assert_eq!(stored(&store.append(&[ev("e", "c", b"")]).unwrap()), [4], "seqs go on");
+    }
+
+    #[test]
+    fn a_full_journal_is_set_aside_folded_in_by_maintenance_and_read_through_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(&dir);
+        store.fold_at = 1;
+        let first = generation(&store).unwrap();
+        let folding = dir.path().join(hot::FOLDING_NAME);
+        store.append(&[deduped("a", 1, 100, 1_000), ev("b", "c", b"x")]).unwrap();
+        // Set aside, not yet in the file: a new journal takes appends; reads see both.
+        assert!(folding.exists());
+        assert_eq!(journal_len(&dir), journal::HEADER_LEN);
+        assert_eq!(generation(&store), Some(first));
+        assert!(store.read(|txn| Ok(txn.open_table(EVENTS)?.get(2)?.is_none())).unwrap());
+        assert_eq!(store.append(&[deduped("a-again", 1, 500, 1_000)]).unwrap(), [Appended::Duplicate]);
+        store.progress(&[1], &[(2, 4)]).unwrap();
+        assert_eq!(store.pending().unwrap().iter().map(|m| (m.seq, m.attempts)).collect::<Vec<_>>(), [(2, 4)]);
+        assert_eq!(store.load(2).unwrap().unwrap().attempts, 4);
+        assert_eq!(store.load(1).unwrap(), None);
+        // The maintenance thread's turn: folded in, and the set-aside file gone.
+        assert!(store.maintain(Duration::ZERO));
+        assert!(!folding.exists());
+        assert_eq!(generation(&store), Some(first + 1));
+        assert!(store.read(|txn| Ok(txn.open_table(EVENTS)?.get(2)?.is_some())).unwrap());
+        assert_eq!(
+            store.append(&[deduped("a-third", 1, 600, 1_000)]).unwrap(),
+            [Appended::Duplicate],
+            "the key is in the file"
+        );
+        assert_eq!(store.pending().unwrap().iter().map(|m| (m.seq, m.attempts)).collect::<Vec<_>>(), [(2, 4)]);
+        store.sync().unwrap();
+        assert!(store.read(|txn| Ok(txn.open_table(EVENTS)?.get(1)?.is_none())).unwrap());
+        assert_eq!(store.pending().unwrap().iter().map(|m| (m.seq, m.attempts)).collect::<Vec<_>>(), [(2, 4)]);
+    }
+
+    #[test]
+    fn a_crash_while_a_journal_is_set_aside_replays_both_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(&dir);
+        store.fold_at = 1;
+        store.append(&[ev("a", "c", b"1"), ev("b", "c", b"2")]).unwrap();
+        store.fold_at = FOLD_AT;
+        store.append(&[ev("c", "c", b"3")]).unwrap();
+        store.progress(&[1], &[(2, 3)]).unwrap(); // noted in the new journal, about the old one's events
+        assert!(dir.path().join(hot::FOLDING_NAME).exists());
+        drop(store); // as a crash: neither is in the file
+        assert_eq!(check(dir.path()).unwrap().waiting, 2);
+        let store = open(&dir);
+        assert!(!dir.path().join(hot::FOLDING_NAME).exists());
+        assert_eq!(journal_len(&dir), journal::HEADER_LEN);
+        assert_eq!(store.pending().unwrap().iter().map(|m| (m.seq, m.attempts)).collect::<Vec<_>>(), [(2, 3), (3, 0)]);
+        assert_eq!(stored(&store.append(&[ev("d", "c", b"")]).unwrap()), [4]);
+
+        // A crash between setting a journal aside and creating the next: only the set-aside one.
+        drop(store);
+        let store = open(&dir);
+        store.append(&[ev("e", "c", b"5")]).unwrap();
+        drop(store);
+        std::fs::rename(dir.path().join(journal::FILE_NAME), dir.path().join(hot::FOLDING_NAME)).unwrap();
+        let store = open(&dir);
+        assert_eq!(seqs(&store), [2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn a_journal_event_that_dies_goes_to_the_dead_letters_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        store.append(&[ev("a", "c", b"1"), ev("b", "c", b"2")]).unwrap();
+        store.kill(1, info(b"no".to_vec())).unwrap();
+        assert_eq!(seqs(&store), [2]);
+        assert_eq!(store.dead_letter(1).unwrap().unwrap().ev.delivery_id, "a");
+        drop(store);
+        let store = open(&dir);
+        assert_eq!(seqs(&store), [2]);
+        assert_eq!(store.dead_letters().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_store_without_a_journal_opens_with_its_events_and_starts_one() {
+        // The previous version's layout: events in the file, no journal, no generation.
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        store.append(&[ev("a", "c", b"1"), ev("b", "c", b"2")]).unwrap();
+        store.progress(&[1], &[]).unwrap();
+        store.sync().unwrap();
+        drop(store);
+        std::fs::remove_file(dir.path().join(journal::FILE_NAME)).unwrap();
+        {
+            let db = Database::open(dir.path().join(FILE_NAME)).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META).unwrap().remove(JOURNAL_GENERATION).unwrap();
+            txn.commit().unwrap();
+        }
+        let store = open(&dir);
+        assert_eq!(seqs(&store), [2]);
+        assert_eq!(generation(&store), Some(1));
+        assert_eq!(stored(&store.append(&[ev("c", "c", b"")]).unwrap()), [3]);
+    }
+
+    #[test]
+    fn a_lost_journal_or_one_of_another_store_stops_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        store.append(&[ev("a", "c", b"1")]).unwrap();
+        drop(store);
+        let journal = dir.path().join(journal::FILE_NAME);
+        let kept = std::fs::read(&journal).unwrap();
+        std::fs::remove_file(&journal).unwrap();
+        let Err(StoreError::Damaged(why)) = EmbeddedStore::open(dir.path()) else { panic!("opened") };
+        assert!(why.contains("queue.journal") && why.contains("missing"), "{why}");
+        assert!(check(dir.path()).is_err());
+        // Another store's journal with records in it.
+        let other = tempfile::tempdir().unwrap();
+        let mut s = open(&other);
+        s.fold_at = 1;
+        s.append(&[ev("x", "c", b"")]).unwrap();
+        s.append(&[ev("y", "c", b"")]).unwrap();
+        drop(s);
+        std::fs::write(other.path().join(journal::FILE_NAME), &kept).unwrap();
+        let Err(StoreError::Damaged(why)) = EmbeddedStore::open(other.path()) else { panic!("opened") };
+        assert!(why.contains("generation"), "{why}");
+        // A journal with no header.
+        std::fs::write(&journal, b"garbage").unwrap();
+        let Err(StoreError::Damaged(why)) = EmbeddedStore::open(dir.path()) else { panic!("opened") };
+        assert!(why.contains("not a journal"), "{why}");
+    }
+
+    #[test]
+    fn an_offline_backup_waits_for_a_journal_to_be_folded_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        store.append(&[ev("a", "c", b"1")]).unwrap();
+        drop(store); // as a crash: the journal holds the event
+        let dest = dir.path().join("copy.redb");
+        let e = backup_offline(dir.path(), &dest).unwrap_err();
+        assert!(e.to_string().contains("start the relay and stop it again"), "{e}");
+        let store = open(&dir); // folds it in
+        drop(store);
+        assert_eq!(backup_offline(dir.path(), &dest).unwrap().waiting, 1);
+    }
+
+    #[test]
+    fn a_failed_journal_write_stores_nothing_and_the_next_one_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = std::sync::Arc::new(super::super::fault::DiskFault::default());
+        let store = EmbeddedStore::open_on_faulty_disk(dir.path(), disk.clone()).unwrap();
+        store.append(&[deduped("a", 1, 100, 9_000)]).unwrap();
+        disk.set_full(true);
+        assert!(store.append(&[deduped("b", 2, 100, 9_000), ev("c", "c", b"")]).is_err());
+        disk.set_full(false);
+        assert_eq!(seqs(&store), [1]);
+        // Key 2 was not recorded: its event is stored now, not taken for a redelivery.
+        let r = store.append(&[deduped("b", 2, 200, 9_000)]).unwrap();
+        assert!(matches!(r[..], [Appended::Stored(_)]), "{r:?}");
+        drop(store);
+        let store = open(&dir);
+        assert_eq!(store.pending().unwrap().iter().map(|m| m.delivery_id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
     }
 
     fn stored(results: &[Appended]) -> Vec<u64> {
