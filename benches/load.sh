@@ -94,7 +94,8 @@ fi
 TARGET_DIR=$(cargo metadata --format-version 1 --no-deps 2>/dev/null |
     sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 TARGET_DIR=${TARGET_DIR:-$ROOT/target}
-RELAY_BIN="$TARGET_DIR/release/whatsapp-relay"
+# RELAY_BIN=PATH measures another build of the relay (an earlier version, for a before/after).
+RELAY_BIN=${RELAY_BIN:-"$TARGET_DIR/release/whatsapp-relay"}
 MOTION_BIN="$TARGET_DIR/release/examples/bench_motion"
 BARE_BIN="$TARGET_DIR/release/examples/bench_bare_proxy"
 [[ -x $RELAY_BIN && -x $MOTION_BIN && -x $BARE_BIN ]] || die "binaries missing in $TARGET_DIR/release (drop --no-build)"
@@ -467,7 +468,11 @@ colsum() { awk -v c="$2" '{ s += $c } END { print s + 0 }' "$1"; }
 
 NG_RPS=$(median "$TMP/results.1" 1)
 NG_P99=$(median "$TMP/results.1" 3)
-DIRECT_RPS=$(median "$TMP/results.0" 1)
+# The relay's own direct mode, (c): what "ratio to direct" compares with.
+DIRECT_RPS=-
+for i in "${!T_NAME[@]}"; do
+    [[ ${T_NAME[$i]} == "(c) "* ]] && DIRECT_RPS=$(median "$TMP/results.$i" 1)
+done
 FAIL=0
 {
     echo

@@ -3,8 +3,10 @@
 //! capped at one request per fsync.
 //!
 //! Owns the writer thread (a plain `std::thread`: the store blocks on disk I/O and must not
-//! hold a tokio worker), a second one for the store's background work off the append path
-//! ([`QueueStore::maintain`]: the embedded store folds its journal in there), and the grouping policy: take everything waiting, up to
+//! hold a tokio worker), the sync thread that makes each written group durable, runs the hook
+//! and answers while the writer writes the next group ([`QueueStore::append_unsynced`]), a
+//! thread for the store's background work ([`QueueStore::maintain`]: the embedded store folds
+//! its journal in there), and the grouping policy: take everything waiting, up to
 //! [`MAX_GROUP_EVENTS`] events or [`MAX_GROUP_BYTES`], in arrival order.
 //!
 //! Must never: answer a submitter before the group's `append` has returned, answer one with
@@ -18,7 +20,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Appended, NewEvent, QueueStore, StoreError};
+use super::{Appended, NewEvent, QueueStore, StoreError, Unsynced};
 
 /// Bounds on one group, so one commit (and the latency of everyone in it) stays bounded.
 pub const MAX_GROUP_EVENTS: usize = 1024;
@@ -70,7 +72,7 @@ impl GroupCommit {
             .expect("spawn the store maintenance thread");
         let writer = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || write_loop(&*store, rx, &on_commit))
+            .spawn(move || write_loop(&*store, rx, on_commit))
             .expect("spawn the store writer thread");
         GroupCommit { tx: Mutex::new(Some(tx)), writer: Some(writer), maintainer: Some(maintainer), stop }
     }
@@ -132,24 +134,49 @@ impl Drop for GroupCommit {
     }
 }
 
-fn write_loop(store: &dyn QueueStore, mut rx: mpsc::Receiver<Job>, on_commit: &OnCommit) {
+/// A group written by the writer thread, for the sync thread to make durable and answer.
+struct Sealed {
+    events: Vec<NewEvent>,
+    /// The store's answer so far; its sync still to come if `unsynced` is set.
+    results: Result<Vec<Appended>, StoreError>,
+    unsynced: Option<Box<dyn Unsynced>>,
+    /// Whether the commit hook runs for it (a replay that found its dead letter gone does not).
+    hook: bool,
+    replies: Vec<(usize, Reply)>,
+}
+
+/// Writes groups in submission order and hands each to the sync thread, which syncs them,
+/// runs the hook and answers, in the same order. The next group is written while the previous
+/// one syncs: a fixed fsync cost no longer adds to the writing of every group.
+fn write_loop(store: &dyn QueueStore, mut rx: mpsc::Receiver<Job>, on_commit: OnCommit) {
+    // At most one group waits while another syncs: the writer stays a group ahead, no more.
+    let (to_sync, sealed) = std::sync::mpsc::sync_channel::<Sealed>(1);
+    let syncer = std::thread::Builder::new()
+        .name("store-sync".into())
+        .spawn(move || {
+            for group in sealed {
+                answer(group, &on_commit);
+            }
+        })
+        .expect("spawn the store sync thread");
     // A job that did not fit in the previous group opens the next one.
     let mut carried: Option<Job> = None;
     loop {
         let Some(first) = carried.take().or_else(|| rx.blocking_recv()) else {
-            return; // closed and drained
+            break; // closed and drained
         };
         if let Some(dead_seq) = first.replaces_dead {
-            let answer = match store.append_replacing_dead(&first.batch, dead_seq) {
-                Ok(r) if r.is_empty() => Ok(r),
-                Ok(r) if r.len() == first.batch.len() => {
-                    on_commit(first.batch, &r);
-                    Ok(r)
-                }
+            let results = match store.append_replacing_dead(&first.batch, dead_seq) {
+                Ok(r) if r.is_empty() || r.len() == first.batch.len() => Ok(r),
                 Ok(r) => Err(mismatch(r.len(), first.batch.len())),
                 Err(e) => Err(e),
             };
-            let _ = first.reply.send(answer);
+            let hook = results.as_ref().is_ok_and(|r| !r.is_empty());
+            let replies = vec![(first.batch.len(), first.reply)];
+            let group = Sealed { events: first.batch, results, unsynced: None, hook, replies };
+            if to_sync.send(group).is_err() {
+                break;
+            }
             continue;
         }
         let (mut count, mut bytes) = (first.batch.len(), weight(&first.batch));
@@ -170,21 +197,50 @@ fn write_loop(store: &dyn QueueStore, mut rx: mpsc::Receiver<Job>, on_commit: &O
             replies.push((job.batch.len(), job.reply));
             events.extend(job.batch); // moves: bodies are refcounted `Bytes`, not copied
         }
-        let mut results = match store.append(&events) {
-            Ok(r) if r.len() == events.len() => {
-                on_commit(events, &r);
-                Ok(r.into_iter())
+        let (results, unsynced) = match store.append_unsynced(&events) {
+            Ok((r, unsynced)) if r.len() == events.len() => (Ok(r), unsynced),
+            Ok((r, unsynced)) => {
+                // Not answered as stored, but whatever was written is synced (or refused).
+                if let Some(u) = unsynced {
+                    let _ = u.sync();
+                }
+                (Err(mismatch(r.len(), events.len())), None)
             }
-            Ok(r) => Err(mismatch(r.len(), events.len())),
-            Err(e) => Err(e),
+            Err(e) => (Err(e), None),
         };
-        for (n, reply) in replies {
-            // A submitter that stopped waiting (request cancelled) is no reason to stop.
-            let _ = reply.send(match &mut results {
-                Ok(it) => Ok(it.by_ref().take(n).collect()),
-                Err(e) => Err(e.clone()),
-            });
+        let group = Sealed { events, results, unsynced, hook: true, replies };
+        if to_sync.send(group).is_err() {
+            break;
         }
+    }
+    drop(to_sync);
+    if syncer.join().is_err() {
+        tracing::error!("the store sync thread panicked");
+    }
+}
+
+/// Syncs a group, runs the hook if it was stored, and answers its submitters.
+fn answer(group: Sealed, on_commit: &OnCommit) {
+    let Sealed { events, results, unsynced, hook, replies } = group;
+    let results = match (results, unsynced) {
+        (Ok(r), Some(u)) => u.sync().map(|()| r),
+        (results, _) => results,
+    };
+    let mut results = match results {
+        Ok(r) => {
+            if hook {
+                on_commit(events, &r);
+            }
+            Ok(r.into_iter())
+        }
+        Err(e) => Err(e),
+    };
+    for (n, reply) in replies {
+        // A submitter that stopped waiting (request cancelled) is no reason to stop.
+        let _ = reply.send(match &mut results {
+            Ok(it) => Ok(it.by_ref().take(n).collect()),
+            Err(e) => Err(e.clone()),
+        });
     }
 }
 

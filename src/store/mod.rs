@@ -71,6 +71,15 @@ pub enum StoreError {
     Unreachable(String),
 }
 
+/// What [`QueueStore::append_unsynced`] answers: the results, and what makes them durable.
+pub type WrittenAppend = (Vec<Appended>, Option<Box<dyn Unsynced>>);
+
+/// Appends written and not yet durable (see [`QueueStore::append_unsynced`]).
+pub trait Unsynced: Send {
+    /// Makes them durable; on `Err` they were not stored.
+    fn sync(self: Box<Self>) -> Result<(), StoreError>;
+}
+
 /// Which conversations this relay may deliver now, as the backend grants them. The embedded
 /// store holds everything ([`HoldAll`]); a shared store holds conversations by lease, and one
 /// relay at a time holds each.
@@ -274,6 +283,12 @@ pub trait QueueStore: Send + Sync + 'static {
     /// Dedup keys are checked and inserted in the same transaction (also among events of the
     /// same call). Sequence numbers are strictly increasing across calls and restarts.
     fn append(&self, batch: &[NewEvent]) -> Result<Vec<Appended>, StoreError>;
+    /// [`append`](Self::append) in two steps, so the next group can be written while this one
+    /// is being synced: the results, and what makes them durable (`None`: they already are).
+    /// A result counts only once that returns `Ok`: until then nothing may be acknowledged.
+    fn append_unsynced(&self, batch: &[NewEvent]) -> Result<WrittenAppend, StoreError> {
+        self.append(batch).map(|r| (r, None))
+    }
     /// Like `append`, deleting dead letter `dead_seq` in the same transaction: a dead letter
     /// replayed as new events (an unowned one, rerouted) can neither be lost nor sent twice by a
     /// crash in between. Writes nothing and returns an empty list when that dead letter is gone

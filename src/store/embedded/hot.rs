@@ -18,14 +18,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::{Arc, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use redb::ReadableTable;
 
 use super::super::journal::{self, Journal, Record, RecordRef};
 use super::super::unfolded::{Held, Unfolded};
-use super::super::{Appended, EventMeta, NewEvent, StoreError};
+use super::super::{Appended, EventMeta, NewEvent, StoreError, Unsynced, WrittenAppend};
 use super::{
     Commit, DEAD, DEDUP, EVENTS, EmbeddedStore, JOURNAL_GENERATION, META, NEXT_SEQ, STORE_ID, WAITING, encode,
     insert_event, open_error, set_attempts,
@@ -64,6 +64,67 @@ pub(super) struct Written {
     /// Each dedup key it recorded, with the expiry the journal had for it before.
     keys: Vec<([u8; 32], Option<u64>)>,
     syncer: journal::Syncer,
+}
+
+/// How many appends are written and not yet synced.
+#[derive(Default)]
+pub(super) struct InFlight {
+    count: Mutex<usize>,
+    none: Condvar,
+}
+
+impl InFlight {
+    fn add(&self) {
+        *self.count.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+    }
+
+    fn done(&self) {
+        let mut n = self.count.lock().unwrap_or_else(PoisonError::into_inner);
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.none.notify_all();
+        }
+    }
+
+    /// Waits until every append written is synced (or refused). Called holding `syncing`,
+    /// so no new one starts meanwhile.
+    fn wait_none(&self) {
+        let n = self.count.lock().unwrap_or_else(PoisonError::into_inner);
+        drop(self.none.wait_while(n, |n| *n > 0).unwrap_or_else(PoisonError::into_inner));
+    }
+}
+
+/// An append written to the journal, on its way to the sync (see `append_unsynced`).
+struct PendingSync {
+    written: Written,
+    hot: Arc<Mutex<Option<Hot>>>,
+    in_flight: Arc<InFlight>,
+}
+
+impl Unsynced for PendingSync {
+    fn sync(self: Box<Self>) -> Result<(), StoreError> {
+        let synced = self.written.syncer.sync();
+        let result = match synced {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // Not stored: forgotten, and the journal (which may hold their records, and
+                // deliveries noted since) is replaced before the next append, after a
+                // checkpoint of what is known. Seqs are not given out again: a gap is harmless.
+                let mut guard = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
+                let path = match guard.as_mut() {
+                    Some(hot) => {
+                        self.written.undo(&mut hot.unfolded);
+                        hot.broken = true;
+                        hot.journal.path().display().to_string()
+                    }
+                    None => String::new(),
+                };
+                Err(StoreError::Write(format!("store journal {path}: {e}")))
+            }
+        };
+        self.in_flight.done();
+        result
+    }
 }
 
 /// Where the layers say an event is.
@@ -389,6 +450,7 @@ impl EmbeddedStore {
     }
 
     pub(super) fn checkpoint_holding(&self, _syncing: &MutexGuard<()>) -> Result<(), StoreError> {
+        self.in_flight.wait_none();
         self.finish_folding()?;
         self.with_hot(|hot| self.fold_now(hot))
     }
@@ -405,11 +467,24 @@ impl EmbeddedStore {
         })
     }
 
-    /// Stores `batch`, synced: the hot path of every accepted webhook.
-    pub(super) fn append_hot(&self, batch: &[NewEvent]) -> Result<Vec<Appended>, StoreError> {
+    /// Writes `batch` to the journal and hands back what syncs it: the hot path of every
+    /// accepted webhook. The sync runs without the journal (deliveries are noted meanwhile) and
+    /// may overlap the writing of the next group; checkpoints wait for it.
+    pub(super) fn append_hot(&self, batch: &[NewEvent]) -> Result<WrittenAppend, StoreError> {
         let syncing = self.syncing.lock().unwrap_or_else(PoisonError::into_inner);
-        if self.with_hot(|hot| Ok(hot.broken))? {
+        let (broken, due) = self.with_hot(|hot| {
+            let due = !hot.journal.is_empty()
+                && hot.journal.len() >= self.fold_at
+                && hot.fold_failed.is_none_or(|t| t.elapsed() >= FOLD_RETRY);
+            Ok((hot.broken, due))
+        })?;
+        if broken {
             self.checkpoint_holding(&syncing)?;
+        } else if due {
+            // What is already acknowledged is durable in the journal: a failure is only logged.
+            if let Err(e) = self.set_aside(&syncing) {
+                tracing::warn!(error = %e, "could not fold the store journal into the store file; will try again");
+            }
         }
         // Dedup keys the journals have not seen are looked up in the file, in one read.
         let unknown = self.with_hot(|hot| {
@@ -430,33 +505,18 @@ impl EmbeddedStore {
             })?
         };
         let (out, written) = self.with_hot(|hot| hot.write_batch(batch, &in_file))?;
-        let Some(written) = written else { return Ok(out) };
-        // Synced without holding the journal: deliveries are noted meanwhile.
-        let synced = written.syncer.sync();
-        let due = self.with_hot(|hot| {
-            if let Err(e) = synced {
-                // Not stored: forgotten, and the journal (which may hold their records, and
-                // deliveries noted since) is replaced before the next append, after a checkpoint
-                // of what is known. Seqs are not given out again: a gap is harmless.
-                written.undo(&mut hot.unfolded);
-                hot.broken = true;
-                return Err(StoreError::Write(format!("store journal {}: {e}", hot.journal.path().display())));
-            }
-            Ok(hot.journal.len() >= self.fold_at && hot.fold_failed.is_none_or(|t| t.elapsed() >= FOLD_RETRY))
-        })?;
-        if due {
-            // The events are durable in the journal already: a failed checkpoint is only logged.
-            if let Err(e) = self.set_aside(&syncing) {
-                tracing::warn!(error = %e, "could not fold the store journal into the store file; will try again");
-            }
-        }
-        Ok(out)
+        let Some(written) = written else { return Ok((out, None)) };
+        self.in_flight.add();
+        let pending = PendingSync { written, hot: self.hot.clone(), in_flight: self.in_flight.clone() };
+        Ok((out, Some(Box::new(pending))))
     }
 
     /// Starts a checkpoint without stalling appends: the journal is set aside and a new one
     /// takes over; the maintenance thread folds the old one in (or the next checkpoint, if
     /// none runs). A fold still in progress is finished first.
     fn set_aside(&self, _syncing: &MutexGuard<()>) -> Result<(), StoreError> {
+        // Only synced records are set aside: a refused one must not reach the file.
+        self.in_flight.wait_none();
         self.finish_folding()?;
         let dir = self.dir().to_path_buf();
         let folding_path = dir.join(FOLDING_NAME);

@@ -1,5 +1,7 @@
 //! [`EmbeddedStore`]: the default [`Store`] backend, one redb file (`queue.redb`) under
-//! `[storage] path`.
+//! `[storage] path`, with a journal in front of it (`queue.journal`; the hot path, in `hot`):
+//! accepted events and deliveries go to the journal and are folded into the file at
+//! checkpoints.
 //!
 //! Owns the on-disk layout (tables below), the choice of durability per operation, and
 //! recovery: repair after an unclean shutdown (redb does it inside `open`) and re-opening the
@@ -10,9 +12,11 @@
 //! let a cheap (unsynced) commit stand in for a synced one.
 //!
 //! Durability choices:
-//! - `append`, `append_dead`, `kill`, `revive`, `purge_dead`, `sync`: `Durability::Immediate`
+//! - `append`: the journal, synced (fdatasync) before it returns; `progress`: the journal, not
+//!   synced (see `hot`).
+//! - `append_dead`, `kill`, `revive`, `purge_dead`, `sync`, checkpoints: `Durability::Immediate`
 //!   (fdatasync before `commit` returns): the provider's 2xx and the admin's answer rely on it.
-//! - `progress`, `window_touch`, `prune_*`: `Durability::None`, which only
+//! - `window_touch`, `prune_*`: `Durability::None`, which only
 //!   makes the change visible; the next `Immediate` commit (any of the above, `sync()`, or the
 //!   one redb makes when the handle is dropped) persists it along with its own data. Losing
 //!   one in a crash means a redelivery (at-least-once) or a stale counter, never a lost event.
@@ -39,7 +43,9 @@
 //!   event bytes without decoding them;
 //! - `dedup`:   key -> expiry (unix ms); `window`: key -> last inbound (unix ms);
 //! - `meta`:    "next_seq" -> the next sequence number (seqs start at 1, never reused);
-//!   "format" -> the version of the record encodings above (`FORMAT`).
+//!   "format" -> the version of the record encodings above (`FORMAT`); "journal_generation"
+//!   -> the generation of the first journal the file has not folded in; "store_id" -> a random
+//!   id that this store's journals carry in their headers.
 //!
 //! Record formats: 1 stored a dead letter's reason and an unowned event's origin as text; 2
 //! stores them typed ([`DeadReason`], [`Unowned`]), and a waiting event's weight in bytes. A format-1 file is migrated at open, in
@@ -47,7 +53,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Condvar, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use redb::{
@@ -66,7 +72,7 @@ use super::preflight::{self, Found};
 use super::unfolded::Unfolded;
 use super::{
     Appended, Backup, BackupSummary, DeadInfo, DeadLetter, DeadReason, Event, EventMeta, MAX_ANSWER, NewEvent,
-    QueueStore, StoreError, Unowned, WindowStore,
+    QueueStore, StoreError, Unowned, WindowStore, WrittenAppend,
 };
 
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
@@ -148,7 +154,7 @@ pub struct EmbeddedStore {
     /// the first event is stored.
     marked: AtomicBool,
     /// The journal and what it holds that the file does not yet. `None` only while opening.
-    hot: Mutex<Option<Hot>>,
+    hot: Arc<Mutex<Option<Hot>>>,
     /// Journal length that triggers a checkpoint ([`FOLD_AT`]; tests make it small).
     fold_at: u64,
     /// Signalled when a journal is set aside for the maintenance thread to fold in.
@@ -159,6 +165,9 @@ pub struct EmbeddedStore {
     /// deliveries are noted meanwhile) and by a checkpoint, which must not fold records in
     /// whose sync may still fail. Taken before `hot`.
     syncing: Mutex<()>,
+    /// Appends written and not yet synced (see [`QueueStore::append_unsynced`]): a checkpoint
+    /// waits for none to be left.
+    in_flight: Arc<hot::InFlight>,
 }
 
 /// Dedup keys one `prune_dedup` call looks at: the sweep holds the writer, so it goes in slices
@@ -195,7 +204,8 @@ impl EmbeddedStore {
             prune_from: Mutex::new(None),
             prune_slice: PRUNE_SLICE,
             marked: AtomicBool::new(false),
-            hot: Mutex::new(None),
+            hot: Arc::new(Mutex::new(None)),
+            in_flight: Arc::new(hot::InFlight::default()),
             syncing: Mutex::new(()),
             fold_at: FOLD_AT,
             folds: Condvar::new(),
@@ -711,6 +721,17 @@ impl QueueStore for EmbeddedStore {
     fn append(&self, batch: &[NewEvent]) -> Result<Vec<Appended>, StoreError> {
         if batch.is_empty() {
             return Ok(Vec::new());
+        }
+        let (out, unsynced) = self.append_unsynced(batch)?;
+        match unsynced {
+            Some(unsynced) => unsynced.sync().map(|()| out),
+            None => Ok(out),
+        }
+    }
+
+    fn append_unsynced(&self, batch: &[NewEvent]) -> Result<WrittenAppend, StoreError> {
+        if batch.is_empty() {
+            return Ok((Vec::new(), None));
         }
         self.mark()?;
         self.append_hot(batch)
@@ -1313,12 +1334,13 @@ mod tests {
         let first = generation(&store).unwrap();
         let folding = dir.path().join(hot::FOLDING_NAME);
         store.append(&[deduped("a", 1, 100, 1_000), ev("b", "c", b"x")]).unwrap();
+        assert!(!folding.exists(), "set aside by the next append, before it writes");
         // Set aside, not yet in the file: a new journal takes appends; reads see both.
+        assert_eq!(store.append(&[deduped("a-again", 1, 500, 1_000)]).unwrap(), [Appended::Duplicate]);
         assert!(folding.exists());
         assert_eq!(journal_len(&dir), journal::HEADER_LEN);
         assert_eq!(generation(&store), Some(first));
         assert!(store.read(|txn| Ok(txn.open_table(EVENTS)?.get(2)?.is_none())).unwrap());
-        assert_eq!(store.append(&[deduped("a-again", 1, 500, 1_000)]).unwrap(), [Appended::Duplicate]);
         store.progress(&[1], &[(2, 4)]).unwrap();
         assert_eq!(store.pending().unwrap().iter().map(|m| (m.seq, m.attempts)).collect::<Vec<_>>(), [(2, 4)]);
         assert_eq!(store.load(2).unwrap().unwrap().attempts, 4);
@@ -1345,8 +1367,8 @@ mod tests {
         let mut store = open(&dir);
         store.fold_at = 1;
         store.append(&[ev("a", "c", b"1"), ev("b", "c", b"2")]).unwrap();
+        store.append(&[ev("c", "c", b"3")]).unwrap(); // sets the first journal aside, then writes
         store.fold_at = FOLD_AT;
-        store.append(&[ev("c", "c", b"3")]).unwrap();
         store.progress(&[1], &[(2, 3)]).unwrap(); // noted in the new journal, about the old one's events
         assert!(dir.path().join(hot::FOLDING_NAME).exists());
         drop(store); // as a crash: neither is in the file
