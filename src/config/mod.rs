@@ -339,7 +339,7 @@ fn parse_with(path: &Path, text: &str, secrets: Secrets) -> Result<Config, Confi
         secrets_seen: HashMap::new(),
         inline_secrets: (0, None),
     }
-    .config(file);
+    .config(&file);
     let validated = started.elapsed();
     tracing::debug!(
         parse_ms = parsed.as_secs_f64() * 1000.0,
@@ -390,16 +390,16 @@ struct Validator<'a> {
     /// Verification settings of each `[[meta_app]]`, which its accounts inherit.
     apps: HashMap<String, (VerifierConfig, Option<Secret>)>,
     /// `phone_number_id` -> the account (motion/id) that claims it.
-    phone_ids: HashMap<String, String>,
+    phone_ids: HashMap<&'a str, &'a str>,
     /// (setting, SHA-256 of a verification secret) -> the first (motion, account) using it.
-    secrets_seen: HashMap<(&'static str, [u8; 32]), (String, String)>,
+    secrets_seen: HashMap<(&'static str, [u8; 32]), (&'a str, &'a str)>,
     /// Inline secrets: how many, and where the first is (one warning for all of them).
     inline_secrets: (usize, Option<std::ops::Range<usize>>),
 }
 
 type R<T> = Result<T, ConfigError>;
 
-impl Validator<'_> {
+impl<'a> Validator<'a> {
     fn err<T>(&self, span: std::ops::Range<usize>, msg: impl Into<String>) -> R<T> {
         Err(self.loc.error(Some(span), msg))
     }
@@ -518,7 +518,11 @@ impl Validator<'_> {
         Ok(uri)
     }
 
-    fn config(mut self, f: schema::File) -> R<Config> {
+    fn config(mut self, f: &'a schema::File) -> R<Config> {
+        // Sized once for the whole file: growing them account by account rehashes each a dozen times.
+        let accounts = f.motion.iter().map(|m| m.account.len()).sum();
+        self.phone_ids.reserve(accounts);
+        self.secrets_seen.reserve(accounts);
         let mut server = self.server(&f.server)?;
         let storage_path = PathBuf::from(f.storage.path.as_deref().unwrap_or(DEFAULT_STORAGE));
         let storage = self.storage(&f.storage)?;
@@ -908,19 +912,19 @@ impl Validator<'_> {
         Ok(h)
     }
 
-    fn motion(&mut self, m: &schema::Motion, delivery: &Delivery) -> R<Motion> {
+    fn motion(&mut self, m: &'a schema::Motion, delivery: &Delivery) -> R<Motion> {
         let name = self.segment(&m.name, "motion name")?;
         if RESERVED.contains(&name.as_str()) {
             return self
                 .err(m.name.span(), format!("motion name {name:?} is reserved (meta, admin, healthz, outbound)"));
         }
         let url = self.url(&m.url, "motion url")?;
-        let mut ids = HashSet::new();
+        let mut ids = HashSet::with_capacity(m.account.len());
         let mut accounts = Vec::with_capacity(m.account.len());
         for a in &m.account {
             let (acc, settings) = self.account(a)?;
-            self.shared_secrets(&name, &acc, &settings, a.id.span());
-            if !ids.insert(acc.id.clone()) {
+            self.shared_secrets(m.name.get_ref(), a, &acc, &settings);
+            if !ids.insert(a.id.get_ref().as_str()) {
                 return self.err(a.id.span(), format!("duplicate account id {:?} in motion {name:?}", acc.id));
             }
             accounts.push(Arc::new(acc));
@@ -989,7 +993,7 @@ impl Validator<'_> {
     /// Warns when an account of another Motion verifies with the same secret: signatures do not
     /// name the account, so each would accept webhooks signed for the other (one tenant could
     /// replay its own into the other's Motion). App accounts share their app's on purpose.
-    fn shared_secrets(&mut self, motion: &str, acc: &Account, v: &VerifierConfig, span: std::ops::Range<usize>) {
+    fn shared_secrets(&mut self, motion: &'a str, raw: &'a schema::Account, acc: &Account, v: &VerifierConfig) {
         use sha2::Digest;
         if acc.app.is_some() {
             return;
@@ -1006,24 +1010,24 @@ impl Validator<'_> {
             let Some(value) = value else { continue };
             let key = (field, sha2::Sha256::digest(value.as_bytes()).into());
             match self.secrets_seen.get(&key) {
-                Some((m, other)) if m != motion => {
+                Some(&(m, other)) if m != motion => {
                     let msg = format!(
                         "account {:?} of motion {motion:?} has the same {field} as account {other:?} of motion {m:?}: \
                          each accepts webhooks signed for the other; give each tenant its own secret",
                         acc.id
                     );
-                    self.warn(span.clone(), msg);
+                    self.warn(raw.id.span(), msg);
                 }
                 Some(_) => {}
                 None => {
-                    self.secrets_seen.insert(key, (motion.to_string(), acc.id.clone()));
+                    self.secrets_seen.insert(key, (motion, raw.id.get_ref()));
                 }
             }
         }
     }
 
     /// The account, and the resolved settings its verifier was built from.
-    fn account(&mut self, a: &schema::Account) -> R<(Account, VerifierConfig)> {
+    fn account(&mut self, a: &'a schema::Account) -> R<(Account, VerifierConfig)> {
         let id = self.segment(&a.id, "account id")?;
         let Some(provider) = ProviderKind::parse(a.provider.get_ref()) else {
             return self.err(
@@ -1081,7 +1085,7 @@ impl Validator<'_> {
             }
         }
         if let Some(p) = &a.phone_number_id {
-            if let Some(other) = self.phone_ids.insert(p.get_ref().clone(), id.clone()) {
+            if let Some(other) = self.phone_ids.insert(p.get_ref(), a.id.get_ref()) {
                 return self.err(
                     p.span(),
                     format!("phone_number_id {:?} is already claimed by account {other:?}", p.get_ref()),
