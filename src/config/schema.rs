@@ -4,9 +4,64 @@
 
 use super::units::{Dur, Size};
 use serde::Deserialize;
-use toml::Spanned;
+use std::cell::Cell;
+use std::ops::Range;
 
-pub type S<T> = Spanned<T>;
+/// A value and its byte range in the file: `toml::Spanned`'s, moved by the offset of the part
+/// of the file it was parsed from (`parse_file` parses a large file Motion by Motion).
+pub struct S<T> {
+    span: Range<usize>,
+    value: T,
+}
+
+impl<T> S<T> {
+    pub fn get_ref(&self) -> &T {
+        &self.value
+    }
+
+    pub fn span(&self) -> Range<usize> {
+        self.span.clone()
+    }
+}
+
+thread_local! {
+    /// Where in the file the text being parsed on this thread starts.
+    static OFFSET: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Spans read while this lives are moved by `offset` (back to 0 when it is dropped, whatever
+/// happens meanwhile).
+pub struct Offset(());
+
+impl Offset {
+    pub fn set(offset: usize) -> Offset {
+        OFFSET.with(|o| o.set(offset));
+        Offset(())
+    }
+}
+
+impl Drop for Offset {
+    fn drop(&mut self) {
+        OFFSET.with(|o| o.set(0));
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for S<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let spanned = toml::Spanned::<T>::deserialize(d)?;
+        let offset = OFFSET.with(Cell::get);
+        let Range { start, end } = spanned.span();
+        Ok(S { span: start + offset..end + offset, value: spanned.into_inner() })
+    }
+}
+
+/// A part of the file that holds only Motions (from a `[[motion]]` line on).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Motions {
+    #[serde(default)]
+    pub motion: Vec<Motion>,
+}
 /// An optional key most entries leave out, boxed: a file of 100,000 accounts holds 100,000
 /// [`Account`]s at once while it is validated, and at 40 bytes an unboxed `Option<S<String>>`
 /// (8 boxed) the 27 rare keys alone would be a kilobyte each, mostly zeroes.
