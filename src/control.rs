@@ -142,10 +142,18 @@ impl Control {
         let _one_at_a_time = lock.lock().unwrap_or_else(|e| e.into_inner());
         let start = Instant::now();
         let config = config::load(path)?;
+        let loaded = start.elapsed();
         let names: Vec<String> = config.motions.iter().map(|m| m.name.clone()).collect();
         let new = Arc::new(Snapshot::build(config, &services.upstream)?);
+        let built = start.elapsed();
         let old = services.snapshots.swap(new.clone());
         services.queue.sync_motions(names.into_iter());
+        tracing::debug!(
+            load_ms = loaded.as_secs_f64() * 1000.0,
+            build_ms = (built - loaded).as_secs_f64() * 1000.0,
+            swap_ms = (start.elapsed() - built).as_secs_f64() * 1000.0,
+            "reload phases"
+        );
         Ok(Reloaded { old, new, took: start.elapsed() })
     }
 
@@ -202,7 +210,11 @@ impl Control {
         // Freeing a large table takes a while too (a fifth of the build time at 100,000
         // accounts): not on a worker that serves requests. In-flight requests may still hold it.
         let old = reloaded.old;
-        let _ = self.reload_thread.detach(move || drop(old));
+        let _ = self.reload_thread.detach(move || {
+            let t = Instant::now();
+            drop(old);
+            tracing::debug!(drop_ms = t.elapsed().as_secs_f64() * 1000.0, "previous configuration freed");
+        });
         notify(&[sd_notify::NotifyState::Ready]);
         Ok(report)
     }

@@ -17,14 +17,15 @@ pub enum ConfigError {
 pub(crate) struct Locator<'a> {
     pub path: &'a Path,
     pub text: &'a str,
-    /// Byte offset of each line's start, computed on first use: a file of 100,000 accounts
-    /// with many warnings must not be rescanned from the top for each.
-    line_starts: std::cell::OnceCell<Vec<usize>>,
+    /// The last position asked for and its line: warnings come in file order, so each is
+    /// counted from the one before, and a file of 100,000 accounts with many warnings is read
+    /// about once (not from the top for each, nor indexed line by line for a few).
+    cursor: std::cell::Cell<(usize, usize)>,
 }
 
 impl<'a> Locator<'a> {
     pub fn new(path: &'a Path, text: &'a str) -> Self {
-        Locator { path, text, line_starts: std::cell::OnceCell::new() }
+        Locator { path, text, cursor: std::cell::Cell::new((0, 1)) }
     }
 
     pub fn error(&self, span: Option<Range<usize>>, message: impl Into<String>) -> ConfigError {
@@ -34,13 +35,19 @@ impl<'a> Locator<'a> {
 
     /// 1-based line and column (in characters) of a byte offset.
     pub fn line_col(&self, offset: usize) -> (usize, usize) {
-        let starts = self
-            .line_starts
-            .get_or_init(|| std::iter::once(0).chain(self.text.match_indices('\n').map(|(i, _)| i + 1)).collect());
-        let offset = offset.min(self.text.len());
-        let line = starts.partition_point(|&s| s <= offset);
-        let start = starts[line - 1];
-        (line, self.text[start..offset].chars().count() + 1)
+        let bytes = self.text.as_bytes();
+        let offset = offset.min(bytes.len());
+        let newlines = |range: std::ops::Range<usize>| bytes[range].iter().filter(|&&b| b == b'\n').count();
+        let (from, line) = match self.cursor.get() {
+            (at, line) if at <= offset => (at, line),
+            _ => (0, 1),
+        };
+        let line = line + newlines(from..offset);
+        self.cursor.set((offset, line));
+        let start = bytes[..offset].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        // Spans start on character boundaries; `offset.min` keeps a bad one from panicking.
+        let col = self.text.get(start..offset).map_or(offset - start, |s| s.chars().count());
+        (line, col + 1)
     }
 }
 
@@ -54,5 +61,10 @@ mod tests {
         assert_eq!(loc.line_col(6), (2, 1));
         assert_eq!(loc.line_col(11), (2, 6));
         assert_eq!(loc.line_col(15), (3, 2));
+        // Asked out of order, from the cursor or from the top.
+        assert_eq!(loc.line_col(6), (2, 1));
+        assert_eq!(loc.line_col(0), (1, 1));
+        assert_eq!(loc.line_col(11), (2, 6));
+        assert_eq!(loc.line_col(99), (3, 6));
     }
 }

@@ -324,9 +324,12 @@ pub fn parse_self_contained(path: &Path, text: &str) -> Result<Config, ConfigErr
 
 fn parse_with(path: &Path, text: &str, secrets: Secrets) -> Result<Config, ConfigError> {
     let loc = Locator::new(path, text);
-    let file: schema::File = toml::from_str(text).map_err(|e| loc.error(e.span(), e.message().to_string()))?;
+    let started = std::time::Instant::now();
+    let file = parse_file(text).map_err(|e| loc.error(e.span(), e.message().to_string()))?;
+    let parsed = started.elapsed();
     placeholders_left(&loc)?;
-    Validator {
+    let scanned = started.elapsed();
+    let config = Validator {
         secrets,
         unresolved: HashMap::new(),
         loc,
@@ -336,11 +339,67 @@ fn parse_with(path: &Path, text: &str, secrets: Secrets) -> Result<Config, Confi
         secrets_seen: HashMap::new(),
         inline_secrets: (0, None),
     }
-    .config(file)
+    .config(&file);
+    let validated = started.elapsed();
+    tracing::debug!(
+        parse_ms = parsed.as_secs_f64() * 1000.0,
+        placeholders_ms = (scanned - parsed).as_secs_f64() * 1000.0,
+        validate_ms = (validated - scanned).as_secs_f64() * 1000.0,
+        "config parsed"
+    );
+    config
+}
+
+/// The file's TOML. A large file is parsed a Motion at a time (from each line that is exactly
+/// `[[motion]]` to the next): toml builds a document of the whole text before handing it to
+/// serde, which at 100,000 accounts is some 200 MB that each part's few hundred KB replace.
+///
+/// This gives exactly what parsing the whole text gives: each part is parsed from the top level,
+/// and a part that ends inside something (a multi-line string or array holding such a line)
+/// does not parse. A part after the first may hold Motions only, the first none (nor an empty
+/// `motion` array), so no key is defined twice across parts. Whenever a part does not parse or
+/// breaks those rules, the whole text is parsed instead, and its error is the one reported.
+fn parse_file(text: &str) -> Result<schema::File, toml::de::Error> {
+    let mut starts = Vec::new();
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        if line.trim() == "[[motion]]" {
+            starts.push(at);
+        }
+        at += line.len();
+    }
+    if starts.len() < 2 {
+        return toml::from_str(text);
+    }
+    let in_parts = || -> Option<schema::File> {
+        let head = &text[..starts[0]];
+        let mut file: schema::File = toml::from_str(head).ok()?;
+        if !file.motion.is_empty()
+            || (head.contains("motion") && toml::from_str::<toml::Table>(head).ok()?.contains_key("motion"))
+        {
+            return None;
+        }
+        file.motion.reserve(starts.len());
+        for (i, &start) in starts.iter().enumerate() {
+            let end = starts.get(i + 1).copied().unwrap_or(text.len());
+            let _offset = schema::Offset::set(start);
+            let part: schema::Motions = toml::from_str(&text[start..end]).ok()?;
+            file.motion.extend(part.motion);
+        }
+        Some(file)
+    };
+    match in_parts() {
+        Some(file) => Ok(file),
+        None => toml::from_str(text),
+    }
 }
 
 /// Refuses a file that still holds [`PLACEHOLDER`] outside comments, naming every line that does.
 fn placeholders_left(loc: &Locator<'_>) -> Result<(), ConfigError> {
+    // The usual case, without splitting a large file into lines.
+    if !loc.text.contains(PLACEHOLDER) {
+        return Ok(());
+    }
     let mut first = None;
     let mut lines = Vec::new();
     let mut offset = 0;
@@ -375,16 +434,16 @@ struct Validator<'a> {
     /// Verification settings of each `[[meta_app]]`, which its accounts inherit.
     apps: HashMap<String, (VerifierConfig, Option<Secret>)>,
     /// `phone_number_id` -> the account (motion/id) that claims it.
-    phone_ids: HashMap<String, String>,
+    phone_ids: HashMap<&'a str, &'a str>,
     /// (setting, SHA-256 of a verification secret) -> the first (motion, account) using it.
-    secrets_seen: HashMap<(&'static str, [u8; 32]), (String, String)>,
+    secrets_seen: HashMap<(&'static str, [u8; 32]), (&'a str, &'a str)>,
     /// Inline secrets: how many, and where the first is (one warning for all of them).
     inline_secrets: (usize, Option<std::ops::Range<usize>>),
 }
 
 type R<T> = Result<T, ConfigError>;
 
-impl Validator<'_> {
+impl<'a> Validator<'a> {
     fn err<T>(&self, span: std::ops::Range<usize>, msg: impl Into<String>) -> R<T> {
         Err(self.loc.error(Some(span), msg))
     }
@@ -395,11 +454,12 @@ impl Validator<'_> {
     }
 
     fn secret(&mut self, s: &S<String>) -> R<Secret> {
-        let outside_service = std::env::var_os("CREDENTIALS_DIRECTORY").is_none();
+        // Read only where it matters: a file of 100,000 accounts has as many secrets.
+        let outside_service = || std::env::var_os("CREDENTIALS_DIRECTORY").is_none();
         let resolved = match self.secrets {
             Secrets::Required => secret::resolve(s.get_ref()),
             Secrets::Deferred => secret::resolve_outside_service(s.get_ref()),
-            Secrets::Check if outside_service && s.get_ref().starts_with("cred:") => {
+            Secrets::Check if s.get_ref().starts_with("cred:") && outside_service() => {
                 match secret::resolve_outside_service(s.get_ref()) {
                     Ok(found) => Ok(found),
                     Err(msg) => {
@@ -447,7 +507,7 @@ impl Validator<'_> {
     /// `[server.acme] key`: long enough to be a key, not a password (it is hashed, not
     /// stretched).
     fn acme_key(&mut self, s: &Option<S<String>>) -> R<Option<Secret>> {
-        let key = self.opt_secret(s)?;
+        let key = self.opt_secret(s.as_ref())?;
         if let (Some(k), Some(s)) = (&key, s) {
             let unresolved = k.expose().starts_with("\0unresolved-");
             if !unresolved && k.expose().trim().chars().count() < 32 {
@@ -461,8 +521,8 @@ impl Validator<'_> {
         Ok(key)
     }
 
-    fn opt_secret(&mut self, s: &Option<S<String>>) -> R<Option<Secret>> {
-        s.as_ref().map(|s| self.secret(s)).transpose()
+    fn opt_secret(&mut self, s: Option<&S<String>>) -> R<Option<Secret>> {
+        s.map(|s| self.secret(s)).transpose()
     }
 
     fn addr(&self, s: &S<String>) -> R<SocketAddr> {
@@ -502,7 +562,11 @@ impl Validator<'_> {
         Ok(uri)
     }
 
-    fn config(mut self, f: schema::File) -> R<Config> {
+    fn config(mut self, f: &'a schema::File) -> R<Config> {
+        // Sized once for the whole file: growing them account by account rehashes each a dozen times.
+        let accounts = f.motion.iter().map(|m| m.account.len()).sum();
+        self.phone_ids.reserve(accounts);
+        self.secrets_seen.reserve(accounts);
         let mut server = self.server(&f.server)?;
         let storage_path = PathBuf::from(f.storage.path.as_deref().unwrap_or(DEFAULT_STORAGE));
         let storage = self.storage(&f.storage)?;
@@ -528,7 +592,7 @@ impl Validator<'_> {
         }
         let admin = Admin {
             listen: f.admin.listen.as_ref().map(|a| self.addr(a)).transpose()?,
-            token: self.opt_secret(&f.admin.token)?,
+            token: self.opt_secret(f.admin.token.as_ref())?,
         };
         if let (Some(addr), Some(raw)) = (admin.listen, &f.admin.listen) {
             if !addr.ip().is_loopback() {
@@ -892,27 +956,27 @@ impl Validator<'_> {
         Ok(h)
     }
 
-    fn motion(&mut self, m: &schema::Motion, delivery: &Delivery) -> R<Motion> {
+    fn motion(&mut self, m: &'a schema::Motion, delivery: &Delivery) -> R<Motion> {
         let name = self.segment(&m.name, "motion name")?;
         if RESERVED.contains(&name.as_str()) {
             return self
                 .err(m.name.span(), format!("motion name {name:?} is reserved (meta, admin, healthz, outbound)"));
         }
         let url = self.url(&m.url, "motion url")?;
-        let mut ids = HashSet::new();
+        let mut ids = HashSet::with_capacity(m.account.len());
         let mut accounts = Vec::with_capacity(m.account.len());
         for a in &m.account {
             let (acc, settings) = self.account(a)?;
-            self.shared_secrets(&name, &acc, &settings, a.id.span());
-            if !ids.insert(acc.id.clone()) {
+            self.shared_secrets(m.name.get_ref(), a, &acc, &settings);
+            if !ids.insert(a.id.get_ref().as_str()) {
                 return self.err(a.id.span(), format!("duplicate account id {:?} in motion {name:?}", acc.id));
             }
             accounts.push(Arc::new(acc));
         }
         Ok(Motion {
             hosts: m.hosts.iter().map(|h| self.host(h)).collect::<R<_>>()?,
-            outbound_token: self.opt_secret(&m.outbound_token)?,
-            signing_secret: self.opt_secret(&m.signing_secret)?,
+            outbound_token: self.opt_secret(m.outbound_token.as_ref())?,
+            signing_secret: self.opt_secret(m.signing_secret.as_ref())?,
             ca_file: m.ca_file.as_ref().map(|c| self.readable(c)).transpose()?,
             max_queued: m.max_queued.unwrap_or(100_000),
             max_queued_bytes: m.max_queued_bytes.map_or(DEFAULT_MAX_QUEUED_BYTES, |x| x.0),
@@ -973,7 +1037,7 @@ impl Validator<'_> {
     /// Warns when an account of another Motion verifies with the same secret: signatures do not
     /// name the account, so each would accept webhooks signed for the other (one tenant could
     /// replay its own into the other's Motion). App accounts share their app's on purpose.
-    fn shared_secrets(&mut self, motion: &str, acc: &Account, v: &VerifierConfig, span: std::ops::Range<usize>) {
+    fn shared_secrets(&mut self, motion: &'a str, raw: &'a schema::Account, acc: &Account, v: &VerifierConfig) {
         use sha2::Digest;
         if acc.app.is_some() {
             return;
@@ -990,24 +1054,24 @@ impl Validator<'_> {
             let Some(value) = value else { continue };
             let key = (field, sha2::Sha256::digest(value.as_bytes()).into());
             match self.secrets_seen.get(&key) {
-                Some((m, other)) if m != motion => {
+                Some(&(m, other)) if m != motion => {
                     let msg = format!(
                         "account {:?} of motion {motion:?} has the same {field} as account {other:?} of motion {m:?}: \
                          each accepts webhooks signed for the other; give each tenant its own secret",
                         acc.id
                     );
-                    self.warn(span.clone(), msg);
+                    self.warn(raw.id.span(), msg);
                 }
                 Some(_) => {}
                 None => {
-                    self.secrets_seen.insert(key, (motion.to_string(), acc.id.clone()));
+                    self.secrets_seen.insert(key, (motion, raw.id.get_ref()));
                 }
             }
         }
     }
 
     /// The account, and the resolved settings its verifier was built from.
-    fn account(&mut self, a: &schema::Account) -> R<(Account, VerifierConfig)> {
+    fn account(&mut self, a: &'a schema::Account) -> R<(Account, VerifierConfig)> {
         let id = self.segment(&a.id, "account id")?;
         let Some(provider) = ProviderKind::parse(a.provider.get_ref()) else {
             return self.err(
@@ -1015,7 +1079,8 @@ impl Validator<'_> {
                 format!("unknown provider {:?}: use one of {}", a.provider.get_ref(), ProviderKind::names()),
             );
         };
-        let s = |v: &mut Self, x: &Option<S<String>>| v.opt_secret(x);
+        let s = |v: &mut Self, x: &schema::B<S<String>>| v.opt_secret(x.as_deref());
+        let text = |x: &schema::B<String>| x.as_deref().cloned();
         let auth_token = s(self, &a.auth_token)?;
         let mut verify_token = s(self, &a.verify_token)?;
         let expose = |x: &Option<Secret>| x.as_ref().map(|s| s.expose().to_string());
@@ -1027,14 +1092,14 @@ impl Validator<'_> {
             webhook_secret: expose(&s(self, &a.webhook_secret)?),
             platform_secret: expose(&s(self, &a.platform_secret)?),
             shared_token: expose(&s(self, &a.shared_token)?),
-            token_header: a.token_header.clone(),
-            token_param: a.token_param.clone(),
+            token_header: text(&a.token_header),
+            token_param: text(&a.token_param),
             allow_from: self.cidrs(&a.allow_from)?,
-            hmac_header: a.hmac_header.clone(),
+            hmac_header: text(&a.hmac_header),
             hmac_secret: expose(&s(self, &a.hmac_secret)?),
             hmac_algorithm: a.hmac_algorithm.as_ref().map(|x| x.get_ref().clone()),
             hmac_encoding: a.hmac_encoding.as_ref().map(|x| x.get_ref().clone()),
-            hmac_prefix: a.hmac_prefix.clone(),
+            hmac_prefix: text(&a.hmac_prefix),
             insecure_no_verification: a.insecure_no_verification,
         };
         if let Some(app) = &a.app {
@@ -1064,7 +1129,7 @@ impl Validator<'_> {
             }
         }
         if let Some(p) = &a.phone_number_id {
-            if let Some(other) = self.phone_ids.insert(p.get_ref().clone(), id.clone()) {
+            if let Some(other) = self.phone_ids.insert(p.get_ref(), a.id.get_ref()) {
                 return self.err(
                     p.span(),
                     format!("phone_number_id {:?} is already claimed by account {other:?}", p.get_ref()),
@@ -1104,18 +1169,18 @@ impl Validator<'_> {
             );
         }
         let mut outbound = OutboundCreds {
-            account_sid: a.account_sid.clone(),
+            account_sid: text(&a.account_sid),
             auth_token,
             access_token: s(self, &a.access_token)?,
             api_key: s(self, &a.api_key)?,
-            project_id: a.project_id.clone(),
-            key_id: a.key_id.clone(),
+            project_id: text(&a.project_id),
+            key_id: text(&a.key_id),
             key_secret: s(self, &a.key_secret)?,
             region,
             auth_url,
-            sid: a.sid.clone(),
+            sid: text(&a.sid),
             api_base,
-            outbound_paths: a.outbound_paths.clone(),
+            outbound_paths: a.outbound_paths.as_deref().cloned(),
             paths: Default::default(),
         };
         let phone_number_id = a.phone_number_id.as_ref().map(|x| x.get_ref().clone());
@@ -1136,7 +1201,7 @@ impl Validator<'_> {
             verify_token,
             app: a.app.as_ref().map(|x| x.get_ref().clone()),
             phone_number_id,
-            waba_id: a.waba_id.clone(),
+            waba_id: text(&a.waba_id),
             received: Default::default(),
         };
         Ok((account, vcfg))
@@ -1156,13 +1221,13 @@ impl Validator<'_> {
                 }
             },
         };
-        let verify_token = self.opt_secret(&a.verify_token)?;
+        let verify_token = self.opt_secret(a.verify_token.as_ref())?;
         let expose = |x: Option<Secret>| x.map(|s| s.expose().to_string());
         let vcfg = VerifierConfig {
             provider: Some(provider),
-            app_secret: expose(self.opt_secret(&a.app_secret)?),
-            platform_secret: expose(self.opt_secret(&a.platform_secret)?),
-            shared_token: expose(self.opt_secret(&a.shared_token)?),
+            app_secret: expose(self.opt_secret(a.app_secret.as_ref())?),
+            platform_secret: expose(self.opt_secret(a.platform_secret.as_ref())?),
+            shared_token: expose(self.opt_secret(a.shared_token.as_ref())?),
             verify_token: verify_token.as_ref().map(|s| s.expose().to_string()),
             token_header: a.token_header.clone(),
             token_param: a.token_param.clone(),

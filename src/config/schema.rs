@@ -4,9 +4,68 @@
 
 use super::units::{Dur, Size};
 use serde::Deserialize;
-use toml::Spanned;
+use std::cell::Cell;
+use std::ops::Range;
 
-pub type S<T> = Spanned<T>;
+/// A value and its byte range in the file: `toml::Spanned`'s, moved by the offset of the part
+/// of the file it was parsed from (`parse_file` parses a large file Motion by Motion).
+pub struct S<T> {
+    span: Range<usize>,
+    value: T,
+}
+
+impl<T> S<T> {
+    pub fn get_ref(&self) -> &T {
+        &self.value
+    }
+
+    pub fn span(&self) -> Range<usize> {
+        self.span.clone()
+    }
+}
+
+thread_local! {
+    /// Where in the file the text being parsed on this thread starts.
+    static OFFSET: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Spans read while this lives are moved by `offset` (back to 0 when it is dropped, whatever
+/// happens meanwhile).
+pub struct Offset(());
+
+impl Offset {
+    pub fn set(offset: usize) -> Offset {
+        OFFSET.with(|o| o.set(offset));
+        Offset(())
+    }
+}
+
+impl Drop for Offset {
+    fn drop(&mut self) {
+        OFFSET.with(|o| o.set(0));
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for S<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let spanned = toml::Spanned::<T>::deserialize(d)?;
+        let offset = OFFSET.with(Cell::get);
+        let Range { start, end } = spanned.span();
+        Ok(S { span: start + offset..end + offset, value: spanned.into_inner() })
+    }
+}
+
+/// A part of the file that holds only Motions (from a `[[motion]]` line on).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Motions {
+    #[serde(default)]
+    pub motion: Vec<Motion>,
+}
+/// An optional key most entries leave out, boxed: a file of 100,000 accounts holds 100,000
+/// [`Account`]s at once while it is validated, and at 40 bytes an unboxed `Option<S<String>>`
+/// (8 boxed) the 27 rare keys alone would be a kilobyte each, mostly zeroes.
+pub type B<T> = Option<Box<T>>;
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -159,39 +218,39 @@ pub struct Account {
     pub id: S<String>,
     pub provider: S<String>,
     // Inbound verification.
-    pub auth_token: Option<S<String>>,
-    pub app_secret: Option<S<String>>,
-    pub verify_token: Option<S<String>>,
-    pub webhook_secret: Option<S<String>>,
-    pub platform_secret: Option<S<String>>,
-    pub shared_token: Option<S<String>>,
-    pub token_header: Option<String>,
-    pub token_param: Option<String>,
+    pub auth_token: B<S<String>>,
+    pub app_secret: B<S<String>>,
+    pub verify_token: B<S<String>>,
+    pub webhook_secret: B<S<String>>,
+    pub platform_secret: B<S<String>>,
+    pub shared_token: B<S<String>>,
+    pub token_header: B<String>,
+    pub token_param: B<String>,
     #[serde(default)]
     pub allow_from: Vec<S<String>>,
-    pub hmac_header: Option<String>,
-    pub hmac_secret: Option<S<String>>,
-    pub hmac_algorithm: Option<S<String>>,
-    pub hmac_encoding: Option<S<String>>,
-    pub hmac_prefix: Option<String>,
+    pub hmac_header: B<String>,
+    pub hmac_secret: B<S<String>>,
+    pub hmac_algorithm: B<S<String>>,
+    pub hmac_encoding: B<S<String>>,
+    pub hmac_prefix: B<String>,
     #[serde(default)]
     pub insecure_no_verification: bool,
     // Outbound credentials and endpoints.
-    pub account_sid: Option<String>,
-    pub access_token: Option<S<String>>,
-    pub api_key: Option<S<String>>,
-    pub project_id: Option<String>,
-    pub key_id: Option<String>,
-    pub key_secret: Option<S<String>>,
-    pub region: Option<S<String>>,
-    pub auth_url: Option<S<String>>,
-    pub sid: Option<String>,
-    pub api_base: Option<S<String>>,
-    pub outbound_paths: Option<Vec<String>>,
+    pub account_sid: B<String>,
+    pub access_token: B<S<String>>,
+    pub api_key: B<S<String>>,
+    pub project_id: B<String>,
+    pub key_id: B<String>,
+    pub key_secret: B<S<String>>,
+    pub region: B<S<String>>,
+    pub auth_url: B<S<String>>,
+    pub sid: B<String>,
+    pub api_base: B<S<String>>,
+    pub outbound_paths: B<Vec<String>>,
     // Meta app routing.
-    pub app: Option<S<String>>,
-    pub phone_number_id: Option<S<String>>,
-    pub waba_id: Option<String>,
+    pub app: B<S<String>>,
+    pub phone_number_id: B<S<String>>,
+    pub waba_id: B<String>,
 }
 
 #[derive(Deserialize)]

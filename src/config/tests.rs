@@ -467,3 +467,56 @@ fn the_acme_key_is_long_and_its_absence_with_postgres_is_pointed_out() {
     let c = parse_str(&format!("{acme}key = \"{long}\"\n{BASE}")).unwrap();
     assert!(c.warnings.iter().any(|w| w.contains("key is unused with the embedded backend")), "{:?}", c.warnings);
 }
+
+/// Three Motions after a header: `parse_file` takes them a Motion at a time.
+fn three_motions(third_account: &str) -> String {
+    let mut t = String::from("[delivery]\nmode = \"direct\"\n");
+    for (m, extra) in [("a", ""), ("b", ""), ("c", third_account)] {
+        t += &format!(
+            "\n[[motion]]\nname = \"{m}\"\nurl = \"https://{m}.example\"\n  [[motion.account]]\n  id = \"1\"\n  \
+             provider = \"kaleyra\"\n  shared_token = \"t-{m}\"\n{extra}"
+        );
+    }
+    t
+}
+
+/// Parsed a Motion at a time or whole, a file gives the same config, and errors and warnings
+/// name the same line and column (the positions are the whole file's, not the part's).
+#[test]
+fn a_file_parsed_motion_by_motion_gives_what_the_whole_text_gives() {
+    let text = three_motions("  region = \"us\"\n");
+    let by_parts = parse_file(&text).ok().unwrap();
+    let whole: schema::File = toml::from_str(&text).unwrap();
+    let spans = |f: &schema::File| -> Vec<_> {
+        f.motion.iter().flat_map(|m| [m.name.span(), m.url.span(), m.account[0].id.span()]).collect()
+    };
+    assert_eq!(spans(&by_parts), spans(&whole));
+    let region = text.find("\"us\"").unwrap();
+    assert_eq!(by_parts.motion[2].account[0].region.as_ref().unwrap().span(), region..region + 4);
+    // A validation error and a TOML error in the third Motion, at their place in the file.
+    let e = err(&three_motions("  region = \"mars\"\n"));
+    assert!(e.starts_with("relay.toml:27:12: unknown region \"mars\""), "{e}");
+    let e = err(&three_motions("  colour = \"blue\"\n"));
+    assert!(e.starts_with("relay.toml:27:3: unknown field `colour`"), "{e}");
+    let c = parse_str(&three_motions("")).unwrap();
+    assert_eq!(c.motions.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["a", "b", "c"]);
+}
+
+/// Where the parts would not be what the whole text means, the whole text decides.
+#[test]
+fn a_file_that_cannot_be_split_is_parsed_whole() {
+    // A multi-line string holding a `[[motion]]` line: one Motion's hosts comment, not a header.
+    let text = three_motions("").replacen(
+        "url = \"https://b.example\"",
+        "url = \"https://b.example\"\nrate_limit = \"\"\"\n[[motion]]\n\"\"\"",
+        1,
+    );
+    let e = err(&text);
+    assert!(e.starts_with("relay.toml:15:14: invalid rate_limit \"[[motion]]\\n\""), "{e}");
+    // An empty static `motion` array before `[[motion]]` tables: TOML refuses to extend it.
+    let e = err(&format!("motion = []\n{}", three_motions("")));
+    assert!(e.starts_with("relay.toml:"), "{e}");
+    // A table after the Motions is fine in TOML, and still read.
+    let c = parse_str(&format!("{}\n[outbound]\ntimeout = \"7s\"\n", three_motions(""))).unwrap();
+    assert_eq!((c.motions.len(), c.outbound_timeout), (3, Duration::from_secs(7)));
+}

@@ -153,35 +153,62 @@ impl Pattern {
 /// [`Provider::endpoints`](super::Provider::endpoints)): patterns in the syntax above where a
 /// `{}` segment stands for the account's `id`, or for any one segment (`*`) when it has none.
 /// The patterns do not hold the id, so every account of a provider shares one copy of them.
+/// They are compiled once per distinct list (see [`compiled`]), not once per account.
 pub struct Defaults<'a> {
     id: Option<&'a str>,
-    patterns: Vec<Pattern>,
+    /// (methods, template) pairs, as the provider wrote them.
+    templates: Vec<(&'static str, &'static str)>,
 }
 
 impl<'a> Defaults<'a> {
     pub(crate) fn new(id: Option<&'a str>) -> Defaults<'a> {
-        Defaults { id, patterns: Vec::new() }
+        Defaults { id, templates: Vec::new() }
     }
 
     /// Adds `template`, for `methods` (a comma-separated list, or "" for any method).
-    pub(crate) fn with(mut self, methods: &str, template: &str) -> Defaults<'a> {
-        let text = if methods.is_empty() { template.to_string() } else { format!("{methods} {template}") };
-        let mut p = Pattern::parse(&text).expect("built-in patterns are valid");
-        for seg in &mut p.segs {
-            if *seg == Seg::Lit("{}".into()) {
-                *seg = match self.id {
-                    Some(_) => Seg::Id,
-                    None => Seg::Glob { prefix: String::new(), suffix: String::new() },
-                };
-            }
-        }
-        self.patterns.push(p);
+    pub(crate) fn with(mut self, methods: &'static str, template: &'static str) -> Defaults<'a> {
+        self.templates.push((methods, template));
         self
+    }
+
+    /// The patterns, with `{}` as the id (or as any one segment without an id).
+    fn compile(&self) -> Vec<Pattern> {
+        let compile = |(methods, template): &(&str, &str)| {
+            let text = if methods.is_empty() { template.to_string() } else { format!("{methods} {template}") };
+            let mut p = Pattern::parse(&text).expect("built-in patterns are valid");
+            for seg in &mut p.segs {
+                if *seg == Seg::Lit("{}".into()) {
+                    *seg = match self.id {
+                        Some(_) => Seg::Id,
+                        None => Seg::Glob { prefix: String::new(), suffix: String::new() },
+                    };
+                }
+            }
+            p
+        };
+        self.templates.iter().map(compile).collect()
     }
 }
 
-/// Every distinct default list, built once for the process: a few per provider (the id is not
-/// in them), however many accounts and reloads use them.
+/// The compiled patterns of `d`: a few distinct lists per provider (the id is not in them),
+/// each compiled and allocated once for the process, however many accounts and reloads use
+/// them. A list is found by its templates (static strings, compared without compiling), so an
+/// account costs a short scan instead of parsing, hashing and comparing its patterns.
+fn compiled(d: &Defaults<'_>) -> Arc<[Pattern]> {
+    /// The templates and whether `{}` is an id, with what they compile to.
+    type Entry = ((Vec<(&'static str, &'static str)>, bool), Arc<[Pattern]>);
+    static BY_TEMPLATES: LazyLock<Mutex<Vec<Entry>>> = LazyLock::new(Default::default);
+    let mut lists = BY_TEMPLATES.lock().unwrap_or_else(|e| e.into_inner());
+    let has_id = d.id.is_some();
+    if let Some((_, found)) = lists.iter().find(|((t, i), _)| *i == has_id && *t == d.templates) {
+        return found.clone();
+    }
+    let new = shared(d.compile());
+    lists.push(((d.templates.clone(), has_id), new.clone()));
+    new
+}
+
+/// Every distinct compiled list once (two template lists may compile to the same patterns).
 fn shared(patterns: Vec<Pattern>) -> Arc<[Pattern]> {
     static SHARED: LazyLock<Mutex<HashSet<Arc<[Pattern]>>>> = LazyLock::new(Default::default);
     let mut set = SHARED.lock().unwrap_or_else(|e| e.into_inner());
@@ -216,7 +243,7 @@ impl AllowList {
             }
             None => {
                 let d = provider.endpoints(creds, phone_number_id)?;
-                Ok(AllowList { patterns: shared(d.patterns), id: d.id.map(Box::from) })
+                Ok(AllowList { patterns: compiled(&d), id: d.id.map(Box::from) })
             }
         }
     }
