@@ -136,12 +136,6 @@ pub struct EmbeddedStore {
     broken: AtomicBool,
     last_reopen: Mutex<Option<Instant>>,
     cheap_commits: AtomicU32,
-    /// Seqs of delivered events deleted by cheap commits since the last durable one. An I/O
-    /// error on the next durable commit (a full disk) leaves them undone once the file is
-    /// re-opened (the file holds only durable commits), though `progress` returned `Ok`: the
-    /// re-open deletes them again, so they are neither kept forever nor delivered again after
-    /// a restart. Held across each write, so a durable commit clears exactly what it persisted.
-    unsynced_deletes: Mutex<Vec<u64>>,
     /// How the file is reached (directly, or in tests through a disk that fails on demand).
     disk: Disk,
     /// Whether the last open found the file not cleanly closed and repaired it.
@@ -198,7 +192,6 @@ impl EmbeddedStore {
             broken: AtomicBool::new(false),
             last_reopen: Mutex::new(None),
             cheap_commits: AtomicU32::new(0),
-            unsynced_deletes: Mutex::new(Vec::new()),
             disk,
             repaired: AtomicBool::new(repaired),
             prune_from: Mutex::new(None),
@@ -279,21 +272,12 @@ impl EmbeddedStore {
         self.repaired.load(Ordering::Relaxed)
     }
 
+    /// A write transaction. A cheap commit's changes (window touches, dedup prunes) are lost
+    /// if an I/O error has the file re-opened before the next synced one: a stale timestamp or
+    /// a key pruned again later. Deliveries are not among them: they go to the journal.
     fn write<T>(&self, commit: Commit, f: impl FnOnce(&WriteTransaction) -> DbResult<T>) -> Result<T, StoreError> {
-        self.write_deleting(commit, &[], f)
-    }
-
-    /// [`write`](Self::write), noting `deleted` (delivered seqs the transaction removes) among
-    /// the unsynced deletes when the commit is a cheap one.
-    fn write_deleting<T>(
-        &self,
-        commit: Commit,
-        deleted: &[u64],
-        f: impl FnOnce(&WriteTransaction) -> DbResult<T>,
-    ) -> Result<T, StoreError> {
         self.heal();
         let guard = self.db.read().unwrap_or_else(PoisonError::into_inner);
-        let mut unsynced = self.unsynced_deletes.lock().unwrap_or_else(PoisonError::into_inner);
         let db = guard.as_ref().ok_or_else(|| StoreError::Write("the store file is not open".into()))?;
         let durability = match commit {
             Commit::Synced => Durability::Immediate,
@@ -314,9 +298,6 @@ impl EmbeddedStore {
                 if matches!(durability, Durability::Immediate) {
                     // This commit also persisted every cheap commit before it.
                     self.cheap_commits.store(0, Ordering::Relaxed);
-                    unsynced.clear();
-                } else {
-                    unsynced.extend_from_slice(deleted);
                 }
                 Ok(out)
             }
@@ -360,7 +341,6 @@ impl EmbeddedStore {
         *db = None;
         match open_db(&self.file, &self.disk) {
             Ok((fresh, repaired)) => {
-                redo_deletes(&fresh, &mut self.unsynced_deletes.lock().unwrap_or_else(PoisonError::into_inner));
                 *db = Some(fresh);
                 self.repaired.store(repaired, Ordering::Relaxed);
                 self.cheap_commits.store(0, Ordering::Relaxed);
@@ -404,35 +384,6 @@ fn set_attempts(waiting: &mut Table<u64, &[u8]>, seq: u64, attempts: u32) -> DbR
         waiting.insert(seq, encode(&meta)?.as_slice())?;
     }
     Ok(())
-}
-
-/// Deletes again, durably, the delivered events whose cheap deletion the last I/O error undid
-/// (see `unsynced_deletes`); kept for the next re-open if this fails too.
-fn redo_deletes(db: &Database, seqs: &mut Vec<u64>) {
-    if seqs.is_empty() {
-        return;
-    }
-    let run = || -> DbResult<()> {
-        let mut txn = db.begin_write()?;
-        txn.set_durability(Durability::Immediate);
-        {
-            let mut events = txn.open_table(EVENTS)?;
-            let mut waiting = txn.open_table(WAITING)?;
-            for &seq in seqs.iter() {
-                events.remove(seq)?;
-                waiting.remove(seq)?;
-            }
-        }
-        txn.commit()?;
-        Ok(())
-    };
-    match run() {
-        Ok(()) => {
-            tracing::info!(events = seqs.len(), "delivered events deleted again after the store was re-opened");
-            seqs.clear();
-        }
-        Err(e) => tracing::warn!(events = seqs.len(), "could not delete delivered events again yet: {}", e.message),
-    }
 }
 
 /// How the store reaches its file. Tests may put a [`DiskFault`](super::fault::DiskFault)
@@ -1786,12 +1737,12 @@ mod tests {
     /// delivered events when the file is re-opened, though `progress` returned `Ok`. The
     /// re-open deletes them again: they are not left waiting (and delivered again) forever.
     #[test]
-    fn deletes_undone_by_an_io_error_are_made_again_when_the_file_is_reopened() {
+    fn deliveries_noted_before_a_full_disk_stay_noted_after_it() {
         let dir = tempfile::tempdir().unwrap();
         let disk = std::sync::Arc::new(super::super::DiskFault::default());
         let store = EmbeddedStore::open_on_faulty_disk(dir.path(), disk.clone()).unwrap();
         store.append(&[ev("a", "c", b"1"), ev("b", "c", b"2"), ev("c", "c", b"3")]).unwrap();
-        store.progress(&[1, 2], &[(3, 1)]).unwrap(); // cheap: not on disk yet
+        store.progress(&[1, 2], &[(3, 1)]).unwrap(); // noted in the journal, not synced
         assert_eq!(seqs(&store), [3]);
 
         disk.set_full(true);
