@@ -328,7 +328,9 @@ async fn a_motion_added_by_a_reload_gets_its_queue(backend: Backend) {
 async fn a_replayed_dead_letter_gets_a_whole_give_up_after_again(backend: Backend) {
     let acme = FakeMotion::start().await;
     acme.answer_always(Answer::status(503));
-    let text = config(&acme.url(), "queue").replace("auto_budget = \"500ms\"", "give_up_after = \"1s\"");
+    // 3 s: room for three attempts 50-200 ms apart on a loaded machine, and still less than the
+    // event's age at the replay, so a give_up_after counted from its first receipt would fail.
+    let text = config(&acme.url(), "queue").replace("auto_budget = \"500ms\"", "give_up_after = \"3s\"");
     let relay = RelayProcess::start(&backend.apply(&text));
     post_meta(&relay.url(META), SECRET, meta_message("1", "16505551234", "wamid.late", "x")).await;
     let dead = wait_dead_letters(&relay, 1).await;
@@ -336,7 +338,7 @@ async fn a_replayed_dead_letter_gets_a_whole_give_up_after_again(backend: Backen
     let before = acme.count();
 
     // Motion recovers slowly: two more 503s, then it takes the event. Counted from the replay,
-    // the event has a second to get there, as it had the first time.
+    // the event has its whole give_up_after to get there, as it had the first time.
     acme.script([Answer::status(503), Answer::status(503)]);
     acme.answer_always(Answer::ok());
     let (code, out, err) = queue_cli(&relay, &["replay", "--all"]);

@@ -413,6 +413,8 @@ impl EmbeddedStore {
                 let (unfolded, journal) = open(p, c)?;
                 let mut hot = Hot::new(journal, next_seq.max(unfolded.last_seq + 1));
                 hot.unfolded = unfolded;
+                // The set-aside name is removed below: even an empty one is replaced.
+                hot.broken = *p == folding_path;
                 hot
             }
             [(fp, fc), (p, c), ..] => {
@@ -509,6 +511,19 @@ impl EmbeddedStore {
         self.in_flight.add();
         let pending = PendingSync { written, hot: self.hot.clone(), in_flight: self.in_flight.clone() };
         Ok((out, Some(Box::new(pending))))
+    }
+
+    /// A checkpoint that does not stall appends: the journal (if it holds anything) is set
+    /// aside, then folded in on the calling thread.
+    pub(super) fn fold_aside(&self) -> Result<(), StoreError> {
+        {
+            let syncing = self.syncing.lock().unwrap_or_else(PoisonError::into_inner);
+            let idle = self.with_hot(|hot| Ok(hot.journal.is_empty() && hot.unfolded.is_empty()))?;
+            if !idle {
+                self.set_aside(&syncing)?;
+            }
+        }
+        self.finish_folding()
     }
 
     /// Starts a checkpoint without stalling appends: the journal is set aside and a new one

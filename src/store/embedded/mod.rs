@@ -870,8 +870,9 @@ impl QueueStore for EmbeddedStore {
     }
     fn prune_dedup(&self, now_unix_ms: u64) -> Result<usize, StoreError> {
         // The journal's dedup keys are swept once they are in the file. Called every minute,
-        // this is also the checkpoint of a quiet relay, whose journal never reaches FOLD_AT.
-        self.checkpoint()?;
+        // this is also the checkpoint of a quiet relay, whose journal never reaches FOLD_AT;
+        // folded here, on the caller's thread, without holding appends up.
+        self.fold_aside()?;
         let mut from = self.prune_from.lock().unwrap_or_else(PoisonError::into_inner);
         let start = *from;
         let (pruned, next) = self.write(Commit::Cheap, |txn| {
@@ -1338,6 +1339,15 @@ mod tests {
         std::fs::rename(dir.path().join(journal::FILE_NAME), dir.path().join(hot::FOLDING_NAME)).unwrap();
         let store = open(&dir);
         assert_eq!(seqs(&store), [2, 3, 4, 5]);
+        // The same with an empty set-aside journal: a new one takes its place, under its name.
+        drop(store);
+        std::fs::rename(dir.path().join(journal::FILE_NAME), dir.path().join(hot::FOLDING_NAME)).unwrap();
+        let store = open(&dir);
+        assert!(!dir.path().join(hot::FOLDING_NAME).exists());
+        store.append(&[ev("f", "c", b"6")]).unwrap();
+        drop(store);
+        assert!(journal_len(&dir) > journal::HEADER_LEN, "appends go to queue.journal");
+        assert_eq!(seqs(&open(&dir)), [2, 3, 4, 5, 6]);
     }
 
     #[test]
