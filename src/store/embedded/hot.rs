@@ -50,6 +50,8 @@ pub(super) struct Hot {
     /// records that were refused, so it is replaced (after a checkpoint) before the next append.
     pub broken: bool,
     fold_failed: Option<Instant>,
+    /// Failed journal syncs so far (see [`Written::failures_seen`]).
+    sync_failures: u64,
 }
 
 /// A journal set aside for folding, with what it holds.
@@ -64,6 +66,10 @@ pub(super) struct Written {
     /// Each dedup key it recorded, with the expiry the journal had for it before.
     keys: Vec<([u8; 32], Option<u64>)>,
     syncer: journal::Syncer,
+    /// [`Hot::sync_failures`] when it was written: a sync that failed since may have lost its
+    /// pages too (Linux reports a write-back error to one fdatasync only), so it counts as
+    /// refused even if its own sync succeeds.
+    failures_seen: u64,
 }
 
 /// How many appends are written and not yet synced.
@@ -99,31 +105,55 @@ struct PendingSync {
     written: Written,
     hot: Arc<Mutex<Option<Hot>>>,
     in_flight: Arc<InFlight>,
+    /// Synced or refused: dropping it unsynced (its sync thread gone) refuses it.
+    settled: bool,
+}
+
+impl PendingSync {
+    /// Not stored: forgotten, and the journal (which may hold their records, and deliveries
+    /// noted since) is replaced before the next append, after a checkpoint of what is known.
+    /// Seqs are not given out again: a gap is harmless.
+    fn refuse(&mut self, why: &str) -> StoreError {
+        let mut guard = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
+        let path = match guard.as_mut() {
+            Some(hot) => {
+                self.written.undo(&mut hot.unfolded);
+                hot.broken = true;
+                hot.sync_failures += 1;
+                hot.journal.path().display().to_string()
+            }
+            None => String::new(),
+        };
+        drop(guard);
+        self.settled = true;
+        self.in_flight.done();
+        StoreError::Write(format!("store journal {path}: {why}"))
+    }
 }
 
 impl Unsynced for PendingSync {
-    fn sync(self: Box<Self>) -> Result<(), StoreError> {
-        let synced = self.written.syncer.sync();
-        let result = match synced {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                // Not stored: forgotten, and the journal (which may hold their records, and
-                // deliveries noted since) is replaced before the next append, after a
-                // checkpoint of what is known. Seqs are not given out again: a gap is harmless.
-                let mut guard = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
-                let path = match guard.as_mut() {
-                    Some(hot) => {
-                        self.written.undo(&mut hot.unfolded);
-                        hot.broken = true;
-                        hot.journal.path().display().to_string()
-                    }
-                    None => String::new(),
-                };
-                Err(StoreError::Write(format!("store journal {path}: {e}")))
-            }
+    fn sync(mut self: Box<Self>) -> Result<(), StoreError> {
+        if let Err(e) = self.written.syncer.sync() {
+            return Err(self.refuse(&e.to_string()));
+        }
+        let failed_since = {
+            let guard = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
+            guard.as_ref().is_some_and(|hot| hot.sync_failures != self.written.failures_seen)
         };
+        if failed_since {
+            return Err(self.refuse("an earlier sync of the journal failed after this was written"));
+        }
+        self.settled = true;
         self.in_flight.done();
-        result
+        Ok(())
+    }
+}
+
+impl Drop for PendingSync {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.refuse("the write was never synced");
+        }
     }
 }
 
@@ -146,6 +176,7 @@ impl Hot {
             buf: Vec::new(),
             broken: false,
             fold_failed: None,
+            sync_failures: 0,
         }
     }
 
@@ -225,6 +256,7 @@ impl Hot {
         &mut self,
         batch: &[NewEvent],
         in_file: &HashMap<[u8; 32], u64>,
+        aside: Option<&Folding>,
     ) -> Result<(Vec<Appended>, Option<Written>), StoreError> {
         let base = self.journal.len();
         let mut buf = std::mem::take(&mut self.buf);
@@ -232,9 +264,10 @@ impl Hot {
         let mut out = Vec::with_capacity(batch.len());
         let (mut added, mut keys) = (Vec::new(), Vec::new());
         for ev in batch {
-            let duplicate = self.duplicate(ev).unwrap_or_else(|| {
-                ev.dedup_key.and_then(|k| in_file.get(&k)).is_some_and(|&expiry| expiry > ev.received_unix_ms)
-            });
+            let duplicate =
+                self.duplicate(ev).or_else(|| aside.and_then(|f| f.unfolded.duplicate(ev))).unwrap_or_else(|| {
+                    ev.dedup_key.and_then(|k| in_file.get(&k)).is_some_and(|&expiry| expiry > ev.received_unix_ms)
+                });
             if duplicate {
                 out.push(Appended::Duplicate);
                 continue;
@@ -255,7 +288,7 @@ impl Hot {
             self.buf = buf;
             return Ok((out, None));
         }
-        let written = Written { added, keys, syncer: self.journal.syncer() };
+        let written = Written { added, keys, syncer: self.journal.syncer(), failures_seen: self.sync_failures };
         let result = self.journal.write(&buf);
         self.buf = buf;
         if let Err(e) = result {
@@ -311,14 +344,18 @@ pub(super) fn to_replay(
     let (path, folding_path) = (dir.join(journal::FILE_NAME), dir.join(FOLDING_NAME));
     let mut expected = generation;
     let mut layers = Vec::new();
+    // A journal of this store one generation before the file's: folded in, and the crash came
+    // before its successor was created (it was set aside, or its replacement was cut short).
+    let mut predecessor = false;
     for p in [folding_path, path.clone()] {
         let Some(c) = journal::read(&p).map_err(|why| journal_damaged(&p, &why))? else { continue };
+        predecessor |= c.store_id == store_id && generation == Some(c.generation + 1);
         if let Verdict::Replay(c) = judge(&p, c, store_id, expected)? {
             expected = Some(c.generation + 1);
             layers.push((p, c));
         }
     }
-    if let (true, false, Some(g)) = (layers.is_empty(), path.exists(), generation) {
+    if let (true, false, false, Some(g)) = (layers.is_empty(), path.exists(), predecessor, generation) {
         let why = format!("it is missing, and the store file says journal {g} may hold acknowledged events");
         return Err(journal_damaged(&path, &why));
     }
@@ -399,12 +436,14 @@ impl EmbeddedStore {
             [] => {
                 // Nothing to replay: a new store, a first start with a journal, a restored
                 // backup, or a journal already folded in.
+                // The journal first: one the file does not expect yet is empty, so a crash
+                // before the file names it leaves a journal the next start replaces.
                 let g = generation.unwrap_or(1);
+                let journal = Journal::create(&dir, g, store_id, self.disk.clone()).map_err(|e| io(&path, e))?;
                 self.write(Commit::Synced, |txn| {
                     txn.open_table(META)?.insert(JOURNAL_GENERATION, g)?;
                     Ok(())
                 })?;
-                let journal = Journal::create(&dir, g, store_id, self.disk.clone()).map_err(|e| io(&path, e))?;
                 Hot::new(journal, next_seq)
             }
             // One journal (the current one, or a set-aside one whose successor was never
@@ -489,8 +528,12 @@ impl EmbeddedStore {
             }
         }
         // Dedup keys the journals have not seen are looked up in the file, in one read.
-        let unknown = self.with_hot(|hot| {
-            Ok(batch.iter().filter(|ev| hot.duplicate(ev).is_none()).filter_map(|ev| ev.dedup_key).collect::<Vec<_>>())
+        // The set-aside layer is kept: if it is folded in before the batch is written, the keys
+        // it answered for were not looked up in the file, and it still answers for them.
+        let (unknown, aside) = self.with_hot(|hot| {
+            let unknown =
+                batch.iter().filter(|ev| hot.duplicate(ev).is_none()).filter_map(|ev| ev.dedup_key).collect::<Vec<_>>();
+            Ok((unknown, hot.folding.clone()))
         })?;
         let in_file = if unknown.is_empty() {
             HashMap::new()
@@ -506,10 +549,10 @@ impl EmbeddedStore {
                 Ok(found)
             })?
         };
-        let (out, written) = self.with_hot(|hot| hot.write_batch(batch, &in_file))?;
+        let (out, written) = self.with_hot(|hot| hot.write_batch(batch, &in_file, aside.as_deref()))?;
         let Some(written) = written else { return Ok((out, None)) };
         self.in_flight.add();
-        let pending = PendingSync { written, hot: self.hot.clone(), in_flight: self.in_flight.clone() };
+        let pending = PendingSync { written, hot: self.hot.clone(), in_flight: self.in_flight.clone(), settled: false };
         Ok((out, Some(Box::new(pending))))
     }
 
@@ -532,7 +575,14 @@ impl EmbeddedStore {
     fn set_aside(&self, _syncing: &MutexGuard<()>) -> Result<(), StoreError> {
         // Only synced records are set aside: a refused one must not reach the file.
         self.in_flight.wait_none();
-        self.finish_folding()?;
+        if let Err(e) = self.finish_folding() {
+            // Not tried again by every append while the disk is full: see FOLD_RETRY.
+            self.with_hot(|hot| {
+                hot.fold_failed = Some(Instant::now());
+                Ok(())
+            })?;
+            return Err(e);
+        }
         let dir = self.dir().to_path_buf();
         let folding_path = dir.join(FOLDING_NAME);
         self.with_hot(|hot| {

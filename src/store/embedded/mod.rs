@@ -1351,6 +1351,54 @@ mod tests {
     }
 
     #[test]
+    fn a_crash_after_folding_a_set_aside_journal_and_before_its_successor_exists_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, folding) = (dir.path().join(journal::FILE_NAME), dir.path().join(hot::FOLDING_NAME));
+        let store = open(&dir);
+        store.append(&[ev("a", "c", b"1")]).unwrap();
+        drop(store); // as a crash: the event is in the journal only
+        let saved = std::fs::read(&journal).unwrap();
+        std::fs::rename(&journal, &folding).unwrap();
+        drop(open(&dir)); // replays the set-aside journal and folds it in
+        // The crash came after the fold's commit and before the new journal was in place.
+        std::fs::remove_file(&journal).unwrap();
+        std::fs::write(&folding, &saved).unwrap();
+        let store = open(&dir);
+        assert_eq!(seqs(&store), [1]);
+        assert!(!folding.exists() && journal.exists());
+    }
+
+    #[test]
+    fn a_group_written_before_a_failed_sync_is_refused_even_if_its_own_sync_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = std::sync::Arc::new(super::super::fault::DiskFault::default());
+        let store = EmbeddedStore::open_on_faulty_disk(dir.path(), disk.clone()).unwrap();
+        let (first, a) = store.append_unsynced(&[ev("a", "c", b"1")]).unwrap();
+        let (second, b) = store.append_unsynced(&[ev("b", "c", b"2")]).unwrap();
+        assert_eq!((stored(&first), stored(&second)), (vec![1], vec![2]));
+        disk.set_full(true);
+        assert!(a.unwrap().sync().is_err());
+        disk.set_full(false);
+        // Its pages may have gone with the first one's write-back error.
+        assert!(b.unwrap().sync().is_err());
+        assert!(seqs(&store).is_empty());
+        assert_eq!(stored(&store.append(&[ev("c", "c", b"3")]).unwrap()), [3]);
+        drop(store);
+        assert_eq!(seqs(&open(&dir)), [3]);
+    }
+
+    #[test]
+    fn an_append_never_synced_is_refused_when_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let (_, pending) = store.append_unsynced(&[ev("a", "c", b"1")]).unwrap();
+        drop(pending);
+        assert!(seqs(&store).is_empty());
+        store.sync().unwrap(); // a checkpoint does not wait for it forever
+        assert_eq!(stored(&store.append(&[ev("b", "c", b"2")]).unwrap()), [2]);
+    }
+
+    #[test]
     fn a_journal_event_that_dies_goes_to_the_dead_letters_once() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
