@@ -155,8 +155,10 @@ impl Journal {
         self.path = path.to_path_buf();
     }
 
-    /// Writes framed records at the end (not synced). On failure the file is cut back to where
-    /// it was, so no torn record stays in front of the next one.
+    /// Writes framed records at the end (not synced). On failure the end stays where it was:
+    /// the next write goes over what this one left, and the file is cut back to it (should
+    /// that fail too, what is left lies past the end, where reading stops at the first damaged
+    /// record).
     pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         let written = self.disk.check().and_then(|()| self.file.write_all_at(bytes, self.len));
         match written {
@@ -193,14 +195,6 @@ impl Journal {
             return Err(damaged("checksum mismatch"));
         }
         postcard::from_bytes(&frame[8..]).map_err(|e| damaged(&e.to_string()))
-    }
-
-    /// Cuts the file back to `len` bytes (records written since are dropped): after a failed
-    /// sync, whose records must not be replayed after a restart since they were refused.
-    pub fn truncate(&mut self, len: u64) -> std::io::Result<()> {
-        self.file.set_len(len)?;
-        self.len = len;
-        Ok(())
     }
 }
 

@@ -355,8 +355,7 @@ pub trait QueueStore: Send + Sync + 'static {
     /// Background work the backend wants done off the append path (the embedded store folds
     /// its journal into its file): waits up to `wait` for some and does it. [`GroupCommit`]
     /// calls it in a loop on a thread of its own; `false` means there is never any.
-    fn maintain(&self, wait: std::time::Duration) -> bool {
-        let _ = wait;
+    fn maintain(&self, _wait: std::time::Duration) -> bool {
         false
     }
     fn writable(&self) -> bool;

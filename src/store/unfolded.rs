@@ -77,8 +77,17 @@ impl Unfolded {
         }
     }
 
+    /// What a journal's records (each with where its payload starts and its length) add up to.
+    pub fn replayed(records: &[(u64, u32, Record)]) -> Unfolded {
+        let mut unfolded = Unfolded::default();
+        for (at, len, record) in records {
+            unfolded.replay(record, *at, *len);
+        }
+        unfolded
+    }
+
     /// Replays one record read back from the journal (`at`: where its payload started).
-    pub fn replay(&mut self, record: &Record, at: u64, len: u32) {
+    fn replay(&mut self, record: &Record, at: u64, len: u32) {
         match record {
             Record::Stored { seq, ev } => self.store(*seq, ev, at, len),
             Record::Delivered(seqs) => self.deliver(seqs),

@@ -28,7 +28,7 @@ use super::super::unfolded::{Held, Unfolded};
 use super::super::{Appended, EventMeta, NewEvent, StoreError, Unsynced, WrittenAppend};
 use super::{
     Commit, DEAD, DEDUP, EVENTS, EmbeddedStore, JOURNAL_GENERATION, META, NEXT_SEQ, STORE_ID, WAITING, encode,
-    insert_event, open_error, set_attempts,
+    insert_event, open_error, raise_next_seq, set_attempts,
 };
 
 /// The set-aside journal's name while it is folded in.
@@ -46,8 +46,8 @@ pub(super) struct Hot {
     pub next_seq: u64,
     /// Reused for encoding records.
     buf: Vec<u8>,
-    /// A failed write could not be cut off again, or a sync failed: the journal may hold
-    /// records that were refused, so it is replaced (after a checkpoint) before the next append.
+    /// A sync failed (or a new generation could not be started): the journal may hold records
+    /// that were refused, so it is replaced (after a checkpoint) before the next append.
     pub broken: bool,
     fold_failed: Option<Instant>,
     /// Failed journal syncs so far (see [`Written::failures_seen`]).
@@ -203,6 +203,15 @@ impl Hot {
         Found::InFile
     }
 
+    /// Whether `ev` is a redelivery: the journals answer first (and `aside`, a layer folded
+    /// in since the file was asked), then `in_file`, the file's expiries for the keys they
+    /// have not seen.
+    pub fn is_duplicate(&self, ev: &NewEvent, in_file: &HashMap<[u8; 32], u64>, aside: Option<&Folding>) -> bool {
+        self.duplicate(ev).or_else(|| aside.and_then(|f| f.unfolded.duplicate(ev))).unwrap_or_else(|| {
+            ev.dedup_key.and_then(|k| in_file.get(&k)).is_some_and(|&expiry| expiry > ev.received_unix_ms)
+        })
+    }
+
     /// An attempt count recorded since the event was folded into the file, if any.
     pub fn attempts_of(&self, seq: u64) -> Option<u32> {
         self.layers().find_map(|(u, _)| u.attempts.get(&seq).copied())
@@ -264,11 +273,7 @@ impl Hot {
         let mut out = Vec::with_capacity(batch.len());
         let (mut added, mut keys) = (Vec::new(), Vec::new());
         for ev in batch {
-            let duplicate =
-                self.duplicate(ev).or_else(|| aside.and_then(|f| f.unfolded.duplicate(ev))).unwrap_or_else(|| {
-                    ev.dedup_key.and_then(|k| in_file.get(&k)).is_some_and(|&expiry| expiry > ev.received_unix_ms)
-                });
-            if duplicate {
+            if self.is_duplicate(ev, in_file, aside) {
                 out.push(Appended::Duplicate);
                 continue;
             }
@@ -292,11 +297,8 @@ impl Hot {
         let result = self.journal.write(&buf);
         self.buf = buf;
         if let Err(e) = result {
-            // The journal cut the failed write off again (or is replaced if it could not).
+            // Nothing was added to the journal (see `Journal::write`): only forgotten here.
             written.undo(&mut self.unfolded);
-            if self.journal.len() != base {
-                self.broken = true;
-            }
             return Err(StoreError::Write(format!("store journal {}: {e}", self.journal.path().display())));
         }
         Ok((out, Some(written)))
@@ -398,11 +400,7 @@ fn replayed(path: &Path, c: &journal::Contents) -> Unfolded {
     if !c.records.is_empty() {
         tracing::info!(journal = %path.display(), records = c.records.len(), "store journal replayed");
     }
-    let mut unfolded = Unfolded::default();
-    for (at, len, record) in &c.records {
-        unfolded.replay(record, *at, *len);
-    }
-    unfolded
+    Unfolded::replayed(&c.records)
 }
 
 impl EmbeddedStore {
@@ -412,20 +410,11 @@ impl EmbeddedStore {
         let dir = self.dir().to_path_buf();
         let (path, folding_path) = (dir.join(journal::FILE_NAME), dir.join(FOLDING_NAME));
 
-        let (generation, next_seq, store_id) = self.write(Commit::Synced, |txn| {
-            let mut meta = txn.open_table(META)?;
-            let generation = meta.get(JOURNAL_GENERATION)?.map(|g| g.value());
-            let next_seq = meta.get(NEXT_SEQ)?.map_or(1, |g| g.value());
-            let id = meta.get(STORE_ID)?.map(|g| g.value());
-            let id = match id {
-                Some(id) => id,
-                None => {
-                    let id = rand::random::<u64>();
-                    meta.insert(STORE_ID, id)?;
-                    id
-                }
-            };
-            Ok((generation, next_seq, id))
+        // (The store id is written when the file is opened, with its format.)
+        let (generation, next_seq, store_id) = self.read(|txn| {
+            let meta = txn.open_table(META)?;
+            let value = |key| Ok::<_, super::Fail>(meta.get(key)?.map(|g| g.value()));
+            Ok((value(JOURNAL_GENERATION)?, value(NEXT_SEQ)?.unwrap_or(1), value(STORE_ID)?.unwrap_or(0)))
         })?;
         let io = |p: &Path, e: std::io::Error| open_error(p, e);
         let layers = to_replay(&dir, generation, store_id)?;
@@ -508,6 +497,23 @@ impl EmbeddedStore {
         })
     }
 
+    /// The expiry the file holds for each of `keys` it has, in one read.
+    pub(super) fn dedup_in_file(&self, keys: &[[u8; 32]]) -> Result<HashMap<[u8; 32], u64>, StoreError> {
+        if keys.is_empty() {
+            return Ok(HashMap::new());
+        }
+        self.read(|txn| {
+            let dedup = txn.open_table(DEDUP)?;
+            let mut found = HashMap::new();
+            for key in keys {
+                if let Some(expiry) = dedup.get(key)? {
+                    found.insert(*key, expiry.value());
+                }
+            }
+            Ok(found)
+        })
+    }
+
     /// Writes `batch` to the journal and hands back what syncs it: the hot path of every
     /// accepted webhook. The sync runs without the journal (deliveries are noted meanwhile) and
     /// may overlap the writing of the next group; checkpoints wait for it.
@@ -535,20 +541,7 @@ impl EmbeddedStore {
                 batch.iter().filter(|ev| hot.duplicate(ev).is_none()).filter_map(|ev| ev.dedup_key).collect::<Vec<_>>();
             Ok((unknown, hot.folding.clone()))
         })?;
-        let in_file = if unknown.is_empty() {
-            HashMap::new()
-        } else {
-            self.read(|txn| {
-                let dedup = txn.open_table(DEDUP)?;
-                let mut found = HashMap::new();
-                for key in &unknown {
-                    if let Some(expiry) = dedup.get(key)? {
-                        found.insert(*key, expiry.value());
-                    }
-                }
-                Ok(found)
-            })?
-        };
+        let in_file = self.dedup_in_file(&unknown)?;
         let (out, written) = self.with_hot(|hot| hot.write_batch(batch, &in_file, aside.as_deref()))?;
         let Some(written) = written else { return Ok((out, None)) };
         self.in_flight.add();
@@ -716,8 +709,7 @@ impl EmbeddedStore {
                 dedup.insert(key, expiry)?;
             }
             let mut meta = txn.open_table(META)?;
-            let stored = meta.get(NEXT_SEQ)?.map_or(1, |g| g.value());
-            meta.insert(NEXT_SEQ, stored.max(next_seq))?;
+            raise_next_seq(&mut meta, next_seq)?;
             meta.insert(JOURNAL_GENERATION, generation)?;
             Ok(())
         })?;

@@ -205,20 +205,23 @@ impl EmbeddedStore {
             folding_lock: Mutex::new(()),
         };
         let format = store.write(Commit::Synced, |txn| {
-            let mut meta = txn.open_table(META)?;
-            let format = meta.get(FORMAT_KEY)?.map(|g| g.value());
+            let format = txn.open_table(META)?.get(FORMAT_KEY)?.map(|g| g.value());
             match format {
                 Some(1) => {
-                    drop(meta);
                     migrate_from_1(txn)?;
                     txn.open_table(META)?.insert(FORMAT_KEY, FORMAT)?;
                 }
                 Some(format) if format != FORMAT => return Ok(format), // touch nothing
                 Some(_) => {}
                 None => {
-                    meta.insert(FORMAT_KEY, FORMAT)?;
+                    txn.open_table(META)?.insert(FORMAT_KEY, FORMAT)?;
                 }
             }
+            let mut meta = txn.open_table(META)?;
+            if meta.get(STORE_ID)?.is_none() {
+                meta.insert(STORE_ID, rand::random::<u64>())?;
+            }
+            drop(meta);
             // Create every table now, so read transactions never meet a missing one.
             txn.open_table(EVENTS)?;
             txn.open_table(WAITING)?;
@@ -630,6 +633,13 @@ fn migrate_from_1(txn: &WriteTransaction) -> DbResult<()> {
     Ok(())
 }
 
+/// Raises the file's next seq to at least `at_least` (the journal gives seqs out ahead of it).
+fn raise_next_seq(meta: &mut Table<&str, u64>, at_least: u64) -> DbResult<()> {
+    let stored = meta.get(NEXT_SEQ)?.map_or(1, |g| g.value());
+    meta.insert(NEXT_SEQ, stored.max(at_least))?;
+    Ok(())
+}
+
 fn take_seq(meta: &mut Table<&str, u64>) -> DbResult<u64> {
     let seq = meta.get(NEXT_SEQ)?.map_or(1, |g| g.value());
     meta.insert(NEXT_SEQ, seq + 1)?;
@@ -704,12 +714,8 @@ impl QueueStore for EmbeddedStore {
     fn append_dead(&self, ev: &NewEvent, info: DeadInfo) -> Result<Appended, StoreError> {
         self.mark()?;
         self.with_hot(|hot| {
-            let in_file = match (hot.duplicate(ev), ev.dedup_key) {
-                (None, Some(key)) => self.read(|txn| Ok(txn.open_table(DEDUP)?.get(&key)?.map(|g| g.value())))?,
-                _ => None,
-            };
-            let duplicate = hot.duplicate(ev).unwrap_or(in_file.is_some_and(|e| e > ev.received_unix_ms));
-            if duplicate {
+            let unknown: Vec<_> = ev.dedup_key.filter(|_| hot.duplicate(ev).is_none()).into_iter().collect();
+            if hot.is_duplicate(ev, &self.dedup_in_file(&unknown)?, None) {
                 return Ok(Appended::Duplicate);
             }
             let seq = hot.next_seq;
@@ -718,9 +724,7 @@ impl QueueStore for EmbeddedStore {
                 if let Some(key) = &ev.dedup_key {
                     txn.open_table(DEDUP)?.insert(key, ev.dedup_expires_unix_ms)?;
                 }
-                let mut meta = txn.open_table(META)?;
-                let stored = meta.get(NEXT_SEQ)?.map_or(1, |g| g.value());
-                meta.insert(NEXT_SEQ, stored.max(seq + 1))?;
+                raise_next_seq(&mut txn.open_table(META)?, seq + 1)?;
                 insert_event(&mut txn.open_table(DEAD)?, seq, &encode_info(info)?, ev)?;
                 Ok(Appended::Stored(seq))
             })
@@ -1178,16 +1182,7 @@ fn read_journal(db: &Database, dir: &Path) -> Result<Vec<Unfolded>, StoreError> 
     .map_err(|e| StoreError::Read(e.message))?;
     // A file without an id has never had a journal: any journal beside it is another's.
     let layers = hot::to_replay(dir, generation, store_id.unwrap_or(0))?;
-    Ok(layers
-        .iter()
-        .map(|(_, c)| {
-            let mut unfolded = Unfolded::default();
-            for (at, len, record) in &c.records {
-                unfolded.replay(record, *at, *len);
-            }
-            unfolded
-        })
-        .collect())
+    Ok(layers.iter().map(|(_, c)| Unfolded::replayed(&c.records)).collect())
 }
 
 /// `store backup` with no relay running: copies `dir`'s store file to `dest` directly. Fails
