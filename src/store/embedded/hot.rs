@@ -254,8 +254,8 @@ impl Hot {
     /// the cost of a redelivery, as with the file's cheap commits.
     pub fn note(&mut self, record: &RecordRef) -> Result<(), StoreError> {
         self.buf.clear();
-        journal::encode(&mut self.buf, record).map_err(StoreError::Write)?;
-        let written = self.journal.write(&self.buf);
+        journal::encode(&mut self.buf, self.journal.framing(), record).map_err(StoreError::Write)?;
+        let written = self.journal.write(&mut self.buf);
         written.map_err(|e| StoreError::Write(format!("store journal: {e}")))
     }
 
@@ -272,6 +272,7 @@ impl Hot {
         buf.clear();
         let mut out = Vec::with_capacity(batch.len());
         let (mut added, mut keys) = (Vec::new(), Vec::new());
+        let framing = self.journal.framing();
         for ev in batch {
             if self.is_duplicate(ev, in_file, aside) {
                 out.push(Appended::Duplicate);
@@ -279,7 +280,7 @@ impl Hot {
             }
             let seq = self.next_seq;
             let start = buf.len();
-            journal::encode(&mut buf, &RecordRef::Stored { seq, ev }).map_err(StoreError::Write)?;
+            journal::encode(&mut buf, framing, &RecordRef::Stored { seq, ev }).map_err(StoreError::Write)?;
             self.next_seq += 1;
             if let Some(key) = ev.dedup_key {
                 keys.push((key, self.unfolded.dedup.get(&key).copied()));
@@ -294,7 +295,7 @@ impl Hot {
             return Ok((out, None));
         }
         let written = Written { added, keys, syncer: self.journal.syncer(), failures_seen: self.sync_failures };
-        let result = self.journal.write(&buf);
+        let result = self.journal.write(&mut buf);
         self.buf = buf;
         if let Err(e) = result {
             // Nothing was added to the journal (see `Journal::write`): only forgotten here.
@@ -460,7 +461,9 @@ impl EmbeddedStore {
             self.fold_layer(&folding, hot.next_seq)?;
         }
         self.fold_now(&mut hot)?;
-        remove_quietly(&folding_path);
+        if folding_path.exists() {
+            Journal::recycle(&folding_path, &dir);
+        }
         Ok(hot)
     }
 
@@ -618,7 +621,7 @@ impl EmbeddedStore {
             hot.folding = None;
             Ok(())
         })?;
-        remove_quietly(&self.dir().join(FOLDING_NAME));
+        Journal::recycle(&self.dir().join(FOLDING_NAME), self.dir());
         Ok(())
     }
 
@@ -722,13 +725,5 @@ impl EmbeddedStore {
             "store journal folded into the store file"
         );
         Ok(())
-    }
-}
-
-fn remove_quietly(path: &Path) {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(file = %path.display(), error = %e, "could not remove a folded store journal"),
     }
 }

@@ -1345,6 +1345,31 @@ mod tests {
         assert_eq!(seqs(&open(&dir)), [2, 3, 4, 5, 6]);
     }
 
+    /// A folded journal is kept as the spare and becomes a later generation: after a crash only
+    /// that generation's records are replayed, not the earlier ones left behind them.
+    #[test]
+    fn a_recycled_journal_replays_only_its_own_records_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let spare = dir.path().join(journal::SPARE_NAME);
+        let mut store = open(&dir);
+        store.fold_at = 1;
+        let big = vec![b'x'; 4096];
+        store.append(&[ev("a", "c", &big), ev("b", "c", &big)]).unwrap();
+        store.append(&[ev("c", "c", b"3")]).unwrap(); // sets the first journal aside
+        assert!(store.maintain(Duration::ZERO));
+        assert!(spare.exists(), "the folded journal is kept");
+        let recycled = std::fs::metadata(&spare).unwrap().len();
+        store.progress(&[1], &[]).unwrap();
+        store.append(&[ev("d", "c", b"4")]).unwrap(); // the next generation takes the spare
+        assert!(!spare.exists());
+        assert!(journal_len(&dir) >= recycled, "queue.journal is the recycled file");
+        drop(store); // as a crash
+        let store = open(&dir);
+        assert_eq!(seqs(&store), [2, 3, 4]);
+        assert_eq!(store.load(4).unwrap().unwrap().ev.body.as_ref(), b"4");
+        assert_eq!(store.load(2).unwrap().unwrap().ev.body.len(), big.len());
+    }
+
     #[test]
     fn a_crash_after_folding_a_set_aside_journal_and_before_its_successor_exists_starts() {
         let dir = tempfile::tempdir().unwrap();
