@@ -461,9 +461,7 @@ impl EmbeddedStore {
             self.fold_layer(&folding, hot.next_seq)?;
         }
         self.fold_now(&mut hot)?;
-        if folding_path.exists() {
-            Journal::recycle(&folding_path, &dir);
-        }
+        Journal::recycle(&folding_path, &dir); // a missing one is nothing to do
         Ok(hot)
     }
 
