@@ -1,5 +1,6 @@
 //! Accepting connections: binding a listener, serving it on one thread per core (public
-//! listeners) or on the main runtime (admin), HTTP/1.1 and HTTP/2 on each connection (by ALPN
+//! listeners, connections spread evenly over the threads by [`Balance`]) or on the main
+//! runtime (admin), HTTP/1.1 and HTTP/2 on each connection (by ALPN
 //! on https, by prior knowledge on plain http), the caps on open connections, the deadlines of
 //! a connection (its first bytes, TLS handshake included, within `header_timeout`; closed after
 //! `idle_timeout` without a request), and the graceful end of open connections within
@@ -7,7 +8,8 @@
 
 use super::ServeError;
 use super::activity::{Activity, Tracked};
-use super::admission::Admission;
+use super::admission::{Admission, Ticket};
+use super::balance::{Balance, Counted, Handoff, Placed};
 use super::drain::Drain;
 use crate::tls::Tls;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -65,12 +67,14 @@ pub(super) async fn bind(addr: SocketAddr, what: &'static str) -> Result<(TcpLis
     Ok((listener, bound))
 }
 
-/// Serves a public listener on one thread per core, each with its own single-threaded runtime
-/// accepting from the same socket: a connection, its requests and the upstream connections
-/// they use (`Upstream::client` is per thread) stay on one thread, with no work-stealing or
-/// cross-thread wake-ups on the request path. Everything else (admin, queue, reload, signals)
+/// Serves a public listener on `threads` threads (one per core), each with its own
+/// single-threaded runtime accepting from the same socket: a connection, its requests and the
+/// upstream connections they use (`Upstream::client` is per thread) stay on one thread, with no
+/// work-stealing or cross-thread wake-ups on the request path. New connections are spread
+/// evenly over the threads ([`Balance`]). Everything else (admin, queue, reload, signals)
 /// stays on the main runtime. Each thread ends after its connections drained (see
 /// [`accept_loop`]); the join is added to `tasks`.
+#[allow(clippy::too_many_arguments)] // each is one listener's own; a struct would only rename them
 pub(super) fn serve_per_core<F, S>(
     tasks: &mut tokio::task::JoinSet<()>,
     listener: TcpListener,
@@ -79,6 +83,7 @@ pub(super) fn serve_per_core<F, S>(
     stop: watch::Receiver<bool>,
     limits: Limits,
     admission: Arc<Admission>,
+    threads: usize,
 ) -> Result<(), ServeError>
 where
     F: Fn(SocketAddr) -> S + Clone + Send + 'static,
@@ -86,8 +91,7 @@ where
 {
     let setup = |e: std::io::Error| ServeError::Setup(format!("cannot start a serving thread: {e}"));
     let shared = listener.into_std().map_err(setup)?;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    for i in 0..cores {
+    for (i, share) in Balance::shares(threads).into_iter().enumerate() {
         let socket = shared.try_clone().map_err(setup)?;
         let (tls, serve, stop, admission) = (tls.clone(), serve.clone(), stop.clone(), admission.clone());
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(setup)?;
@@ -96,7 +100,7 @@ where
             .spawn(move || {
                 runtime.block_on(async move {
                     match TcpListener::from_std(socket) {
-                        Ok(listener) => accept_loop(listener, tls, serve, stop, limits, admission).await,
+                        Ok(listener) => accept_loop(listener, tls, serve, stop, limits, admission, Some(share)).await,
                         Err(e) => tracing::error!("serving thread {i} cannot use the listener: {e}"),
                     }
                 })
@@ -121,6 +125,7 @@ pub(super) async fn accept_loop<F, S>(
     mut stop: watch::Receiver<bool>,
     limits: Limits,
     admission: Arc<Admission>,
+    mut balance: Option<Balance>,
 ) where
     F: Fn(SocketAddr) -> S,
     S: Handler,
@@ -141,6 +146,46 @@ pub(super) async fn accept_loop<F, S>(
         .keep_alive_interval(Some(idle_timeout.min(Duration::from_secs(30))))
         .keep_alive_timeout(header_timeout);
     let builder = Arc::new(builder);
+    // Serves one connection in its own task until it ends, holding its admission ticket and
+    // its place in the thread's count.
+    let spawn = |stream: tokio::net::TcpStream, peer: SocketAddr, ticket: Ticket, counted: Option<Counted>| {
+        let _ = stream.set_nodelay(true);
+        let activity = Activity::new();
+        // Taken now, so a shutdown that starts during the handshake still waits for this
+        // connection (and ends it gracefully once its first request is served).
+        let watcher = drain.watch(activity.clone());
+        let service = Tracked { inner: serve(peer), activity: activity.clone() };
+        let (builder, tls) = (builder.clone(), tls.clone());
+        tokio::spawn(async move {
+            let _held = (ticket, counted);
+            let serving = async {
+                match tls {
+                    None => watcher.serve(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await,
+                    Some(tls) => match tls.accept(stream).await {
+                        Ok(Some(stream)) => {
+                            watcher.serve(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await
+                        }
+                        Ok(None) => Ok(()),
+                        Err(e) => {
+                            tracing::debug!(%peer, "tls handshake failed: {e}");
+                            Ok(())
+                        }
+                    },
+                }
+            };
+            tokio::select! {
+                ended = serving => {
+                    if let Err(e) = ended {
+                        tracing::debug!(%peer, "connection ended: {e}");
+                    }
+                }
+                // Dropping the connection closes it; no request is in flight.
+                _ = activity.expired(header_timeout, idle_timeout) => {
+                    tracing::debug!(%peer, "closing a connection without a request in time");
+                }
+            }
+        });
+    };
     let mut backoff = Duration::ZERO;
     loop {
         tokio::select! {
@@ -164,48 +209,97 @@ pub(super) async fn accept_loop<F, S>(
                         continue; // dropping the stream closes it
                     }
                 };
-                let _ = stream.set_nodelay(true);
-                let activity = Activity::new();
-                // Taken now, so a shutdown that starts during the handshake still waits for
-                // this connection (and ends it gracefully once its first request is served).
-                let watcher = drain.watch(activity.clone());
-                let service = Tracked { inner: serve(peer), activity: activity.clone() };
-                let (builder, tls) = (builder.clone(), tls.clone());
-                tokio::spawn(async move {
-                    let _ticket = ticket;
-                    let serving = async {
-                        match tls {
-                            None => watcher.serve(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await,
-                            Some(tls) => match tls.accept(stream).await {
-                                Ok(Some(stream)) => {
-                                    watcher.serve(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await
-                                }
-                                Ok(None) => Ok(()),
-                                Err(e) => {
-                                    tracing::debug!(%peer, "tls handshake failed: {e}");
-                                    Ok(())
-                                }
-                            },
-                        }
-                    };
-                    tokio::select! {
-                        ended = serving => {
-                            if let Err(e) = ended {
-                                tracing::debug!(%peer, "connection ended: {e}");
-                            }
-                        }
-                        // Dropping the connection closes it; no request is in flight.
-                        _ = activity.expired(header_timeout, idle_timeout) => {
-                            tracing::debug!(%peer, "closing a connection without a request in time");
-                        }
-                    }
-                });
+                match &balance {
+                    None => spawn(stream, peer, ticket, None),
+                    Some(b) => match b.place(stream, peer, ticket) {
+                        Placed::Here(stream, ticket, counted) => spawn(stream, peer, ticket, Some(counted)),
+                        Placed::Moved => {}
+                    },
+                }
             }
+            Some((h, counted)) = taken_over(&mut balance) => take_over(h, counted, &spawn),
             _ = stop.changed() => break,
         }
+    }
+    // Connections other threads handed over before the stop are served like those accepted
+    // here; any handed over later go back to their sender.
+    for (h, counted) in balance.as_mut().map(Balance::close).unwrap_or_default() {
+        take_over(h, counted, &spawn);
     }
     drop(listener);
     if !drain.shutdown(grace).await {
         tracing::warn!("shutdown_grace ({grace:?}) passed with connections still open; closing them");
+    }
+}
+
+/// The next connection another serving thread handed over; never ready without a [`Balance`].
+async fn taken_over(balance: &mut Option<Balance>) -> Option<(Handoff, Counted)> {
+    match balance {
+        Some(b) => b.taken_over().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Serves a connection another thread accepted, on this thread's reactor.
+fn take_over(
+    h: Handoff,
+    counted: Counted,
+    spawn: &impl Fn(tokio::net::TcpStream, SocketAddr, Ticket, Option<Counted>),
+) {
+    let Handoff { stream, peer, ticket } = h;
+    match tokio::net::TcpStream::from_std(stream) {
+        Ok(stream) => spawn(stream, peer, ticket, Some(counted)),
+        Err(e) => tracing::debug!(%peer, "could not serve a connection handed over: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Connections opened at once end up within one of even on the serving threads, however
+    /// the kernel hands them out, and each is answered by the thread it was placed on.
+    #[tokio::test]
+    async fn connections_opened_at_once_are_spread_over_the_serving_threads() {
+        let (listener, addr) = bind("127.0.0.1:0".parse().unwrap(), "test").await.unwrap();
+        let admission = Admission::new("test", 1000, 1000, vec![], &Metrics::new());
+        let limits = Limits {
+            grace: Duration::from_secs(1),
+            header_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(5),
+        };
+        let (stop_tx, stop) = watch::channel(false);
+        let serve = |_peer: SocketAddr| {
+            hyper::service::service_fn(|_req| async {
+                let thread = std::thread::current().name().unwrap_or("?").to_string();
+                Ok::<_, Infallible>(crate::http_util::text(http::StatusCode::OK, "text/plain", thread))
+            })
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        serve_per_core(&mut tasks, listener, None, serve, stop, limits, admission, 3).unwrap();
+
+        // All connected before any request: where each is served is settled at accept.
+        let mut conns = Vec::new();
+        for _ in 0..12 {
+            conns.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let mut served = std::collections::BTreeMap::<String, usize>::new();
+        for c in &mut conns {
+            c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+            let mut buf = vec![0; 1024];
+            let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await.unwrap().unwrap();
+            let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+            let thread = answer.rsplit("\r\n").next().unwrap().to_string();
+            assert!(thread.starts_with("serve-"), "{answer}");
+            *served.entry(thread).or_default() += 1;
+        }
+        assert_eq!(served.len(), 3, "{served:?}");
+        assert!(served.values().all(|&n| (3..=5).contains(&n)), "{served:?}");
+
+        drop(conns);
+        stop_tx.send(true).unwrap();
+        while tasks.join_next().await.is_some() {}
     }
 }

@@ -5,6 +5,7 @@
 
 mod activity;
 mod admission;
+mod balance;
 mod drain;
 mod listen;
 mod passed;
@@ -197,15 +198,16 @@ async fn start_inner(
         }
     };
     let limits = Limits { grace, header_timeout, idle_timeout };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     if let Some((listener, bound)) = http {
         running.http = Some(bound);
         let stop = running.stopping();
-        serve_per_core(&mut tasks, listener, None, public(Scheme::Http), stop, limits, admission("http"))?;
+        serve_per_core(&mut tasks, listener, None, public(Scheme::Http), stop, limits, admission("http"), threads)?;
     }
     if let Some((listener, bound)) = https {
         running.https = Some(bound);
         let (tls, stop) = (tls.clone(), running.stopping());
-        serve_per_core(&mut tasks, listener, tls, public(Scheme::Https), stop, limits, admission("https"))?;
+        serve_per_core(&mut tasks, listener, tls, public(Scheme::Https), stop, limits, admission("https"), threads)?;
     }
     if let Some((listener, bound)) = admin {
         running.admin = Some(bound);
@@ -218,7 +220,7 @@ async fn start_inner(
                 async move { Ok::<_, Infallible>(admin.handle(req).await) }
             })
         };
-        tasks.spawn(accept_loop(listener, None, serve, running.stopping(), limits, admission("admin")));
+        tasks.spawn(accept_loop(listener, None, serve, running.stopping(), limits, admission("admin"), None));
     }
     match tls.as_ref().map(|t| &t.source) {
         Some(CertSource::Files(files)) => {
