@@ -186,9 +186,11 @@ impl Hot {
             .chain(self.folding.as_deref().map(|f| (&f.unfolded, &f.journal)))
     }
 
-    /// Whether `ev` is a redelivery of an event the journals hold; `None`: ask the file.
-    pub fn duplicate(&self, ev: &NewEvent) -> Option<bool> {
-        self.layers().find_map(|(u, _)| u.duplicate(ev))
+    /// Whether a journal holds a live dedup key of `ev` (a redelivery). A key a journal holds
+    /// expired is no answer: the file may hold a later one (a dead letter stored since, say),
+    /// so the file is asked unless this is true.
+    pub fn duplicate(&self, ev: &NewEvent) -> bool {
+        self.layers().any(|(u, _)| u.duplicate(ev) == Some(true))
     }
 
     fn find(&self, seq: u64) -> Found<'_> {
@@ -203,13 +205,14 @@ impl Hot {
         Found::InFile
     }
 
-    /// Whether `ev` is a redelivery: the journals answer first (and `aside`, a layer folded
-    /// in since the file was asked), then `in_file`, the file's expiries for the keys they
-    /// have not seen.
+    /// Whether `ev` is a redelivery: a live key in the journals, in `aside` (a layer folded in
+    /// since the file was asked), or in `in_file`, the file's expiries for the keys the
+    /// journals held no live key for. Keys only ever get later expiries (pruning removes
+    /// expired ones), so a live key anywhere is the answer.
     pub fn is_duplicate(&self, ev: &NewEvent, in_file: &HashMap<[u8; 32], u64>, aside: Option<&Folding>) -> bool {
-        self.duplicate(ev).or_else(|| aside.and_then(|f| f.unfolded.duplicate(ev))).unwrap_or_else(|| {
-            ev.dedup_key.and_then(|k| in_file.get(&k)).is_some_and(|&expiry| expiry > ev.received_unix_ms)
-        })
+        self.duplicate(ev)
+            || aside.is_some_and(|f| f.unfolded.duplicate(ev) == Some(true))
+            || ev.dedup_key.and_then(|k| in_file.get(&k)).is_some_and(|&expiry| expiry > ev.received_unix_ms)
     }
 
     /// An attempt count recorded since the event was folded into the file, if any.
@@ -539,7 +542,7 @@ impl EmbeddedStore {
         // it answered for were not looked up in the file, and it still answers for them.
         let (unknown, aside) = self.with_hot(|hot| {
             let unknown =
-                batch.iter().filter(|ev| hot.duplicate(ev).is_none()).filter_map(|ev| ev.dedup_key).collect::<Vec<_>>();
+                batch.iter().filter(|ev| !hot.duplicate(ev)).filter_map(|ev| ev.dedup_key).collect::<Vec<_>>();
             Ok((unknown, hot.folding.clone()))
         })?;
         let in_file = self.dedup_in_file(&unknown)?;
@@ -644,7 +647,7 @@ impl EmbeddedStore {
 
     /// Writes one layer into the file in one synced commit: its waiting events, deliveries,
     /// attempt counts, dedup keys, the next seq, and the generation of the journal after it.
-    fn fold_layer(&self, folding: &Folding, next_seq: u64) -> Result<(), StoreError> {
+    pub(super) fn fold_layer(&self, folding: &Folding, next_seq: u64) -> Result<(), StoreError> {
         self.fold_into_file(&folding.unfolded, &folding.journal, next_seq, folding.journal.generation() + 1)
     }
 
@@ -707,7 +710,12 @@ impl EmbeddedStore {
             }
             let mut dedup = txn.open_table(DEDUP)?;
             for (key, &expiry) in keys {
-                dedup.insert(key, expiry)?;
+                // The file may hold a later expiry of its own (a dead letter stored while the
+                // journal's key had expired): the later one stays.
+                let later = dedup.insert(key, expiry)?.map(|g| g.value()).filter(|&kept| kept > expiry);
+                if let Some(kept) = later {
+                    dedup.insert(key, kept)?;
+                }
             }
             let mut meta = txn.open_table(META)?;
             raise_next_seq(&mut meta, next_seq)?;

@@ -714,7 +714,7 @@ impl QueueStore for EmbeddedStore {
     fn append_dead(&self, ev: &NewEvent, info: DeadInfo) -> Result<Appended, StoreError> {
         self.mark()?;
         self.with_hot(|hot| {
-            let unknown: Vec<_> = ev.dedup_key.filter(|_| hot.duplicate(ev).is_none()).into_iter().collect();
+            let unknown: Vec<_> = ev.dedup_key.filter(|_| !hot.duplicate(ev)).into_iter().collect();
             if hot.is_duplicate(ev, &self.dedup_in_file(&unknown)?, None) {
                 return Ok(Appended::Duplicate);
             }
@@ -789,9 +789,14 @@ impl QueueStore for EmbeddedStore {
         let in_journal = self.with_hot(|hot| {
             let Some((ev, _)) = hot.load(seq)? else { return Ok(false) };
             // Into the dead letters (synced), then noted as gone from the queue; a crash
-            // between the two leaves both, and the checkpoint skips events that are dead.
+            // between the two leaves both, and the checkpoint skips events that are dead. A
+            // fold of a set-aside journal may already have put it in the file (its layer goes
+            // only after that commit): it leaves the file's queue in the same commit, or the
+            // loss of the note would leave it both waiting and dead.
             self.write(Commit::Synced, |txn| {
                 insert_event(&mut txn.open_table(DEAD)?, seq, &encode_info(info.clone())?, &ev)?;
+                txn.open_table(EVENTS)?.remove(seq)?;
+                txn.open_table(WAITING)?.remove(seq)?;
                 Ok(())
             })?;
             hot.unfolded.deliver(&[seq]);
@@ -1371,6 +1376,27 @@ mod tests {
     }
 
     #[test]
+    fn an_event_killed_after_its_journal_was_folded_in_and_before_the_layer_went_is_only_dead_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(&dir);
+        store.fold_at = 1;
+        store.append(&[ev("a", "c", b"1")]).unwrap();
+        store.append(&[ev("b", "c", b"2")]).unwrap(); // sets the first journal aside
+        // The maintenance thread's fold has committed; its layer is still there.
+        let (folding, next_seq) =
+            store.with_hot(|hot| Ok((hot.folding.clone().expect("set aside"), hot.next_seq))).unwrap();
+        store.fold_layer(&folding, next_seq).unwrap();
+        let before_kill = std::fs::read(dir.path().join(journal::FILE_NAME)).unwrap();
+        store.kill(1, info(Vec::new())).unwrap();
+        drop(store);
+        // The power loss takes the journal's unsynced note of the kill.
+        std::fs::write(dir.path().join(journal::FILE_NAME), before_kill).unwrap();
+        let store = open(&dir);
+        assert_eq!(seqs(&store), [2], "the dead letter is not waiting again");
+        assert_eq!(store.dead_letters().unwrap().iter().map(|d| d.seq).collect::<Vec<_>>(), [1]);
+    }
+
+    #[test]
     fn a_crash_after_folding_a_set_aside_journal_and_before_its_successor_exists_starts() {
         let dir = tempfile::tempdir().unwrap();
         let (journal, folding) = (dir.path().join(journal::FILE_NAME), dir.path().join(hot::FOLDING_NAME));
@@ -1669,6 +1695,20 @@ mod tests {
         assert_eq!(d.info.reason, DeadReason::Refused { status: 400 });
         assert_eq!(store.dead_letter(1).unwrap().as_ref(), Some(d));
         assert!(store.dead_letter(2).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_expired_key_in_the_journal_does_not_hide_a_later_one_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        // The journal holds key 7 until 1,000; a dead letter stored at 2,000 holds it until 5,000.
+        assert_eq!(store.append(&[deduped("a", 7, 100, 1_000)]).unwrap(), [Appended::Stored(1)]);
+        assert_eq!(store.append_dead(&deduped("b", 7, 2_000, 5_000), info(vec![])).unwrap(), Appended::Stored(2));
+        assert_eq!(store.append(&[deduped("c", 7, 3_000, 6_000)]).unwrap(), [Appended::Duplicate]);
+        // Folded in, the journal's earlier expiry does not replace the file's.
+        store.sync().unwrap();
+        assert_eq!(store.append(&[deduped("d", 7, 4_000, 7_000)]).unwrap(), [Appended::Duplicate]);
+        assert_eq!(store.append(&[deduped("e", 7, 5_000, 8_000)]).unwrap(), [Appended::Stored(3)], "expired");
     }
 
     #[test]
