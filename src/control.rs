@@ -175,6 +175,8 @@ impl Control {
             Err(e) => {
                 metrics.config_reloads.get_or_create(&ResultLabels { result: ReloadResult::Refused }).inc();
                 tracing::error!(trigger, "reload refused, keeping the running configuration: {e}");
+                // What the refused file's parse took (long freed by now) goes back too.
+                let _ = self.reload_thread.detach(crate::memory::release);
                 notify(&[sd_notify::NotifyState::Ready]);
                 return Err(e);
             }
@@ -213,6 +215,7 @@ impl Control {
         let _ = self.reload_thread.detach(move || {
             let t = Instant::now();
             drop(old);
+            crate::memory::release();
             tracing::debug!(drop_ms = t.elapsed().as_secs_f64() * 1000.0, "previous configuration freed");
         });
         notify(&[sd_notify::NotifyState::Ready]);

@@ -10,7 +10,7 @@
 //! Layers, each using only those below it: `cli` > `server` > `admin` > `control` > `tls` >
 //! `relay` > `inbound`, `meta_app`, `outbound` > `services` > `queue`, `window` > `event` >
 //! `deliver`, `routing` > `store` > `config` > `provider` > the leaves (`request`, `secret`,
-//! `http_util`, `upstream`, `metrics`, `clock`).
+//! `http_util`, `upstream`, `metrics`, `clock`, `memory`).
 #![forbid(unsafe_code)]
 
 /// The release and the commit it was built from (see `build.rs`): `--version` and the start-up
@@ -29,6 +29,7 @@ pub mod event;
 pub mod fuzzing;
 pub mod http_util;
 pub mod inbound;
+pub mod memory;
 pub mod meta_app;
 pub mod metrics;
 pub mod outbound;

@@ -244,6 +244,8 @@ async fn start_inner(
         "whatsapp-relay listening"
     );
     running.tasks = tasks;
+    // The config's parse and the start's other one-off allocations are freed by now.
+    crate::memory::release();
     Ok(running)
 }
 
