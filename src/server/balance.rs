@@ -79,7 +79,9 @@ impl Balance {
     pub fn place(&self, stream: tokio::net::TcpStream, peer: SocketAddr, ticket: Ticket) -> Placed {
         let load = |i: usize| self.counts[i].load(Ordering::Relaxed);
         let mine = load(self.me);
-        let least = (0..self.counts.len()).filter(|&i| i != self.me).min_by_key(|&i| load(i));
+        // A thread that stopped taking connections (ended, or shutting down) is no target.
+        let open = |i: usize| i != self.me && !self.inboxes[i].is_closed();
+        let least = (0..self.counts.len()).filter(|&i| open(i)).min_by_key(|&i| load(i));
         let Some(to) = least.filter(|&i| load(i) + SLACK < mine) else {
             return Placed::Here(stream, ticket, self.count_here());
         };
@@ -113,13 +115,72 @@ impl Balance {
 
     /// Stops taking connections over and returns those already sent (to be served, so a
     /// connection accepted before the stop is not dropped unanswered); later hand-overs come
-    /// back to their sender.
-    pub fn close(&mut self) -> Vec<(Handoff, Counted)> {
+    /// back to their sender. Waits for a send already past the closed check: `recv` ends only
+    /// once none is in flight, where `try_recv` could miss one.
+    pub async fn close(&mut self) -> Vec<(Handoff, Counted)> {
         self.inbox.close();
         let mut left = Vec::new();
-        while let Ok(h) = self.inbox.try_recv() {
+        while let Some(h) = self.inbox.recv().await {
             left.push((h, Counted { counts: self.counts.clone(), thread: self.me }));
         }
         left
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::server::admission::Admission;
+
+    async fn accepted(listener: &tokio::net::TcpListener) -> (tokio::net::TcpStream, SocketAddr) {
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        listener.accept().await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_goes_to_the_least_loaded_thread_and_stays_when_the_others_stopped() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admission = Admission::new("test", 100, 100, vec![], &Metrics::new());
+        let mut shares = Balance::shares(3);
+        let kept: Vec<_> = (0..2).map(|_| shares[0].count_here()).collect();
+        let one = shares[1].count_here();
+
+        // Thread 0 holds 2, thread 1 holds 1 and thread 2 none: thread 2 gets it.
+        let (stream, peer) = accepted(&listener).await;
+        assert!(matches!(shares[0].place(stream, peer, admission.admit(peer.ip()).unwrap()), Placed::Moved));
+        let (h, counted) = shares[2].taken_over().await.unwrap();
+        assert_eq!(h.peer, peer);
+        assert_eq!(shares[0].counts.iter().map(|c| c.load(Ordering::Relaxed)).collect::<Vec<_>>(), [2, 1, 1]);
+
+        // Thread 1 and 2 have stopped taking connections: it stays on thread 0.
+        assert!(shares[2].close().await.is_empty());
+        let pending = shares.remove(1);
+        drop(pending); // a thread that ended
+        let (stream, peer) = accepted(&listener).await;
+        assert!(matches!(shares[0].place(stream, peer, admission.admit(peer.ip()).unwrap()), Placed::Here(..)));
+        drop((kept, one, counted));
+    }
+
+    #[tokio::test]
+    async fn close_hands_back_what_was_sent_before_and_refuses_what_comes_after() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admission = Admission::new("test", 100, 100, vec![], &Metrics::new());
+        let mut shares = Balance::shares(2);
+        let busy: Vec<_> = (0..3).map(|_| shares[0].count_here()).collect();
+        let (stream, peer) = accepted(&listener).await;
+        assert!(matches!(shares[0].place(stream, peer, admission.admit(peer.ip()).unwrap()), Placed::Moved));
+
+        let left = shares[1].close().await;
+        assert_eq!(left.len(), 1, "sent before the stop: served by the thread it went to");
+        assert_eq!(left[0].0.peer, peer);
+        let (stream, peer) = accepted(&listener).await;
+        assert!(
+            matches!(shares[0].place(stream, peer, admission.admit(peer.ip()).unwrap()), Placed::Here(..)),
+            "after the stop: kept by the thread that accepted it"
+        );
+        drop((busy, left));
+        assert_eq!(shares[0].counts[1].load(Ordering::Relaxed), 0, "counts given back");
     }
 }

@@ -223,7 +223,11 @@ pub(super) async fn accept_loop<F, S>(
     }
     // Connections other threads handed over before the stop are served like those accepted
     // here; any handed over later go back to their sender.
-    for (h, counted) in balance.as_mut().map(Balance::close).unwrap_or_default() {
+    let left = match balance.as_mut() {
+        Some(b) => b.close().await,
+        None => Vec::new(),
+    };
+    for (h, counted) in left {
         take_over(h, counted, &spawn);
     }
     drop(listener);
@@ -288,10 +292,19 @@ mod tests {
         let mut served = std::collections::BTreeMap::<String, usize>::new();
         for c in &mut conns {
             c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
-            let mut buf = vec![0; 1024];
-            let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await.unwrap().unwrap();
-            let answer = String::from_utf8_lossy(&buf[..n]).to_string();
-            let thread = answer.rsplit("\r\n").next().unwrap().to_string();
+            // Read until the body ("serve-N") is in.
+            let (mut answer, mut buf) = (Vec::new(), [0; 1024]);
+            let body = loop {
+                let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await.unwrap().unwrap();
+                assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&answer));
+                answer.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&answer).to_string();
+                match text.split_once("\r\n\r\n") {
+                    Some((_, body)) if body.len() >= "serve-0".len() => break body.to_string(),
+                    _ => continue,
+                }
+            };
+            let (answer, thread) = (String::from_utf8_lossy(&answer).to_string(), body);
             assert!(thread.starts_with("serve-"), "{answer}");
             *served.entry(thread).or_default() += 1;
         }
