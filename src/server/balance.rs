@@ -70,6 +70,11 @@ impl Balance {
     /// Counts a connection this thread serves (accepted here or taken over).
     pub fn count_here(&self) -> Counted {
         self.counts[self.me].fetch_add(1, Ordering::Relaxed);
+        self.counted()
+    }
+
+    /// The count of a connection handed to this thread: raised by the sender already.
+    fn counted(&self) -> Counted {
         Counted { counts: self.counts.clone(), thread: self.me }
     }
 
@@ -110,7 +115,7 @@ impl Balance {
     /// The next connection another thread handed to this one (already counted here).
     pub async fn taken_over(&mut self) -> Option<(Handoff, Counted)> {
         let h = self.inbox.recv().await?;
-        Some((h, Counted { counts: self.counts.clone(), thread: self.me }))
+        Some((h, self.counted()))
     }
 
     /// Stops taking connections over and returns those already sent (to be served, so a
@@ -121,7 +126,7 @@ impl Balance {
         self.inbox.close();
         let mut left = Vec::new();
         while let Some(h) = self.inbox.recv().await {
-            left.push((h, Counted { counts: self.counts.clone(), thread: self.me }));
+            left.push((h, self.counted()));
         }
         left
     }
@@ -133,23 +138,33 @@ mod tests {
     use crate::metrics::Metrics;
     use crate::server::admission::Admission;
 
-    async fn accepted(listener: &tokio::net::TcpListener) -> (tokio::net::TcpStream, SocketAddr) {
-        let addr = listener.local_addr().unwrap();
-        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        listener.accept().await.unwrap()
+    /// A loopback listener to accept real connections from, and an admission to count them.
+    async fn setup() -> (tokio::net::TcpListener, Arc<Admission>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        (listener, Admission::new("test", 100, 100, vec![], &Metrics::new()))
+    }
+
+    /// Accepts a new connection and offers it to `share`.
+    async fn place(
+        share: &Balance,
+        listener: &tokio::net::TcpListener,
+        admission: &Arc<Admission>,
+    ) -> (Placed, SocketAddr) {
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        (share.place(stream, peer, admission.admit(peer.ip()).unwrap()), peer)
     }
 
     #[tokio::test]
     async fn a_connection_goes_to_the_least_loaded_thread_and_stays_when_the_others_stopped() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admission = Admission::new("test", 100, 100, vec![], &Metrics::new());
+        let (listener, admission) = setup().await;
         let mut shares = Balance::shares(3);
         let kept: Vec<_> = (0..2).map(|_| shares[0].count_here()).collect();
         let one = shares[1].count_here();
 
         // Thread 0 holds 2, thread 1 holds 1 and thread 2 none: thread 2 gets it.
-        let (stream, peer) = accepted(&listener).await;
-        assert!(matches!(shares[0].place(stream, peer, admission.admit(peer.ip()).unwrap()), Placed::Moved));
+        let (placed, peer) = place(&shares[0], &listener, &admission).await;
+        assert!(matches!(placed, Placed::Moved));
         let (h, counted) = shares[2].taken_over().await.unwrap();
         assert_eq!(h.peer, peer);
         assert_eq!(shares[0].counts.iter().map(|c| c.load(Ordering::Relaxed)).collect::<Vec<_>>(), [2, 1, 1]);
@@ -158,28 +173,24 @@ mod tests {
         assert!(shares[2].close().await.is_empty());
         let pending = shares.remove(1);
         drop(pending); // a thread that ended
-        let (stream, peer) = accepted(&listener).await;
-        assert!(matches!(shares[0].place(stream, peer, admission.admit(peer.ip()).unwrap()), Placed::Here(..)));
+        let (placed, _) = place(&shares[0], &listener, &admission).await;
+        assert!(matches!(placed, Placed::Here(..)));
         drop((kept, one, counted));
     }
 
     #[tokio::test]
     async fn close_hands_back_what_was_sent_before_and_refuses_what_comes_after() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admission = Admission::new("test", 100, 100, vec![], &Metrics::new());
+        let (listener, admission) = setup().await;
         let mut shares = Balance::shares(2);
         let busy: Vec<_> = (0..3).map(|_| shares[0].count_here()).collect();
-        let (stream, peer) = accepted(&listener).await;
-        assert!(matches!(shares[0].place(stream, peer, admission.admit(peer.ip()).unwrap()), Placed::Moved));
+        let (placed, peer) = place(&shares[0], &listener, &admission).await;
+        assert!(matches!(placed, Placed::Moved));
 
         let left = shares[1].close().await;
         assert_eq!(left.len(), 1, "sent before the stop: served by the thread it went to");
         assert_eq!(left[0].0.peer, peer);
-        let (stream, peer) = accepted(&listener).await;
-        assert!(
-            matches!(shares[0].place(stream, peer, admission.admit(peer.ip()).unwrap()), Placed::Here(..)),
-            "after the stop: kept by the thread that accepted it"
-        );
+        let (placed, _) = place(&shares[0], &listener, &admission).await;
+        assert!(matches!(placed, Placed::Here(..)), "after the stop: kept by the thread that accepted it");
         drop((busy, left));
         assert_eq!(shares[0].counts[1].load(Ordering::Relaxed), 0, "counts given back");
     }

@@ -294,17 +294,15 @@ mod tests {
             c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
             // Read until the body ("serve-N") is in.
             let (mut answer, mut buf) = (Vec::new(), [0; 1024]);
-            let body = loop {
+            let (answer, thread) = loop {
                 let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await.unwrap().unwrap();
                 assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&answer));
                 answer.extend_from_slice(&buf[..n]);
                 let text = String::from_utf8_lossy(&answer).to_string();
-                match text.split_once("\r\n\r\n") {
-                    Some((_, body)) if body.len() >= "serve-0".len() => break body.to_string(),
-                    _ => continue,
+                if let Some((_, body)) = text.split_once("\r\n\r\n").filter(|(_, b)| b.len() >= "serve-0".len()) {
+                    break (text.clone(), body.to_string());
                 }
             };
-            let (answer, thread) = (String::from_utf8_lossy(&answer).to_string(), body);
             assert!(thread.starts_with("serve-"), "{answer}");
             *served.entry(thread).or_default() += 1;
         }
