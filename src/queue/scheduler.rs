@@ -31,6 +31,8 @@ struct Entry {
     cached: Option<Arc<NewEvent>>,
     /// `auto` mode: the webhook's request handler waiting for the first attempt's answer.
     waiter: Option<Waiter>,
+    /// Its contents are being read back ahead of its turn (see [`Scheduler::read_ahead`]).
+    reading: bool,
 }
 
 /// Motion's answer to a first attempt, handed to a request waiting in `auto` mode.
@@ -58,6 +60,9 @@ enum Msg {
         seq: u64,
         epoch: u64,
     },
+    /// Contents read back ahead of their turn: conversation, seq, and the event (None when it
+    /// could not be read: its attempt reads it then, and handles what went wrong).
+    Loaded(Vec<(Arc<str>, u64, Option<Arc<NewEvent>>)>),
 }
 
 enum Outcome {
@@ -287,6 +292,8 @@ impl MotionQueue {
             prune_failures: 0,
             prune_after: None,
             cached_bytes: 0,
+            to_read: Vec::new(),
+            reading: false,
         };
         runtime.spawn(s.run(rx));
         MotionQueue { tx, depth, health, alive }
@@ -320,7 +327,7 @@ impl MotionQueue {
             return Err(Box::new(Refused { meta, cached, waiter }));
         }
         self.depth.add(&meta);
-        let _ = self.tx.send(Msg::Enqueue(Entry { meta, cached, waiter }));
+        let _ = self.tx.send(Msg::Enqueue(Entry { meta, cached, waiter, reading: false }));
         Ok(())
     }
 
@@ -380,6 +387,10 @@ struct Scheduler {
     prune_after: Option<Instant>,
     /// What the bodies kept in memory for waiting events weigh (see [`CACHE_BUDGET`]).
     cached_bytes: usize,
+    /// Waiting events to read back from the store before their turn, and whether a read is
+    /// under way (one at a time).
+    to_read: Vec<(Arc<str>, u64)>,
+    reading: bool,
 }
 
 /// How long to wait before pruning again after `failures` failed prunes in a row: from 200 ms,
@@ -392,7 +403,20 @@ fn prune_backoff(failures: u32) -> Duration {
 /// Bodies kept in memory per Motion, in arrival order: any beyond this budget are read back from
 /// the store when their turn comes. A Motion down for hours must not hold its whole backlog in
 /// memory; one that keeps up (or a short burst) is delivered without reading anything back.
+///
+/// The events next in line are read back ahead of their turn, in batches, while the attempts
+/// before them are in flight (see [`Scheduler::read_ahead`]). Reading each event back only at
+/// its turn put a trip to the store (and a blocking thread's wake-up) between every two attempts
+/// of a conversation. Events read ahead count against the budget, which they may pass by one
+/// event per conversation in flight and [`READ_AHEAD_READY`].
 const CACHE_BUDGET: usize = 16 << 20;
+
+/// Conversations waiting for a delivery slot whose next events are read ahead: enough for the
+/// slots that free up while one read is under way.
+const READ_AHEAD_READY: usize = 8;
+
+/// Events read back from the store in one blocking call at most.
+const READ_AHEAD_BATCH: usize = 256;
 
 /// `ev` if [`CACHE_BUDGET`] has room for it (then counted in `used`), else `None`: the event is
 /// read back from the store when its turn comes.
@@ -403,6 +427,15 @@ fn keep_cached(used: &mut usize, ev: Option<Arc<NewEvent>>) -> Option<Arc<NewEve
         *used += w;
         ev
     })
+}
+
+/// Marks `e` (of conversation `key`) to be read back ahead of its turn, unless its contents are
+/// in memory or already being read.
+fn mark_to_read(e: &mut Entry, key: &Arc<str>, to_read: &mut Vec<(Arc<str>, u64)>) {
+    if e.cached.is_none() && !e.reading {
+        e.reading = true;
+        to_read.push((key.clone(), e.meta.seq));
+    }
 }
 
 /// What an entry's kept body counts against [`CACHE_BUDGET`].
@@ -424,6 +457,7 @@ impl Scheduler {
                         self.drop_if_lost(&conv);
                     }
                     Some(Msg::LeasesChanged) => self.leases_changed(),
+                    Some(Msg::Loaded(loaded)) => self.loaded(loaded),
                     Some(Msg::Seen { seq, epoch }) => {
                         self.seen = self.seen.max(seq);
                         self.seen_epoch = self.seen_epoch.max(epoch);
@@ -477,6 +511,10 @@ impl Scheduler {
         let from = usize::from(conv.busy);
         let at = conv.queue.range(from..).position(|x| x.meta.seq > e.meta.seq).map_or(conv.queue.len(), |i| i + from);
         conv.queue.insert(at, e);
+        if conv.busy && at == 1 {
+            // Next in line after the attempt in flight: read back meanwhile.
+            mark_to_read(&mut conv.queue[1], &key, &mut self.to_read);
+        }
         if conv.queue.len() == 1 && !conv.busy && !conv.waiting {
             self.ready.push_back(key);
         }
@@ -515,6 +553,10 @@ impl Scheduler {
                 }
                 continue;
             }
+            // The event after this one is read back while this one is in flight.
+            if let Some(next) = conv.queue.get_mut(1) {
+                mark_to_read(next, &key, &mut self.to_read);
+            }
             let Some(head) = conv.queue.front_mut() else { continue };
             conv.busy = true;
             self.in_flight += 1;
@@ -542,6 +584,51 @@ impl Scheduler {
                 });
                 let _ = tx.send(Msg::Done { conv: key, outcome });
             });
+        }
+        // Conversations waiting for a slot: their heads are read back meanwhile.
+        for key in self.ready.iter().take(READ_AHEAD_READY) {
+            if let Some(head) = self.convs.get_mut(key).and_then(|c| c.queue.front_mut()) {
+                mark_to_read(head, key, &mut self.to_read);
+            }
+        }
+        self.read_ahead();
+    }
+
+    /// Reads back, in one blocking call, the contents of the events marked to be read (up to
+    /// [`READ_AHEAD_BATCH`]); they come back as [`Msg::Loaded`]. One read at a time: what is
+    /// marked meanwhile goes in the next.
+    fn read_ahead(&mut self) {
+        if self.reading || self.to_read.is_empty() {
+            return;
+        }
+        let batch: Vec<_> = self.to_read.drain(..self.to_read.len().min(READ_AHEAD_BATCH)).collect();
+        self.reading = true;
+        let (store, tx) = (self.store.clone(), self.tx.clone());
+        tokio::task::spawn_blocking(move || {
+            let read = |(key, seq): (Arc<str>, u64)| {
+                let ev = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.load(seq))) {
+                    Ok(Ok(Some(Event { ev, .. }))) => Some(Arc::new(ev)),
+                    _ => None,
+                };
+                (key, seq, ev)
+            };
+            let _ = tx.send(Msg::Loaded(batch.into_iter().map(read).collect()));
+        });
+    }
+
+    /// Keeps what [`Scheduler::read_ahead`] read with the events still waiting for it.
+    fn loaded(&mut self, loaded: Vec<(Arc<str>, u64, Option<Arc<NewEvent>>)>) {
+        self.reading = false;
+        for (key, seq, ev) in loaded {
+            let Some(conv) = self.convs.get_mut(&key) else { continue };
+            // Marked as the head or the one after it; later ones may have been inserted before
+            // it since (events another relay stored), so the front few are looked at.
+            let Some(e) = conv.queue.iter_mut().take(4).find(|e| e.meta.seq == seq) else { continue };
+            e.reading = false;
+            if let (None, Some(ev)) = (&e.cached, ev) {
+                self.cached_bytes += ev.weight();
+                e.cached = Some(ev);
+            }
         }
     }
 

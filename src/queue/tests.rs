@@ -41,12 +41,17 @@ struct Setup {
 
 /// A queue over a fresh store; `before` runs on the store before the queue resumes it.
 fn setup(motions: &[&str], delivery: &str, before: impl FnOnce(&FaultyStore)) -> Setup {
+    setup_config(&config_text(motions, delivery), before)
+}
+
+/// [`setup`] with the config given whole.
+fn setup_config(text: &str, before: impl FnOnce(&FaultyStore)) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(FaultyStore::new(Arc::new(EmbeddedStore::open(dir.path()).unwrap())));
     before(&store);
     let clock = Arc::new(ManualClock::new());
     let ctx = Arc::new(DeliveryContext {
-        snapshots: Arc::new(Snapshots::from_pointee(snapshot(&config_text(motions, delivery)))),
+        snapshots: Arc::new(Snapshots::from_pointee(snapshot(text))),
         metrics: Arc::new(Metrics::new()),
         clock: clock.clone(),
     });
@@ -150,4 +155,41 @@ async fn give_up_after_counts_on_the_relays_clock() {
     let dead = s.store.dead_letters().unwrap();
     assert!(matches!(&dead[0].info.reason, DeadReason::GaveUp { after_secs: 3600, .. }), "{:?}", dead[0].info.reason);
     assert_eq!(s.queue.depth("acme"), 0);
+}
+
+/// Events read back from the store (resumed after a restart, or past the body cache) are read
+/// ahead of their turn: while a conversation's attempt is in flight, the event after it has
+/// already been read, so the next attempt does not wait for the store.
+#[tokio::test]
+async fn the_next_event_is_read_back_while_the_attempt_before_it_is_in_flight() {
+    // A Motion that takes requests and never answers them (the attempt's timeout is an hour).
+    let motion = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", motion.local_addr().unwrap());
+    let (got, mut first) = tokio::sync::mpsc::unbounded_channel();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        loop {
+            let (mut conn, _) = motion.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            if tokio::io::AsyncReadExt::read(&mut conn, &mut buf).await.unwrap_or(0) > 0 {
+                let _ = got.send(());
+            }
+            conns.push(conn);
+        }
+    });
+    let text = format!(
+        "[delivery]\nmode = \"queue\"\ntimeout = \"1h\"\n[[motion]]\nname = \"acme\"\nurl = \"{url}\"\n  [[motion.account]]\n  id = \"1\"\n  provider = \"kaleyra\"\n  shared_token = \"t\"\n"
+    );
+    let mut seqs = Vec::new();
+    let s = setup_config(&text, |store| {
+        for id in ["e1", "e2", "e3"] {
+            let Appended::Stored(seq) = store.append(&[event("acme", id, "c", 1_000)]).unwrap()[0] else { panic!() };
+            seqs.push(seq);
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), first.recv()).await.expect("Motion got the first attempt");
+    eventually("the second event is read back while the first is held", || s.store.loaded().contains(&seqs[1])).await;
+    assert!(!s.store.loaded().contains(&seqs[2]), "only the next one is read ahead: {:?}", s.store.loaded());
+    assert_eq!(s.queue.depth("acme"), 3);
+    held.abort();
 }

@@ -88,6 +88,7 @@ pub struct FaultyStore {
     progress_calls: AtomicU64,
     progress_delay_ms: AtomicU64,
     load_delay_ms: AtomicU64,
+    loaded: std::sync::Mutex<Vec<u64>>,
 }
 
 impl FaultyStore {
@@ -101,6 +102,7 @@ impl FaultyStore {
             progress_calls: AtomicU64::new(0),
             progress_delay_ms: AtomicU64::new(0),
             load_delay_ms: AtomicU64::new(0),
+            loaded: Default::default(),
         }
     }
 
@@ -124,6 +126,11 @@ impl FaultyStore {
     /// Makes every `load` (reading an event back for its attempt) take at least this long.
     pub fn set_load_delay(&self, delay: Duration) {
         self.load_delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// The seqs `load` was asked for so far, in order.
+    pub fn loaded(&self) -> Vec<u64> {
+        self.loaded.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// How many times `progress` was called (failed calls included).
@@ -172,6 +179,7 @@ impl QueueStore for FaultyStore {
         self.inner.leases()
     }
     fn load(&self, seq: u64) -> Result<Option<Event>, StoreError> {
+        self.loaded.lock().unwrap_or_else(|e| e.into_inner()).push(seq);
         let delay = self.load_delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
             std::thread::sleep(Duration::from_millis(delay));
