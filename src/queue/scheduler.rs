@@ -31,8 +31,10 @@ struct Entry {
     cached: Option<Arc<NewEvent>>,
     /// `auto` mode: the webhook's request handler waiting for the first attempt's answer.
     waiter: Option<Waiter>,
-    /// Its contents are being read back ahead of its turn (see [`Scheduler::read_ahead`]).
-    reading: bool,
+    /// Already marked to be read back ahead of its turn (see [`Scheduler::read_ahead`]): each
+    /// event is read ahead at most once, whatever came of it (a failed or discarded read is not
+    /// tried again; its attempt reads it).
+    read_ahead: bool,
 }
 
 /// Motion's answer to a first attempt, handed to a request waiting in `auto` mode.
@@ -293,7 +295,7 @@ impl MotionQueue {
             prune_after: None,
             cached_bytes: 0,
             to_read: Vec::new(),
-            reading: false,
+            read_in_flight: false,
         };
         runtime.spawn(s.run(rx));
         MotionQueue { tx, depth, health, alive }
@@ -327,7 +329,7 @@ impl MotionQueue {
             return Err(Box::new(Refused { meta, cached, waiter }));
         }
         self.depth.add(&meta);
-        let _ = self.tx.send(Msg::Enqueue(Entry { meta, cached, waiter, reading: false }));
+        let _ = self.tx.send(Msg::Enqueue(Entry { meta, cached, waiter, read_ahead: false }));
         Ok(())
     }
 
@@ -390,7 +392,7 @@ struct Scheduler {
     /// Waiting events to read back from the store before their turn, and whether a read is
     /// under way (one at a time).
     to_read: Vec<(Arc<str>, u64)>,
-    reading: bool,
+    read_in_flight: bool,
 }
 
 /// How long to wait before pruning again after `failures` failed prunes in a row: from 200 ms,
@@ -407,9 +409,14 @@ fn prune_backoff(failures: u32) -> Duration {
 /// The events next in line are read back ahead of their turn, in batches, while the attempts
 /// before them are in flight (see [`Scheduler::read_ahead`]). Reading each event back only at
 /// its turn put a trip to the store (and a blocking thread's wake-up) between every two attempts
-/// of a conversation. Events read ahead count against the budget, which they may pass by one
-/// event per conversation in flight and [`READ_AHEAD_READY`].
+/// of a conversation. Events read ahead count against the budget, which they may pass by at most
+/// [`READ_AHEAD_ROOM`] (past the budget is where they are needed).
 const CACHE_BUDGET: usize = 16 << 20;
+
+/// How far events read ahead may take the bodies in memory past [`CACHE_BUDGET`]. Bounded even
+/// while Motion is down: the events read ahead of conversations waiting out a backoff keep their
+/// bodies until they go, and once this is full, nothing more is read ahead.
+const READ_AHEAD_ROOM: usize = 4 << 20;
 
 /// Conversations waiting for a delivery slot whose next events are read ahead: enough for the
 /// slots that free up while one read is under way.
@@ -430,12 +437,17 @@ fn keep_cached(used: &mut usize, ev: Option<Arc<NewEvent>>) -> Option<Arc<NewEve
 }
 
 /// Marks `e` (of conversation `key`) to be read back ahead of its turn, unless its contents are
-/// in memory or already being read.
+/// in memory or it was marked before.
 fn mark_to_read(e: &mut Entry, key: &Arc<str>, to_read: &mut Vec<(Arc<str>, u64)>) {
-    if e.cached.is_none() && !e.reading {
-        e.reading = true;
+    if e.cached.is_none() && !e.read_ahead {
+        e.read_ahead = true;
         to_read.push((key.clone(), e.meta.seq));
     }
+}
+
+/// Whether bodies read ahead may still be kept (see [`READ_AHEAD_ROOM`]).
+fn room(cached_bytes: usize) -> bool {
+    cached_bytes < CACHE_BUDGET + READ_AHEAD_ROOM
 }
 
 /// What an entry's kept body counts against [`CACHE_BUDGET`].
@@ -511,7 +523,7 @@ impl Scheduler {
         let from = usize::from(conv.busy);
         let at = conv.queue.range(from..).position(|x| x.meta.seq > e.meta.seq).map_or(conv.queue.len(), |i| i + from);
         conv.queue.insert(at, e);
-        if conv.busy && at == 1 {
+        if conv.busy && at == 1 && room(self.cached_bytes) {
             // Next in line after the attempt in flight: read back meanwhile.
             mark_to_read(&mut conv.queue[1], &key, &mut self.to_read);
         }
@@ -554,7 +566,7 @@ impl Scheduler {
                 continue;
             }
             // The event after this one is read back while this one is in flight.
-            if let Some(next) = conv.queue.get_mut(1) {
+            if let Some(next) = conv.queue.get_mut(1).filter(|_| room(self.cached_bytes)) {
                 mark_to_read(next, &key, &mut self.to_read);
             }
             let Some(head) = conv.queue.front_mut() else { continue };
@@ -586,7 +598,7 @@ impl Scheduler {
             });
         }
         // Conversations waiting for a slot: their heads are read back meanwhile.
-        for key in self.ready.iter().take(READ_AHEAD_READY) {
+        for key in self.ready.iter().take(READ_AHEAD_READY).filter(|_| room(self.cached_bytes)) {
             if let Some(head) = self.convs.get_mut(key).and_then(|c| c.queue.front_mut()) {
                 mark_to_read(head, key, &mut self.to_read);
             }
@@ -598,11 +610,11 @@ impl Scheduler {
     /// [`READ_AHEAD_BATCH`]); they come back as [`Msg::Loaded`]. One read at a time: what is
     /// marked meanwhile goes in the next.
     fn read_ahead(&mut self) {
-        if self.reading || self.to_read.is_empty() {
+        if self.read_in_flight || self.to_read.is_empty() {
             return;
         }
         let batch: Vec<_> = self.to_read.drain(..self.to_read.len().min(READ_AHEAD_BATCH)).collect();
-        self.reading = true;
+        self.read_in_flight = true;
         let (store, tx) = (self.store.clone(), self.tx.clone());
         tokio::task::spawn_blocking(move || {
             let read = |(key, seq): (Arc<str>, u64)| {
@@ -618,14 +630,14 @@ impl Scheduler {
 
     /// Keeps what [`Scheduler::read_ahead`] read with the events still waiting for it.
     fn loaded(&mut self, loaded: Vec<(Arc<str>, u64, Option<Arc<NewEvent>>)>) {
-        self.reading = false;
+        self.read_in_flight = false;
         for (key, seq, ev) in loaded {
-            let Some(conv) = self.convs.get_mut(&key) else { continue };
-            // Marked as the head or the one after it; later ones may have been inserted before
-            // it since (events another relay stored), so the front few are looked at.
+            let (Some(conv), Some(ev)) = (self.convs.get_mut(&key), ev) else { continue };
+            // Marked as the head or the one after it. Events another relay stored may have been
+            // inserted before it since (in seq order), so a few more places are looked at; one
+            // moved further is left to its attempt.
             let Some(e) = conv.queue.iter_mut().take(4).find(|e| e.meta.seq == seq) else { continue };
-            e.reading = false;
-            if let (None, Some(ev)) = (&e.cached, ev) {
+            if e.cached.is_none() && self.cached_bytes + ev.weight() <= CACHE_BUDGET + READ_AHEAD_ROOM {
                 self.cached_bytes += ev.weight();
                 e.cached = Some(ev);
             }

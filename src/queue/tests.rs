@@ -157,15 +157,12 @@ async fn give_up_after_counts_on_the_relays_clock() {
     assert_eq!(s.queue.depth("acme"), 0);
 }
 
-/// Events read back from the store (resumed after a restart, or past the body cache) are read
-/// ahead of their turn: while a conversation's attempt is in flight, the event after it has
-/// already been read, so the next attempt does not wait for the store.
-#[tokio::test]
-async fn the_next_event_is_read_back_while_the_attempt_before_it_is_in_flight() {
-    // A Motion that takes requests and never answers them (the attempt's timeout is an hour).
+/// A Motion that takes requests and never answers them; its URL. Each request it receives is
+/// reported on the channel.
+async fn silent_motion() -> (String, tokio::sync::mpsc::UnboundedReceiver<()>, tokio::task::JoinHandle<()>) {
     let motion = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", motion.local_addr().unwrap());
-    let (got, mut first) = tokio::sync::mpsc::unbounded_channel();
+    let (got, received) = tokio::sync::mpsc::unbounded_channel();
     let held = tokio::spawn(async move {
         let mut conns = Vec::new();
         loop {
@@ -177,19 +174,56 @@ async fn the_next_event_is_read_back_while_the_attempt_before_it_is_in_flight() 
             conns.push(conn);
         }
     });
-    let text = format!(
-        "[delivery]\nmode = \"queue\"\ntimeout = \"1h\"\n[[motion]]\nname = \"acme\"\nurl = \"{url}\"\n  [[motion.account]]\n  id = \"1\"\n  provider = \"kaleyra\"\n  shared_token = \"t\"\n"
-    );
+    (url, received, held)
+}
+
+/// One Motion "acme" at `url`, attempts timing out after an hour, and `delivery` settings.
+fn silent_config(url: &str, delivery: &str) -> String {
+    format!(
+        "[delivery]\nmode = \"queue\"\ntimeout = \"1h\"\n{delivery}\n[[motion]]\nname = \"acme\"\nurl = \"{url}\"\n  [[motion.account]]\n  id = \"1\"\n  provider = \"kaleyra\"\n  shared_token = \"t\"\n"
+    )
+}
+
+/// Appends events of `(id, conversation)` to the store; their seqs.
+fn append_all(store: &FaultyStore, events: &[(&str, &str)]) -> Vec<u64> {
+    let stored = |(id, c): &(&str, &str)| match store.append(&[event("acme", id, c, 1_000)]).unwrap()[0] {
+        Appended::Stored(seq) => seq,
+        other => panic!("{other:?}"),
+    };
+    events.iter().map(stored).collect()
+}
+
+/// Events read back from the store (resumed after a restart, or past the body cache) are read
+/// ahead of their turn: while a conversation's attempt is in flight, the event after it has
+/// already been read, so the next attempt does not wait for the store.
+#[tokio::test]
+async fn the_next_event_is_read_back_while_the_attempt_before_it_is_in_flight() {
+    let (url, mut first, held) = silent_motion().await;
     let mut seqs = Vec::new();
-    let s = setup_config(&text, |store| {
-        for id in ["e1", "e2", "e3"] {
-            let Appended::Stored(seq) = store.append(&[event("acme", id, "c", 1_000)]).unwrap()[0] else { panic!() };
-            seqs.push(seq);
-        }
+    let s = setup_config(&silent_config(&url, ""), |store| {
+        seqs = append_all(store, &[("e1", "c"), ("e2", "c"), ("e3", "c")]);
     });
     tokio::time::timeout(Duration::from_secs(10), first.recv()).await.expect("Motion got the first attempt");
     eventually("the second event is read back while the first is held", || s.store.loaded().contains(&seqs[1])).await;
     assert!(!s.store.loaded().contains(&seqs[2]), "only the next one is read ahead: {:?}", s.store.loaded());
     assert_eq!(s.queue.depth("acme"), 3);
+    held.abort();
+}
+
+/// An event that cannot be read ahead is not read again and again: its attempt reads it in turn.
+/// (Here its conversation waits for the only delivery slot, held by a Motion that never answers.)
+#[tokio::test]
+async fn an_event_that_cannot_be_read_ahead_is_read_ahead_once() {
+    let (url, mut first, held) = silent_motion().await;
+    let mut seqs = Vec::new();
+    let s = setup_config(&silent_config(&url, "concurrency = 1"), |store| {
+        seqs = append_all(store, &[("e1", "a"), ("e2", "b")]);
+        store.set_fail_load_of(seqs[1]);
+    });
+    tokio::time::timeout(Duration::from_secs(10), first.recv()).await.expect("Motion got the first attempt");
+    eventually("the waiting conversation's head is read ahead", || s.store.loaded().contains(&seqs[1])).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reads = s.store.loaded().iter().filter(|&&seq| seq == seqs[1]).count();
+    assert_eq!(reads, 1, "times the event that cannot be read was read");
     held.abort();
 }

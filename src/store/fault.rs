@@ -89,6 +89,7 @@ pub struct FaultyStore {
     progress_delay_ms: AtomicU64,
     load_delay_ms: AtomicU64,
     loaded: std::sync::Mutex<Vec<u64>>,
+    fail_load_of: AtomicU64,
 }
 
 impl FaultyStore {
@@ -103,6 +104,7 @@ impl FaultyStore {
             progress_delay_ms: AtomicU64::new(0),
             load_delay_ms: AtomicU64::new(0),
             loaded: Default::default(),
+            fail_load_of: AtomicU64::new(0),
         }
     }
 
@@ -126,6 +128,11 @@ impl FaultyStore {
     /// Makes every `load` (reading an event back for its attempt) take at least this long.
     pub fn set_load_delay(&self, delay: Duration) {
         self.load_delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Makes every `load` of event `seq` fail with `Read("injected fault")` (0: none).
+    pub fn set_fail_load_of(&self, seq: u64) {
+        self.fail_load_of.store(seq, Ordering::SeqCst);
     }
 
     /// The seqs `load` was asked for so far, in order.
@@ -180,6 +187,9 @@ impl QueueStore for FaultyStore {
     }
     fn load(&self, seq: u64) -> Result<Option<Event>, StoreError> {
         self.loaded.lock().unwrap_or_else(|e| e.into_inner()).push(seq);
+        if seq != 0 && self.fail_load_of.load(Ordering::SeqCst) == seq {
+            return Err(StoreError::Read("injected fault".into()));
+        }
         let delay = self.load_delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
             std::thread::sleep(Duration::from_millis(delay));
