@@ -428,26 +428,27 @@ const READ_AHEAD_BATCH: usize = 256;
 /// `ev` if [`CACHE_BUDGET`] has room for it (then counted in `used`), else `None`: the event is
 /// read back from the store when its turn comes.
 fn keep_cached(used: &mut usize, ev: Option<Arc<NewEvent>>) -> Option<Arc<NewEvent>> {
+    keep_within(used, CACHE_BUDGET, ev)
+}
+
+/// `ev` if the bodies in memory (`used`) stay within `limit` with it (then counted), else `None`.
+fn keep_within(used: &mut usize, limit: usize, ev: Option<Arc<NewEvent>>) -> Option<Arc<NewEvent>> {
     let ev = ev?;
     let w = ev.weight();
-    (*used + w <= CACHE_BUDGET).then(|| {
+    (*used + w <= limit).then(|| {
         *used += w;
         ev
     })
 }
 
 /// Marks `e` (of conversation `key`) to be read back ahead of its turn, unless its contents are
-/// in memory or it was marked before.
-fn mark_to_read(e: &mut Entry, key: &Arc<str>, to_read: &mut Vec<(Arc<str>, u64)>) {
-    if e.cached.is_none() && !e.read_ahead {
+/// in memory, it was marked before, or the bodies in memory (`cached_bytes`) leave no room for
+/// what is read ahead (see [`READ_AHEAD_ROOM`]).
+fn mark_to_read(e: &mut Entry, key: &Arc<str>, to_read: &mut Vec<(Arc<str>, u64)>, cached_bytes: usize) {
+    if e.cached.is_none() && !e.read_ahead && cached_bytes < CACHE_BUDGET + READ_AHEAD_ROOM {
         e.read_ahead = true;
         to_read.push((key.clone(), e.meta.seq));
     }
-}
-
-/// Whether bodies read ahead may still be kept (see [`READ_AHEAD_ROOM`]).
-fn room(cached_bytes: usize) -> bool {
-    cached_bytes < CACHE_BUDGET + READ_AHEAD_ROOM
 }
 
 /// What an entry's kept body counts against [`CACHE_BUDGET`].
@@ -523,9 +524,9 @@ impl Scheduler {
         let from = usize::from(conv.busy);
         let at = conv.queue.range(from..).position(|x| x.meta.seq > e.meta.seq).map_or(conv.queue.len(), |i| i + from);
         conv.queue.insert(at, e);
-        if conv.busy && at == 1 && room(self.cached_bytes) {
+        if conv.busy && at == 1 {
             // Next in line after the attempt in flight: read back meanwhile.
-            mark_to_read(&mut conv.queue[1], &key, &mut self.to_read);
+            mark_to_read(&mut conv.queue[1], &key, &mut self.to_read, self.cached_bytes);
         }
         if conv.queue.len() == 1 && !conv.busy && !conv.waiting {
             self.ready.push_back(key);
@@ -566,8 +567,8 @@ impl Scheduler {
                 continue;
             }
             // The event after this one is read back while this one is in flight.
-            if let Some(next) = conv.queue.get_mut(1).filter(|_| room(self.cached_bytes)) {
-                mark_to_read(next, &key, &mut self.to_read);
+            if let Some(next) = conv.queue.get_mut(1) {
+                mark_to_read(next, &key, &mut self.to_read, self.cached_bytes);
             }
             let Some(head) = conv.queue.front_mut() else { continue };
             conv.busy = true;
@@ -598,9 +599,9 @@ impl Scheduler {
             });
         }
         // Conversations waiting for a slot: their heads are read back meanwhile.
-        for key in self.ready.iter().take(READ_AHEAD_READY).filter(|_| room(self.cached_bytes)) {
+        for key in self.ready.iter().take(READ_AHEAD_READY) {
             if let Some(head) = self.convs.get_mut(key).and_then(|c| c.queue.front_mut()) {
-                mark_to_read(head, key, &mut self.to_read);
+                mark_to_read(head, key, &mut self.to_read, self.cached_bytes);
             }
         }
         self.read_ahead();
@@ -637,9 +638,8 @@ impl Scheduler {
             // inserted before it since (in seq order), so a few more places are looked at; one
             // moved further is left to its attempt.
             let Some(e) = conv.queue.iter_mut().take(4).find(|e| e.meta.seq == seq) else { continue };
-            if e.cached.is_none() && self.cached_bytes + ev.weight() <= CACHE_BUDGET + READ_AHEAD_ROOM {
-                self.cached_bytes += ev.weight();
-                e.cached = Some(ev);
+            if e.cached.is_none() {
+                e.cached = keep_within(&mut self.cached_bytes, CACHE_BUDGET + READ_AHEAD_ROOM, Some(ev));
             }
         }
     }

@@ -18,12 +18,16 @@ fn dead_url() -> String {
 fn config_text(motions: &[&str], delivery: &str) -> String {
     let mut text = format!("[delivery]\nmode = \"queue\"\n{delivery}\n");
     for m in motions {
-        text.push_str(&format!(
-            "[[motion]]\nname = \"{m}\"\nurl = \"{}\"\n  [[motion.account]]\n  id = \"1\"\n  provider = \"kaleyra\"\n  shared_token = \"t\"\n",
-            dead_url()
-        ));
+        text.push_str(&motion_text(m, &dead_url()));
     }
     text
+}
+
+/// A Motion at `url` with one Kaleyra account, "1".
+fn motion_text(name: &str, url: &str) -> String {
+    format!(
+        "[[motion]]\nname = \"{name}\"\nurl = \"{url}\"\n  [[motion.account]]\n  id = \"1\"\n  provider = \"kaleyra\"\n  shared_token = \"t\"\n"
+    )
 }
 
 fn snapshot(text: &str) -> Snapshot {
@@ -179,9 +183,7 @@ async fn silent_motion() -> (String, tokio::sync::mpsc::UnboundedReceiver<()>, t
 
 /// One Motion "acme" at `url`, attempts timing out after an hour, and `delivery` settings.
 fn silent_config(url: &str, delivery: &str) -> String {
-    format!(
-        "[delivery]\nmode = \"queue\"\ntimeout = \"1h\"\n{delivery}\n[[motion]]\nname = \"acme\"\nurl = \"{url}\"\n  [[motion.account]]\n  id = \"1\"\n  provider = \"kaleyra\"\n  shared_token = \"t\"\n"
-    )
+    format!("[delivery]\nmode = \"queue\"\ntimeout = \"1h\"\n{delivery}\n{}", motion_text("acme", url))
 }
 
 /// Appends events of `(id, conversation)` to the store; their seqs.
