@@ -85,7 +85,8 @@ impl SinchTokens {
         rejected: Option<&str>,
     ) -> Result<String, TokenError> {
         // `timeout` bounds the whole call, the wait for another send's fetch included.
-        match tokio::time::timeout(timeout, self.get_within(client, key, timeout, rejected)).await {
+        let deadline = tokio::time::Instant::now() + timeout;
+        match tokio::time::timeout_at(deadline, self.get_within(client, key, (timeout, deadline), rejected)).await {
             Ok(answer) => answer,
             Err(_) => Err(TokenError::Timeout { url: key.auth_url.to_string(), timeout }),
         }
@@ -95,7 +96,7 @@ impl SinchTokens {
         &self,
         client: &Client,
         key: &KeyRef<'_>,
-        timeout: Duration,
+        timeout: (Duration, tokio::time::Instant),
         rejected: Option<&str>,
     ) -> Result<String, TokenError> {
         let slot = self.slot(key);
@@ -141,7 +142,7 @@ impl SinchTokens {
         &self,
         client: &Client,
         key: &KeyRef<'_>,
-        timeout: Duration,
+        (timeout, deadline): (Duration, tokio::time::Instant),
     ) -> Result<(String, Duration), TokenError> {
         let url = key.auth_url.to_string();
         let basic = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", key.key_id, key.key_secret));
@@ -166,7 +167,7 @@ impl SinchTokens {
                 .to_bytes();
             Ok::<_, TokenError>((status, body))
         };
-        let (status, body) = tokio::time::timeout(timeout, exchange)
+        let (status, body) = tokio::time::timeout_at(deadline, exchange)
             .await
             .map_err(|_| TokenError::Timeout { url: url.clone(), timeout })??;
         if !status.is_success() {
