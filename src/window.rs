@@ -297,12 +297,11 @@ mod tests {
         assert_eq!(w.state("acme", "12", "+1650").await, State::Closed);
         assert_eq!(w.state("acme", "12", "no digits").await, State::Unknown);
 
-        // A fresh process (empty memory) reads the store.
+        // A fresh process (empty memory) reads the store, once the writer task has written it.
         let k = key("acme", "12", "1650").unwrap();
-        for _ in 0..100 {
-            if store.window_last(&k).unwrap().is_some() {
-                break;
-            }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while store.window_last(&k).unwrap().is_none() {
+            assert!(std::time::Instant::now() < deadline, "the touch never reached the store");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let fresh = Window::start(Arc::new(crate::clock::SystemClock), store);
