@@ -194,7 +194,10 @@ pub struct Delivery {
     pub give_up_after: Duration,
     pub dedup_window: Duration,
     pub auto_budget: Duration,
-    /// Concurrent requests to one Motion (an extension of the SPEC's schema; default 32).
+    /// Concurrent requests to one Motion (an extension of the SPEC's schema; default 64). A
+    /// conversation has one attempt in flight at a time, so a Motion gets at most
+    /// `concurrency / round trip` events a second: at 32, a busy relay accepted events faster
+    /// than it delivered them and built a backlog (BENCHMARKS.md, "The durable path").
     pub concurrency: u32,
 }
 
@@ -630,7 +633,7 @@ impl<'a> Validator<'a> {
             )?,
             dedup_window: self.duration(&d.dedup_window, "[delivery] dedup_window", 7 * 86400, ranges::DEDUP_WINDOW)?,
             auto_budget: self.duration(&d.auto_budget, "[delivery] auto_budget", 2, ranges::AUTO_BUDGET)?,
-            concurrency: d.concurrency.unwrap_or(32).max(1),
+            concurrency: d.concurrency.unwrap_or(64).max(1),
         };
         if let (Some(max), true) = (&d.retry_max, delivery.retry_max < delivery.retry_initial) {
             return self.err(

@@ -30,6 +30,7 @@ fn base_config_is_valid() {
     assert_eq!(c.motions[0].accounts[0].id, "12");
     assert_eq!(c.server.max_body, 4 << 20);
     assert_eq!(c.delivery.give_up_after, Duration::from_secs(7 * 86400));
+    assert_eq!(c.delivery.concurrency, 64);
 }
 
 #[test]
