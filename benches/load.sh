@@ -14,6 +14,8 @@
 #       (a) wrk -> Motion                      the ceiling
 #       (b) wrk -> nginx (HTTP) -> Motion      the baseline
 #       (c) wrk -> relay, direct mode -> Motion
+#       (c2) (c) with the requests of (d) (post-unique.lua): wrk's own cost of building distinct
+#           bodies, on the machine it shares, is then the same on both sides of "queue / direct";
 #       (d) wrk -> relay, queue mode ~> Motion (distinct bodies: post-unique.lua); only when the
 #           relay accepts `mode = "queue"` (see target_relay_queue below), skip with --no-queue;
 #       (f), (g) with --board: (c) and (d) again, each relay with one realtime-board client
@@ -312,6 +314,8 @@ add_target "(a) wrk -> Motion (ceiling)" "http://127.0.0.1:$MOTION_PORT$WEBHOOK_
 add_target "(b) wrk -> nginx (HTTP) -> Motion" "http://127.0.0.1:$NGINX_HTTP_PORT$WEBHOOK_PATH" post.lua "$NGINX_PID" 0
 start_relay relay-direct direct || { cat "$TMP/relay-direct.check" >&2; die "the relay refuses its direct-mode config"; }
 add_target "(c) wrk -> relay direct -> Motion" "http://127.0.0.1:$RELAY_PORT$WEBHOOK_PATH" post.lua "$RELAY_PID" 0
+[[ $WITH_QUEUE == 0 ]] ||
+    add_target "(c2) = (c) with distinct bodies" "http://127.0.0.1:$RELAY_PORT$WEBHOOK_PATH" post-unique.lua "$RELAY_PID" 0
 
 # ===== HOOK: target (d), relay in queue mode ====================================================
 # A second relay with `mode = "queue"`, loaded with distinct bodies (post-unique.lua) so that
@@ -499,6 +503,15 @@ FAIL=0
     done
     echo "- ratio: req/s over nginx's req/s (higher is better); p99 vs nginx: p99 over nginx's p99 (lower is better)."
     echo "- CPU: utime+stime from /proc of the proxy (nginx master + workers, or the relay) and of Motion, per request."
+    # queue / direct on the same requests: (d) over (c2), both with distinct bodies.
+    c2=- d=-
+    for i in "${!T_NAME[@]}"; do
+        [[ ${T_NAME[$i]} == "(c2) "* ]] && c2=$(median "$TMP/results.$i" 1)
+        [[ ${T_NAME[$i]} == "(d) "* ]] && d=$(median "$TMP/results.$i" 1)
+    done
+    if [[ $c2 != - && $d != - ]]; then
+        awk -v c2="$c2" -v d="$d" 'BEGIN { printf "- queue / direct on the same requests (distinct bodies, (d) over (c2)): %.2f\n", d / c2 }'
+    fi
     if [[ -n $PG_PID ]]; then
         for i in "${!T_NAME[@]}"; do
             if [[ ${T_NAME[$i]} == *PostgreSQL* ]]; then
