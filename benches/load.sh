@@ -472,11 +472,16 @@ colsum() { awk -v c="$2" '{ s += $c } END { print s + 0 }' "$1"; }
 
 NG_RPS=$(median "$TMP/results.1" 1)
 NG_P99=$(median "$TMP/results.1" 3)
+# rps_of LABEL: the median req/s of the target named "LABEL ..." ("-" when it did not run).
+rps_of() {
+    local i
+    for i in "${!T_NAME[@]}"; do
+        [[ ${T_NAME[$i]} == "$1 "* ]] && { median "$TMP/results.$i" 1; return; }
+    done
+    echo -
+}
 # The relay's own direct mode, (c): what "ratio to direct" compares with.
-DIRECT_RPS=-
-for i in "${!T_NAME[@]}"; do
-    [[ ${T_NAME[$i]} == "(c) "* ]] && DIRECT_RPS=$(median "$TMP/results.$i" 1)
-done
+DIRECT_RPS=$(rps_of "(c)")
 FAIL=0
 {
     echo
@@ -504,11 +509,7 @@ FAIL=0
     echo "- ratio: req/s over nginx's req/s (higher is better); p99 vs nginx: p99 over nginx's p99 (lower is better)."
     echo "- CPU: utime+stime from /proc of the proxy (nginx master + workers, or the relay) and of Motion, per request."
     # queue / direct on the same requests: (d) over (c2), both with distinct bodies.
-    c2=- d=-
-    for i in "${!T_NAME[@]}"; do
-        [[ ${T_NAME[$i]} == "(c2) "* ]] && c2=$(median "$TMP/results.$i" 1)
-        [[ ${T_NAME[$i]} == "(d) "* ]] && d=$(median "$TMP/results.$i" 1)
-    done
+    c2=$(rps_of "(c2)") d=$(rps_of "(d)")
     if [[ $c2 != - && $d != - ]]; then
         awk -v c2="$c2" -v d="$d" 'BEGIN { printf "- queue / direct on the same requests (distinct bodies, (d) over (c2)): %.2f\n", d / c2 }'
     fi

@@ -217,7 +217,7 @@ async fn connections_past_the_caps_are_refused_while_others_are_served() {
     assert!(answer.is_empty(), "a refused connection gets no answer");
     // The admin listener has its own count.
     assert_eq!(get(&relay.admin_url("/readyz")).await.status, 200);
-    relay.wait_log("refused", Duration::from_secs(2));
+    relay.wait_log("refused", Duration::from_secs(2)).await;
     let metrics = String::from_utf8_lossy(&get(&relay.admin_url("/metrics")).await.body).into_owned();
     for reason in ["max_connections", "max_connections_per_ip"] {
         let line = format!("whatsapp_relay_connections_refused_total{{listener=\"http\",reason=\"{reason}\"}} 1");
@@ -227,17 +227,13 @@ async fn connections_past_the_caps_are_refused_while_others_are_served() {
     // Closing some gives their places back, once the relay has seen them close.
     held.truncate(2);
     drop(other);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    until(Duration::from_secs(10), Duration::from_millis(100), async || {
         let mut again = connect_from(2, to).await.unwrap();
         let _ = again.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
         let n = again.read(&mut buf).await.unwrap_or(0);
-        if String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "place not given back");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        done_or(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"), "place not given back")
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -190,17 +190,15 @@ async fn one_conversation_sent_alternately_to_two_relays_arrives_in_order() {
     assert_eq!(copies, 1, "the redelivery to the other relay was a duplicate");
 
     // The board names the live relays and what each holds: every partition, once.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
+    until(Duration::from_secs(15), Duration::from_millis(500), async || {
         let event = first_board_event(relays[0].admin.unwrap()).await;
         let cluster = &event["relay"]["cluster"];
         let held: u64 = cluster["relays"].as_array().map_or(0, |r| r.iter().map(|r| r[1].as_u64().unwrap()).sum());
-        if cluster["relays"].as_array().map(Vec::len) == Some(2) && held == cluster["partitions"].as_u64().unwrap() {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the board's cluster view: {cluster}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+        let whole =
+            cluster["relays"].as_array().map(Vec::len) == Some(2) && held == cluster["partitions"].as_u64().unwrap();
+        done_or(whole, format!("the board's cluster view: {cluster}"))
+    })
+    .await;
 }
 
 /// The first event of the board's stream on `admin`.
@@ -355,14 +353,10 @@ async fn max_queued_counts_every_relays_events() {
     // delivered at its next housekeeping, and each relay counts the cluster again about once a
     // second. A 503 stores nothing, so asking again is harmless.
     for (i, relay) in relays.iter().enumerate() {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
+        until(Duration::from_secs(15), Duration::from_millis(200), async || {
             let status = try_post(&relay.url(PATH), message(200 + i, 0)).await;
-            if status == Some(200) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "relay {i} after draining: {status:?}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            done_or(status == Some(200), format!("relay {i} after draining: {status:?}"))
+        })
+        .await;
     }
 }

@@ -92,7 +92,7 @@ async fn relays_on_one_database_share_one_acme_account_order_and_certificate() {
     let holder = pg(url).await;
     holder.execute("SELECT pg_advisory_lock($1)", &[&ACME_LOCK]).await.unwrap();
     let b = RelayProcess::start(&cfg(&b_https.to_string()));
-    b.wait_log("another relay is ordering the certificate", Duration::from_secs(15));
+    b.wait_log("another relay is ordering the certificate", Duration::from_secs(15)).await;
     holder.execute("SELECT pg_advisory_unlock($1)", &[&ACME_LOCK]).await.unwrap();
     let start = Instant::now();
     let a = RelayProcess::start(&cfg("127.0.0.1:0"));
@@ -141,7 +141,7 @@ async fn relays_on_one_database_share_one_acme_account_order_and_certificate() {
     // With the CA gone, a relay started later serves the stored certificate without ordering.
     drop(pebble);
     let c = RelayProcess::start(&cfg("127.0.0.1:0"));
-    c.wait_log("serving the certificate from the database for relay.test", Duration::from_secs(10));
+    c.wait_log("serving the certificate from the database for relay.test", Duration::from_secs(10)).await;
     assert_eq!(leaf(&c, &root).await, leaf_a);
     assert_eq!(get(&c.admin_url("/readyz")).await.status, 200);
     assert!(!c.logs().contains("acme: ordering"), "{}", c.logs());
@@ -150,7 +150,7 @@ async fn relays_on_one_database_share_one_acme_account_order_and_certificate() {
     let other_key = files.path().join("other.key");
     std::fs::write(&other_key, "another-operator-key-of-at-least-32-characters\n").unwrap();
     let d = RelayProcess::start(&backend.apply(&config("127.0.0.1:0", &directory, &ca_file, &other_key)));
-    d.wait_log("sealed with another [server.acme] key", Duration::from_secs(10));
+    d.wait_log("sealed with another [server.acme] key", Duration::from_secs(10)).await;
     let ready = get(&d.admin_url("/readyz")).await;
     assert_eq!(ready.status, 503);
     assert!(ready.json()["message"].as_str().unwrap().contains("give every relay the same key"), "{:?}", ready.body);

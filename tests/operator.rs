@@ -161,16 +161,13 @@ async fn wait_dead_letters(relay: &RelayProcess, n: usize) -> Vec<serde_json::Va
 /// Waits until `queue stats` shows nothing waiting: the scheduler has let every delivered event
 /// go (it prunes them from the store at its next housekeeping, every 200 ms, after Motion's answer).
 async fn wait_nothing_waiting(relay: &RelayProcess) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    until(Duration::from_secs(10), Duration::from_millis(50), async || {
         let (code, out, err) = queue_cli(relay, &["stats", "--json"]);
         assert_eq!(code, 0, "{err}");
-        if serde_json::from_str::<serde_json::Value>(&out).unwrap()["motions"] == serde_json::json!([]) {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "events still waiting: {out}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        let empty = serde_json::from_str::<serde_json::Value>(&out).unwrap()["motions"] == serde_json::json!([]);
+        done_or(empty, format!("events still waiting: {out}"))
+    })
+    .await;
 }
 
 async fn a_refused_event_is_a_dead_letter_that_can_be_listed_replayed_and_purged(backend: Backend) {
@@ -397,11 +394,7 @@ async fn a_failing_motion_is_logged_once_and_its_recovery_once_and_queue_list_sh
     assert!(table.contains("LAST ERROR") && table.contains("Motion answered HTTP 503"), "{table}");
 
     acme.answer_always(Answer::ok());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !relay.logs().contains("Motion recovered") {
-        assert!(std::time::Instant::now() < deadline, "no recovery line:\n{}", relay.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    relay.wait_log("Motion recovered", Duration::from_secs(10)).await;
     let logs = relay.logs();
     let failing: Vec<&str> = logs.lines().filter(|l| l.contains("Motion is failing")).collect();
     assert_eq!(failing.len(), 1, "one warn line, not one per attempt:\n{logs}");

@@ -222,7 +222,7 @@ async fn an_invalid_config_on_reload_is_refused_and_the_old_routes_stay() {
     let msg = reply.json()["message"].as_str().unwrap().to_string();
     assert!(msg.contains("relay.toml:") && msg.contains("unknown field `shared_tokn`"), "{msg}");
     assert!(msg.contains("the running configuration stays"), "{msg}");
-    relay.wait_log("reload refused, keeping the running configuration", Duration::from_secs(5));
+    relay.wait_log("reload refused, keeping the running configuration", Duration::from_secs(5)).await;
     // SIGHUP with the same file: refused too.
     sighup_and_wait(&relay, "refused").await;
     assert_eq!(reloads(&relay, "refused").await, 2);
@@ -241,7 +241,7 @@ async fn an_invalid_config_on_reload_is_refused_and_the_old_routes_stay() {
     let warnings = reply.json()["warnings"].to_string();
     assert!(warnings.contains("[server] http changed from 127.0.0.1:0 to 127.0.0.1:1"), "{warnings}");
     assert!(warnings.contains("restart the relay to apply it"), "{warnings}");
-    relay.wait_log("restart the relay to apply it", Duration::from_secs(5));
+    relay.wait_log("restart the relay to apply it", Duration::from_secs(5)).await;
     assert_eq!(post(&relay.url(EXTRA), &token, "3").await.status, 200, "still on the address it was bound to");
     assert_eq!(motion.count(), 4);
 }
@@ -262,11 +262,11 @@ async fn sigterm_lets_every_request_in_flight_finish_then_exits_0() {
     relay.signal("TERM");
     // The listener closes a moment after the signal (the relay's main loop hears it, then each
     // serving thread drops its socket), while the eight still wait for Motion's answer.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(relay.http).await.is_ok() {
-        assert!(Instant::now() < deadline, "new connections still accepted 10 s after SIGTERM");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until(Duration::from_secs(10), Duration::from_millis(20), async || {
+        let refused = tokio::net::TcpStream::connect(relay.http).await.is_err();
+        done_or(refused, "new connections still accepted after SIGTERM")
+    })
+    .await;
     assert!(in_flight.iter().any(|r| !r.is_finished()), "no new connections once stopping, with requests in flight");
     for r in in_flight {
         let reply = r.await.unwrap();
@@ -275,7 +275,7 @@ async fn sigterm_lets_every_request_in_flight_finish_then_exits_0() {
     }
     assert_eq!(relay.wait_exit(Duration::from_secs(10)), Some(0), "{}", relay.logs());
     // Its last line, written just before it exited: read off its stderr by another thread.
-    relay.wait_log("stopped", Duration::from_secs(5));
+    relay.wait_log("stopped", Duration::from_secs(5)).await;
 }
 
 #[tokio::test]

@@ -159,10 +159,12 @@ async fn a_passed_socket_replaces_the_configured_address_with_a_warning() {
     let relay = RelayProcess::spawn_passed(dir, config_path, &socket, "http");
     assert_eq!(relay.http, addr);
     assert!(relay.admin.is_some_and(|a| a.port() != 0), "admin binds its configured address");
-    relay.wait_log(
-        &format!("serving the passed socket {addr} instead of the configured {elsewhere}"),
-        Duration::from_secs(5),
-    );
+    relay
+        .wait_log(
+            &format!("serving the passed socket {addr} instead of the configured {elsewhere}"),
+            Duration::from_secs(5),
+        )
+        .await;
     let body = meta_message("106540352242922", "31612340000", "wamid.x", "hello");
     assert_eq!(post_once(&format!("http://{addr}{PATH}"), body).await, Ok(200));
     assert!(std::net::TcpStream::connect(elsewhere).is_err(), "the configured address is not bound");

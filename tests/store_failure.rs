@@ -123,16 +123,14 @@ async fn delivered_events_are_pruned_once_a_full_disk_has_room_again_and_not_del
     assert_eq!(got.len(), N);
     let queue = running.services.queue.clone();
     // (Motion has the last one a moment before the relay reads its answer.)
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    while queue.depth("acme") > 0 {
-        assert!(std::time::Instant::now() < deadline, "delivered events do not count as waiting");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !store.pending().unwrap().is_empty() {
-        assert!(std::time::Instant::now() < deadline, "the delivered events were pruned");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until(Duration::from_secs(2), Duration::from_millis(10), async || {
+        done_or(queue.depth("acme") == 0, "delivered events do not count as waiting")
+    })
+    .await;
+    until(Duration::from_secs(10), Duration::from_millis(50), async || {
+        done_or(store.pending().unwrap().is_empty(), "the delivered events were pruned")
+    })
+    .await;
 
     // The disk fills up: a webhook's durable commit fails, and the store is re-opened.
     disk.set_full(true);
@@ -143,23 +141,17 @@ async fn delivered_events_are_pruned_once_a_full_disk_has_room_again_and_not_del
     disk.set_full(false);
 
     // Room again: the store re-opens and its depth returns to 0.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let waiting = tokio::task::spawn_blocking({
-            let store = store.clone();
-            move || {
-                store.writable();
-                store.pending().map(|p| p.len()).unwrap_or(usize::MAX)
-            }
+    until(Duration::from_secs(15), Duration::from_millis(100), async || {
+        let store = store.clone();
+        let waiting = tokio::task::spawn_blocking(move || {
+            store.writable();
+            store.pending().map(|p| p.len()).unwrap_or(usize::MAX)
         })
         .await
         .unwrap();
-        if waiting == 0 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{waiting} delivered events stay in the store");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        done_or(waiting == 0, format!("{waiting} delivered events stay in the store"))
+    })
+    .await;
     assert_eq!(queue.depth("acme"), 0);
     running.shutdown().await;
     let delivered = motion.count();

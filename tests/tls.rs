@@ -153,7 +153,7 @@ async fn file_certificate_is_served_replaced_for_new_connections_and_old_connect
     // Garbage is refused the same way; SIGHUP forces a re-read.
     replace_file(&cert, "not a certificate\n");
     relay.signal("HUP");
-    relay.wait_log("no certificate found", Duration::from_secs(10));
+    relay.wait_log("no certificate found", Duration::from_secs(10)).await;
     let tls = connect(https, "relay.test", client_config(&roots, &h1_only(), Versions::Both)).await.unwrap();
     assert_eq!(peer_leaf(&tls), second.der);
 
@@ -230,7 +230,7 @@ listen = "127.0.0.1:0"
 path = "{{DATA}}"
 "#
     ));
-    relay.wait_log("acme: order", Duration::from_secs(15));
+    relay.wait_log("acme: order", Duration::from_secs(15)).await;
     let ready = get(&relay.admin_url("/readyz")).await;
     assert_eq!(ready.status, 503);
     let msg = ready.json()["message"].as_str().unwrap().to_string();
@@ -319,7 +319,7 @@ path = "{{DATA}}"
     // Restart with the CA gone: the cached certificate is served before any call to a CA.
     drop(pebble);
     let relay = relay.restart();
-    relay.wait_log("serving the cached certificate for relay.test", Duration::from_secs(10));
+    relay.wait_log("serving the cached certificate for relay.test", Duration::from_secs(10)).await;
     let tls = connect(relay.https.unwrap(), "relay.test", client_config(&[&root], &[b"http/1.1"], Versions::Both))
         .await
         .expect("the cached certificate is served");

@@ -151,6 +151,24 @@ impl FakeMotion {
     }
 }
 
+/// Asks `check` every `every` until it answers `Ok`; panics after `within` with its last answer
+/// (what it saw instead). For what comes a moment after the effect a test waited for.
+pub async fn until(within: Duration, every: Duration, mut check: impl AsyncFnMut() -> Result<(), String>) {
+    let start = Instant::now();
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(seen) => assert!(start.elapsed() < within, "not within {within:?}: {seen}"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// `Ok` when `done`, else `seen` (an answer for [`until`]).
+pub fn done_or(done: bool, seen: impl std::fmt::Display) -> Result<(), String> {
+    if done { Ok(()) } else { Err(seen.to_string()) }
+}
+
 /// An address nothing listens on (bound then released).
 pub async fn dead_addr() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -286,17 +304,13 @@ impl RelayProcess {
         format!("http://{}{path}", self.admin.expect("admin listener"))
     }
 
-    /// Waits until a log line contains `needle` (or panics after `timeout`).
-    pub fn wait_log(&self, needle: &str, timeout: Duration) {
-        let start = Instant::now();
-        while !self.logs().contains(needle) {
-            assert!(
-                start.elapsed() < timeout,
-                "no log line with {needle:?} within {timeout:?}; logs:\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    /// Waits until a log line contains `needle` (or panics after `timeout`), without blocking
+    /// the test's runtime (where fake Motions and providers answer meanwhile).
+    pub async fn wait_log(&self, needle: &str, timeout: Duration) {
+        until(timeout, Duration::from_millis(20), async || {
+            done_or(self.logs().contains(needle), format_args!("no log line with {needle:?}; logs:\n{}", self.logs()))
+        })
+        .await;
     }
 
     /// How many log lines contain `needle`.

@@ -68,6 +68,13 @@ pub struct KeyRef<'a> {
     pub key_secret: &'a str,
 }
 
+/// When a token call must be over, and the timeout it was given (named in its error).
+#[derive(Clone, Copy)]
+struct Deadline {
+    at: tokio::time::Instant,
+    timeout: Duration,
+}
+
 impl SinchTokens {
     /// Tokens fetched since start (for tests and the debug log).
     pub fn fetches(&self) -> u64 {
@@ -84,9 +91,11 @@ impl SinchTokens {
         timeout: Duration,
         rejected: Option<&str>,
     ) -> Result<String, TokenError> {
-        // `timeout` bounds the whole call, the wait for another send's fetch included.
-        let deadline = tokio::time::Instant::now() + timeout;
-        match tokio::time::timeout_at(deadline, self.get_within(client, key, (timeout, deadline), rejected)).await {
+        // `timeout` bounds the whole call, the wait for another send's fetch included. A fetch
+        // ends at the same instant, so it times out first (it is polled first) and records its
+        // failure for the sends waiting behind it, instead of being cancelled unrecorded.
+        let deadline = Deadline { at: tokio::time::Instant::now() + timeout, timeout };
+        match tokio::time::timeout_at(deadline.at, self.get_within(client, key, deadline, rejected)).await {
             Ok(answer) => answer,
             Err(_) => Err(TokenError::Timeout { url: key.auth_url.to_string(), timeout }),
         }
@@ -96,7 +105,7 @@ impl SinchTokens {
         &self,
         client: &Client,
         key: &KeyRef<'_>,
-        timeout: (Duration, tokio::time::Instant),
+        deadline: Deadline,
         rejected: Option<&str>,
     ) -> Result<String, TokenError> {
         let slot = self.slot(key);
@@ -113,7 +122,7 @@ impl SinchTokens {
             }
         }
         state.cached = None;
-        match self.fetch(client, key, timeout).await {
+        match self.fetch(client, key, deadline).await {
             Ok((token, lifetime)) => {
                 self.fetches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let margin = MARGIN.min(lifetime / 2);
@@ -142,7 +151,7 @@ impl SinchTokens {
         &self,
         client: &Client,
         key: &KeyRef<'_>,
-        (timeout, deadline): (Duration, tokio::time::Instant),
+        Deadline { at: deadline, timeout }: Deadline,
     ) -> Result<(String, Duration), TokenError> {
         let url = key.auth_url.to_string();
         let basic = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", key.key_id, key.key_secret));
