@@ -29,7 +29,9 @@
 #           (examples/bench_bare_proxy.rs: tokio + hyper + hyper-util's client, served per core
 #           like the relay, with no checks, routing or headers): what the stack alone costs;
 #   - samples the CPU time (utime+stime from /proc) of Motion, nginx and the relay around each
-#     run and reports microseconds of CPU per request;
+#     run and reports microseconds of CPU per request, and the proxy's context switches per
+#     request (how often its threads hand work on or wait: a count that the machine's noise
+#     barely moves, unlike req/s);
 #   - prints a markdown table, flags wrk errors and non-2xx answers (a non-2xx from the relay
 #     is a failure: exit status 1).
 # Every process it starts runs under `timeout`, so none outlives the expected run time even if
@@ -188,6 +190,24 @@ tree_ticks() {
 ticks_of() {
     local p t=0
     for p in $1; do t=$((t + $(tree_ticks "$p"))); done
+    echo "$t"
+}
+
+# Context switches (voluntary and not, all threads) of a process and all its descendants: how
+# often its threads hand work to each other or wait. Unlike req/s and CPU time, the count per
+# request barely moves with the machine's noise, so it shows what a change to the pipeline did.
+tree_ctxsw() {
+    local pid=$1 total kid
+    total=$(cat /proc/"$pid"/task/*/status 2>/dev/null | awk '/ctxt_switches/ { s += $2 } END { print s + 0 }')
+    for kid in $(cat /proc/"$pid"/task/*/children 2>/dev/null); do
+        total=$((total + $(tree_ctxsw "$kid")))
+    done
+    echo "$total"
+}
+
+ctxsw_of() {
+    local p t=0
+    for p in $1; do t=$((t + $(tree_ctxsw "$p"))); done
     echo "$t"
 }
 
@@ -401,17 +421,18 @@ cp "$HERE/body.json" "$HERE/post.lua" "$HERE/post-unique.lua" "$TMP/"
 cd "$TMP"
 
 # run_wrk I SECONDS TAG: one wrk run against target I; appends
-# "rps p50 p99 requests errors non2xx proxy_us motion_us backlog" to $TMP/results.I (unless a warm-up).
+# "rps p50 p99 requests errors non2xx proxy_us motion_us backlog pg_us proxy_ctxsw" to
+# $TMP/results.I (unless a warm-up).
 RUN_NO=0
 run_wrk() {
     local i=$1 secs=$2 tag=$3 out line ppid=${T_PID[$1]}
-    local p0=0 p1=0 m0 m1 c0 c1 rps p50 p99 reqs errs non2xx backlog=0 conns d0=0 d1=0
+    local p0=0 p1=0 m0 m1 c0 c1 rps p50 p99 reqs errs non2xx backlog=0 conns d0=0 d1=0 s0=0 s1=0
     RUN_NO=$((RUN_NO + 1))
     out="$TMP/wrk.$i.$tag.txt"
     c0=$(motion_count)
     m0=$(tree_ticks "$MOTION_PID")
     [[ -n $PG_PID ]] && d0=$(tree_ticks "$PG_PID")
-    [[ -n $ppid ]] && p0=$(ticks_of "$ppid")
+    [[ -n $ppid ]] && p0=$(ticks_of "$ppid") && s0=$(ctxsw_of "$ppid")
     RELAY_ADDRS="${T_ADDRS[$i]}" RUN_ID=$(( $(date +%s) % 1000000 * 1000 + RUN_NO )) wrk -t"$THREADS" -c"$CONNECTIONS" -d"${secs}s" --latency -s "${T_LUA[$i]}" \
         "${T_URL[$i]}" >"$out" 2>&1 &
     WRK_PID=$!
@@ -420,7 +441,7 @@ run_wrk() {
     conns=$(motion_conns "$ppid")
     wait "$WRK_PID" || true
     WRK_PID=""
-    [[ -n $ppid ]] && p1=$(ticks_of "$ppid")
+    [[ -n $ppid ]] && p1=$(ticks_of "$ppid") && s1=$(ctxsw_of "$ppid")
     m1=$(tree_ticks "$MOTION_PID")
     # PostgreSQL's CPU during any run (its share of the others' is nil: it is idle then).
     [[ -n $PG_PID ]] && d1=$(tree_ticks "$PG_PID")
@@ -447,7 +468,9 @@ run_wrk() {
     if [[ $tag != warmup ]]; then
         awk -v tck="$CLK_TCK" -v r="$reqs" -v pp="$((p1 - p0))" -v mm="$((m1 - m0))" \
             -v has="${ppid:+1}" -v l="$rps $p50 $p99 $reqs $errs $non2xx" -v b="$backlog" -v dd="$((d1 - d0))" \
-            'BEGIN { printf "%s %s %s %s %s\n", l, (has && r ? pp / tck * 1e6 / r : "-"), (r ? mm / tck * 1e6 / r : "-"), b, (r ? dd / tck * 1e6 / r : "-") }' \
+            -v ss="$((s1 - s0))" \
+            'BEGIN { printf "%s %s %s %s %s %s\n", l, (has && r ? pp / tck * 1e6 / r : "-"), (r ? mm / tck * 1e6 / r : "-"), b,
+                     (r ? dd / tck * 1e6 / r : "-"), (has && r ? ss / r : "-") }' \
             >>"$TMP/results.$i"
     fi
     log "  $tag ${T_NAME[$i]}: $rps req/s, p50 $p50 ms, p99 $p99 ms, errors $errs, non-2xx $non2xx, proxy's connections to Motion $conns"
@@ -487,15 +510,16 @@ FAIL=0
     echo
     echo "Medians of $ROUNDS x ${DURATION} s, wrk -t$THREADS -c$CONNECTIONS, $(nproc) cores, $(date -u +%Y-%m-%d)"
     echo
-    echo "| target | req/s | p50 ms | p99 ms | ratio to nginx (req/s) | p99 vs nginx | ratio to direct | proxy CPU µs/req | Motion CPU µs/req |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| target | req/s | p50 ms | p99 ms | ratio to nginx (req/s) | p99 vs nginx | ratio to direct | proxy CPU µs/req | Motion CPU µs/req | proxy context switches/req |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for i in "${!T_NAME[@]}"; do
         f="$TMP/results.$i"
         awk -v n="${T_NAME[$i]}" -v rps="$(median "$f" 1)" -v p50="$(median "$f" 2)" -v p99="$(median "$f" 3)" \
             -v ngr="$NG_RPS" -v ngp="$NG_P99" -v dr="$DIRECT_RPS" -v pc="$(median "$f" 7)" -v mc="$(median "$f" 8)" \
+            -v cs="$(median "$f" 11)" \
             'function us(x) { return x == "-" ? "-" : sprintf("%.1f", x) }
-             BEGIN { printf "| %s | %.0f | %.2f | %.2f | %.2f | %.2fx | %.2f | %s | %s |\n",
-                     n, rps, p50, p99, rps / ngr, p99 / ngp, rps / dr, us(pc), us(mc) }'
+             BEGIN { printf "| %s | %.0f | %.2f | %.2f | %.2f | %.2fx | %.2f | %s | %s | %s |\n",
+                     n, rps, p50, p99, rps / ngr, p99 / ngp, rps / dr, us(pc), us(mc), (cs == "-" ? "-" : sprintf("%.2f", cs)) }'
     done
     echo
     for i in "${!T_NAME[@]}"; do
@@ -508,6 +532,7 @@ FAIL=0
     done
     echo "- ratio: req/s over nginx's req/s (higher is better); p99 vs nginx: p99 over nginx's p99 (lower is better)."
     echo "- CPU: utime+stime from /proc of the proxy (nginx master + workers, or the relay) and of Motion, per request."
+    echo "- context switches: the proxy's threads', voluntary and not, from /proc, per request (steadier than req/s on a noisy machine)."
     # queue / direct on the same requests: (d) over (c2), both with distinct bodies.
     c2=$(rps_of "(c2)") d=$(rps_of "(d)")
     if [[ $c2 != - && $d != - ]]; then
