@@ -293,11 +293,15 @@ impl Hot {
             added.push(seq);
             out.push(Appended::Stored(seq));
         }
-        if added.is_empty() {
-            self.buf = buf;
-            return Ok((out, None));
-        }
         let written = Written { added, keys, syncer: self.journal.syncer(), failures_seen: self.sync_failures };
+        if written.added.is_empty() {
+            // Every event was a redelivery. A key found among appends not yet synced is only as
+            // good as their sync, which may still fail: the answer waits for a sync after theirs
+            // and is refused if one failed meanwhile (`failures_seen`), as a written group is.
+            // Else the provider would hold a 2xx for an event stored nowhere.
+            self.buf = buf;
+            return Ok((out, Some(written)));
+        }
         let result = self.journal.write(&mut buf);
         self.buf = buf;
         if let Err(e) = result {

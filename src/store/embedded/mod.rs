@@ -1434,6 +1434,27 @@ mod tests {
     }
 
     #[test]
+    fn a_redelivery_answered_while_its_first_copy_syncs_is_refused_if_that_sync_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = std::sync::Arc::new(super::super::fault::DiskFault::default());
+        let store = EmbeddedStore::open_on_faulty_disk(dir.path(), disk.clone()).unwrap();
+        let e = deduped("a", 7, 1_000, u64::MAX);
+        let (first, a) = store.append_unsynced(std::slice::from_ref(&e)).unwrap();
+        // The provider's retry, written while the first copy's sync is under way.
+        let (again, retry) = store.append_unsynced(std::slice::from_ref(&e)).unwrap();
+        assert_eq!((stored(&first), again.as_slice()), (vec![1], &[Appended::Duplicate][..]));
+        let retry = retry.expect("a duplicate of an unsynced append waits for a sync");
+        disk.set_full(true);
+        assert!(a.unwrap().sync().is_err());
+        disk.set_full(false);
+        assert!(retry.sync().is_err(), "acknowledged as a duplicate of an event that was not stored");
+        // The provider retries again: now it is stored.
+        assert_eq!(stored(&store.append(std::slice::from_ref(&e)).unwrap()), [2]);
+        drop(store);
+        assert_eq!(seqs(&open(&dir)), [2]);
+    }
+
+    #[test]
     fn an_append_never_synced_is_refused_when_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
