@@ -17,8 +17,9 @@ const NOW: i64 = 1_750_000_000;
 const GENERIC_HEADER: &str = "X-Signature";
 
 /// Refusals Twilio's check gives for a request its own signer signed: a body that is not a
-/// form is not covered by the signature unless the URL carries `bodySHA256`, which must match.
-const TWILIO_UNSIGNED: [&str; 2] = ["unsigned_body", "body_hash_mismatch"];
+/// form is not covered by the signature unless the URL carries `bodySHA256`, which must match,
+/// and a form of more parameters than Twilio ever sends is refused before its signature.
+const TWILIO_UNSIGNED: [&str; 3] = ["unsigned_body", "body_hash_mismatch", "too_many_params"];
 
 /// The input is a request: the first line is the URL the provider called (with its query),
 /// then headers, a blank line and the body (see [`Request::parse`]).

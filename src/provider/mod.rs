@@ -269,7 +269,7 @@ impl Inbound<'_> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
     pub status: u16,
-    /// Short metric label: "missing_header", "mismatch", "bad_encoding", "stale_timestamp", "missing_token", "bad_token", "source_not_allowed", "body_hash_mismatch".
+    /// Short metric label: "missing_header", "mismatch", "bad_encoding", "stale_timestamp", "missing_token", "bad_token", "source_not_allowed", "body_hash_mismatch", "too_many_params".
     pub reason: &'static str,
     /// Human message naming what was wrong — NEVER the expected value or any secret.
     pub message: String,

@@ -123,7 +123,12 @@ impl Verify for Signature {
     fn verify(&self, req: &Inbound<'_>) -> Result<(), Rejection> {
         let tag = HEADER.read(req)?;
         let body_sha = body_sha256_param(req.url);
-        let params = signed_params(body_sha.is_some(), req.content_type(), req.body);
+        let params = signed_params(body_sha.is_some(), req.content_type(), req.body).ok_or_else(|| {
+            Rejection::unauthorized(
+                "too_many_params",
+                format!("a Twilio webhook has far fewer than {MAX_SIGNED_PARAMS} form parameters"),
+            )
+        })?;
         let signed = |url: &str| Algorithm::Sha1.verify(&self.auth_token, &[url.as_bytes(), params.as_bytes()], &tag);
         let either_port = |url: &str| signed(url) || alternate_port_url(url).is_some_and(|u| signed(&u));
         // The fragment never reaches the relay, and Twilio does not document whether it signs
@@ -154,7 +159,7 @@ impl Verify for Signature {
 
 /// The headers a Twilio request to `url` with `body` carries, for `sign_request`.
 fn sign(auth_token: &[u8], url: &str, content_type: Option<&str>, body: &[u8]) -> Vec<(String, String)> {
-    let params = signed_params(body_sha256_param(url).is_some(), content_type, body);
+    let params = signed_params(body_sha256_param(url).is_some(), content_type, body).unwrap_or_default();
     vec![HEADER.sign(auth_token, &[url.as_bytes(), params.as_bytes()])]
 }
 
@@ -165,15 +170,25 @@ fn body_sha256_param(url: &str) -> Option<Cow<'_, str>> {
     form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "bodySHA256").map(|(_, v)| v)
 }
 
+/// Form parameters a Twilio webhook may carry. Twilio sends a few dozen (about 40 for a message
+/// with ten media). The signed string sorts them all, on the serving thread, before the signature
+/// can be checked: without a bound, a 4 MiB body of empty parameters (`a&a&…`, no secret needed)
+/// cost about a second of CPU and stalled every connection on that thread.
+const MAX_SIGNED_PARAMS: usize = 1000;
+
 /// What follows the URL in the signed string: every form parameter as key+value, sorted by key
-/// and then value (Twilio's rule for duplicate keys); nothing for JSON (`bodySHA256`) or non-form posts.
-fn signed_params(json: bool, content_type: Option<&str>, body: &[u8]) -> String {
+/// and then value (Twilio's rule for duplicate keys); nothing for JSON (`bodySHA256`) or non-form
+/// posts. None past [`MAX_SIGNED_PARAMS`] parameters (not Twilio's).
+fn signed_params(json: bool, content_type: Option<&str>, body: &[u8]) -> Option<String> {
     if json || !is_form(content_type) {
-        return String::new();
+        return Some(String::new());
     }
-    let mut pairs: Vec<_> = form_urlencoded::parse(body).collect();
+    let mut pairs: Vec<_> = form_urlencoded::parse(body).take(MAX_SIGNED_PARAMS + 1).collect();
+    if pairs.len() > MAX_SIGNED_PARAMS {
+        return None;
+    }
     pairs.sort_unstable();
-    pairs.iter().flat_map(|(k, v)| [k.as_ref(), v.as_ref()]).collect()
+    Some(pairs.iter().flat_map(|(k, v)| [k.as_ref(), v.as_ref()]).collect())
 }
 
 /// The same URL with the scheme's default port removed when it is explicit, or inserted when it
@@ -347,6 +362,26 @@ mod tests {
         let headers = sign(b"12345", url, Some("application/json"), b"");
         let r = Req::post(url, "application/json", &b""[..]).headers(headers);
         assert_eq!(outcome(verifier("12345").verify(&r.inbound())), "ok");
+    }
+
+    #[test]
+    fn a_form_with_more_parameters_than_twilio_sends_is_refused_before_sorting() {
+        // `a&a&…` up to the body limit, any signature: refused on the count, whatever the tag.
+        let url = "https://chat.example.com/acme/api/whatsapp/accounts/12/notify";
+        let body = "a&".repeat(2 << 20).into_bytes();
+        let r = Req::post(url, FORM, body).header("X-Twilio-Signature", "AAAA");
+        let e = verifier("12345").verify(&r.inbound()).unwrap_err();
+        assert_eq!((e.status, e.reason), (401, "too_many_params"));
+        // Signed and at the bound, a form still verifies: the bound refuses nothing Twilio sends.
+        let body: Vec<u8> =
+            (0..MAX_SIGNED_PARAMS).map(|i| format!("K{i}=v")).collect::<Vec<_>>().join("&").into_bytes();
+        let headers = sign(b"12345", url, Some(FORM), &body);
+        let r = Req::post(url, FORM, body.clone()).headers(headers);
+        assert_eq!(outcome(verifier("12345").verify(&r.inbound())), "ok");
+        let one_more = [&body[..], b"&K=v"].concat();
+        let headers = sign(b"12345", url, Some(FORM), &one_more);
+        let r = Req::post(url, FORM, one_more).headers(headers);
+        assert_eq!(outcome(verifier("12345").verify(&r.inbound())), "too_many_params");
     }
 
     #[test]
