@@ -24,6 +24,8 @@ use super::{Appended, DeadInfo, DeadLetter, Event, EventMeta, NewEvent, QueueSto
 #[derive(Debug, Default)]
 pub struct DiskFault {
     full: AtomicBool,
+    /// redb's syncs report `EIO` after the data did reach the file.
+    syncs_fail: AtomicBool,
     refused: AtomicU64,
 }
 
@@ -31,6 +33,12 @@ impl DiskFault {
     /// While set, the disk is full.
     pub fn set_full(&self, full: bool) {
         self.full.store(full, Ordering::SeqCst);
+    }
+
+    /// While set, each sync of the store file syncs and then reports `EIO`: a failure that
+    /// leaves it unknown whether the commit is on disk (here, it is).
+    pub fn set_syncs_fail(&self, fail: bool) {
+        self.syncs_fail.store(fail, Ordering::SeqCst);
     }
 
     /// How many writes, resizes and syncs the full disk refused.
@@ -71,7 +79,11 @@ impl redb::StorageBackend for FaultyDisk {
     }
     fn sync_data(&self, eventual: bool) -> Result<(), std::io::Error> {
         self.fault.check()?;
-        self.file.sync_data(eventual)
+        self.file.sync_data(eventual)?;
+        if self.fault.syncs_fail.load(Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(5)); // EIO
+        }
+        Ok(())
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
         self.fault.check()?;

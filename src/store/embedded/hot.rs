@@ -665,6 +665,12 @@ impl EmbeddedStore {
         let generation = hot.journal.generation() + 1;
         if let Err(e) = self.fold_into_file(&hot.unfolded, &hot.journal, hot.next_seq, generation) {
             hot.fold_failed = Some(Instant::now());
+            // A commit that failed may still have reached the file (a sync that reports an error
+            // after the pages were written): the file would then expect the next generation, and
+            // a start would drop this journal as folded in, with whatever was appended to it
+            // since. So nothing more is appended to it: `broken` has the next append fold again
+            // (the same writes, so harmless if the first landed) and start the next journal.
+            hot.broken = true;
             return Err(e);
         }
         hot.unfolded = Unfolded::default();

@@ -1455,6 +1455,21 @@ mod tests {
     }
 
     #[test]
+    fn after_a_checkpoint_that_failed_but_reached_the_file_appends_survive_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = std::sync::Arc::new(super::super::fault::DiskFault::default());
+        let store = EmbeddedStore::open_on_faulty_disk(dir.path(), disk.clone()).unwrap();
+        assert_eq!(stored(&store.append(&[ev("a", "c", b"1")]).unwrap()), [1]);
+        disk.set_syncs_fail(true);
+        assert!(store.sync().is_err(), "the checkpoint's commit reports the failed sync");
+        disk.set_syncs_fail(false);
+        // Acknowledged after the failed checkpoint, whose commit did reach the file.
+        assert_eq!(stored(&store.append(&[ev("b", "c", b"2")]).unwrap()), [2]);
+        drop(store); // as a crash
+        assert_eq!(seqs(&open(&dir)), [1, 2]);
+    }
+
+    #[test]
     fn an_append_never_synced_is_refused_when_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
