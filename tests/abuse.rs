@@ -185,6 +185,69 @@ async fn silent_half_preface_and_idle_connections_are_closed_on_time() {
     }
 }
 
+/// One HTTP/2 frame: length, type, flags, stream, payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An HTTP/2 client that opens its flow-control window to nothing and leaves it there, so no
+/// response body can reach it, while it answers the server's pings and settings as a live peer
+/// does: the connection is closed once its responses have waited `idle_timeout`.
+#[tokio::test]
+async fn an_http2_client_that_never_opens_its_window_is_closed_after_idle_timeout() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let relay = RelayProcess::start(&config("header_timeout = \"1s\"\nidle_timeout = \"2s\""));
+    let mut conn = TcpStream::connect(relay.http).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS_INITIAL_WINDOW_SIZE (4) = 0.
+    hello.extend(h2_frame(4, 0, 0, &[0, 4, 0, 0, 0, 0]));
+    // GET /healthz on streams 1, 3, 5: HPACK :method GET (2), :scheme http (6), then :path and
+    // :authority as literals with indexed names (4 and 1).
+    let authority = relay.http.to_string();
+    for stream in [1, 3, 5] {
+        let mut block = vec![0x82, 0x86, 0x04, 8];
+        block.extend_from_slice(b"/healthz");
+        block.extend_from_slice(&[0x01, authority.len() as u8]);
+        block.extend_from_slice(authority.as_bytes());
+        hello.extend(h2_frame(1, 0x4 | 0x1, stream, &block)); // END_HEADERS | END_STREAM
+    }
+    conn.write_all(&hello).await.unwrap();
+
+    let start = Instant::now();
+    let (mut answered, mut data, mut last_answer) = (0, 0, start);
+    let mut head = [0u8; 9];
+    let closed = loop {
+        let read = tokio::time::timeout_at((start + Duration::from_secs(10)).into(), conn.read_exact(&mut head)).await;
+        let Ok(Ok(_)) = read else { break read.is_ok() };
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let (kind, flags) = (head[3], head[4]);
+        let mut payload = vec![0u8; len];
+        if conn.read_exact(&mut payload).await.is_err() {
+            break true;
+        }
+        match kind {
+            0 => data += 1,
+            1 => {
+                answered += 1;
+                last_answer = Instant::now();
+            }
+            4 if flags & 1 == 0 => conn.write_all(&h2_frame(4, 1, 0, &[])).await.unwrap(),
+            6 if flags & 1 == 0 => conn.write_all(&h2_frame(6, 1, 0, &payload)).await.unwrap(),
+            7 => break true, // GOAWAY
+            _ => {}
+        }
+    };
+    assert!(closed, "still open {:?} after the requests", start.elapsed());
+    assert_eq!((answered, data), (3, 0), "three answers' headers, no body");
+    let held = last_answer.elapsed();
+    assert!(held >= Duration::from_millis(1_500), "closed {held:?} after the answers, before idle_timeout");
+    assert!(start.elapsed() < Duration::from_secs(8), "closed only after {:?}", start.elapsed());
+}
+
 #[tokio::test]
 async fn connections_past_the_caps_are_refused_while_others_are_served() {
     let _alone = ONE_AT_A_TIME.lock().await;

@@ -5,6 +5,13 @@
 //! with no request in flight, `idle_timeout` after its last one ended. hyper's own timers do
 //! not cover these: its header timeout starts only once HTTP/1 has been chosen, and HTTP/2
 //! has no idle timeout at all.
+//!
+//! A request stays in flight until the client has taken its response, so a client that never
+//! takes it (HTTP/2 with its flow-control window left at zero, an HTTP/1 client that stops
+//! reading) would hold the connection, and its memory, for good. So the responses waiting on
+//! the client are counted too: while any is, and no response body of the connection has moved
+//! for `idle_timeout`, the connection is closed. A body waiting on the relay (the board's
+//! stream between two events) is not waiting on the client.
 
 use hyper::body::{Body, Frame, SizeHint};
 use std::future::Future;
@@ -23,6 +30,10 @@ pub(super) struct Activity {
     /// Milliseconds from `born` to the end of the last request.
     idle_since: AtomicU64,
     seen: AtomicBool,
+    /// Responses handed to hyper whose next move is the client's (see [`Waiting`]).
+    client_turn: AtomicUsize,
+    /// Milliseconds from `born` to the last move of a response body.
+    moved: AtomicU64,
     /// The first request arrived.
     first: Notify,
     /// The requests in flight went down to none.
@@ -37,6 +48,8 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
             seen: AtomicBool::new(false),
+            client_turn: AtomicUsize::new(0),
+            moved: AtomicU64::new(0),
             first: Notify::new(),
             quiet: Notify::new(),
         })
@@ -60,11 +73,23 @@ impl Activity {
 
     /// Resolves when the connection has gone without a request for too long: `first` from
     /// `accept` while none has arrived, `idle` from the end of the last one after that.
+    /// With requests in flight, it resolves once a response has waited on the client and no
+    /// response body has moved for `idle` (see the module's documentation).
     pub async fn expired(&self, first: Duration, idle: Duration) {
         loop {
             if self.in_flight.load(Ordering::Acquire) > 0 {
-                // A permit is kept if the count drops between the load and this wait.
-                self.quiet.notified().await;
+                let stalled_at = (self.client_turn.load(Ordering::Acquire) > 0)
+                    .then(|| self.born + Duration::from_millis(self.moved.load(Ordering::Acquire)) + idle);
+                if stalled_at.is_some_and(|at| Instant::now() >= at) {
+                    return;
+                }
+                // A permit is kept if the count drops between the load and this wait. Woken
+                // every `idle` meanwhile: a response may start waiting on the client.
+                let wake = stalled_at.unwrap_or_else(|| Instant::now() + idle);
+                tokio::select! {
+                    _ = self.quiet.notified() => {}
+                    _ = tokio::time::sleep_until(wake) => {}
+                }
                 continue;
             }
             let limit = if self.seen.load(Ordering::Acquire) { idle } else { first };
@@ -133,7 +158,42 @@ where
         let this = self.project();
         let resp = std::task::ready!(this.inner.poll(cx))?;
         let guard = this.guard.take();
-        Poll::Ready(Ok(resp.map(|inner| Counted { inner, _guard: guard })))
+        let waiting = Waiting::handed_over(guard.as_ref().map(|g| g.0.clone()));
+        Poll::Ready(Ok(resp.map(|inner| Counted { inner, _guard: guard, waiting })))
+    }
+}
+
+/// Whether a response body's next move is the client's: from when it is handed to hyper until
+/// hyper asks for a frame it does not have yet (the relay's move: `Pending`), again from each
+/// frame it takes until it asks for the next, and no longer once it ended or is dropped.
+pub(super) struct Waiting {
+    activity: Option<Arc<Activity>>,
+    on_client: bool,
+}
+
+impl Waiting {
+    fn handed_over(activity: Option<Arc<Activity>>) -> Waiting {
+        let mut w = Waiting { activity, on_client: false };
+        w.moved(true);
+        w
+    }
+
+    fn moved(&mut self, on_client: bool) {
+        let Some(a) = &self.activity else { return };
+        a.moved.store(a.born.elapsed().as_millis() as u64, Ordering::Release);
+        if on_client != std::mem::replace(&mut self.on_client, on_client) {
+            if on_client {
+                a.client_turn.fetch_add(1, Ordering::AcqRel);
+            } else {
+                a.client_turn.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.moved(false);
     }
 }
 
@@ -143,6 +203,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: B,
         _guard: Option<InFlight>,
+        waiting: Waiting,
     }
 }
 
@@ -151,7 +212,10 @@ impl<B: Body> Body for Counted<B> {
     type Error = B::Error;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        self.project().inner.poll_frame(cx)
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        this.waiting.moved(matches!(polled, Poll::Ready(Some(Ok(_)))));
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -176,6 +240,25 @@ mod tests {
         let start = tokio::time::Instant::now();
         a.expired(FIRST, IDLE).await;
         assert_eq!(start.elapsed().as_secs(), 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_the_client_does_not_take_expires_after_idle() {
+        let a = Activity::new();
+        let guard = a.begin();
+        let expiry = tokio::spawn({
+            let a = a.clone();
+            async move { a.expired(FIRST, IDLE).await }
+        });
+        // Waiting on the relay (the answer is being made, or a stream has nothing to send).
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert!(!expiry.is_finished(), "the relay's turn: still open");
+        // Handed over, and never asked for a frame.
+        let started = tokio::time::Instant::now();
+        let waiting = Waiting::handed_over(Some(a.clone()));
+        expiry.await.unwrap();
+        assert_eq!(started.elapsed().as_secs(), 60);
+        drop((waiting, guard));
     }
 
     #[tokio::test(start_paused = true)]
