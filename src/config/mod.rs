@@ -646,6 +646,7 @@ impl<'a> Validator<'a> {
             );
         }
         let meta_apps = f.meta_app.iter().map(|a| self.meta_app(a).map(Arc::new)).collect::<R<Vec<_>>>()?;
+        self.app_secrets(&f.meta_app);
         let mut names = HashSet::new();
         let mut hosts = HashMap::new();
         let mut motions = Vec::with_capacity(f.motion.len());
@@ -1037,9 +1038,30 @@ impl<'a> Validator<'a> {
         Ok(Some(RateLimit { count, per, burst }))
     }
 
+    /// Notes each `[[meta_app]]`'s secrets for [`Self::shared_secrets`] (as held by [`APP_HOLDER`]):
+    /// an account outside the app that verifies with one of them accepts, at its own URL, every
+    /// batch signed for the app, which any tenant on the app receives.
+    fn app_secrets(&mut self, apps: &'a [schema::MetaApp]) {
+        use sha2::Digest;
+        for a in apps {
+            let Some((v, _)) = self.apps.get(a.name.get_ref().as_str()) else { continue };
+            let secrets = [
+                ("app_secret", v.app_secret.clone()),
+                ("platform_secret", v.platform_secret.clone()),
+                ("shared_token", v.shared_token.clone()),
+            ];
+            for (field, value) in secrets {
+                let Some(value) = value else { continue };
+                let key = (field, sha2::Sha256::digest(value.as_bytes()).into());
+                self.secrets_seen.entry(key).or_insert((APP_HOLDER, a.name.get_ref()));
+            }
+        }
+    }
+
     /// Warns when an account of another Motion verifies with the same secret: signatures do not
     /// name the account, so each would accept webhooks signed for the other (one tenant could
-    /// replay its own into the other's Motion). App accounts share their app's on purpose.
+    /// replay its own into the other's Motion). App accounts share their app's on purpose; any
+    /// other account with an app's secret is warned about too.
     fn shared_secrets(&mut self, motion: &'a str, raw: &'a schema::Account, acc: &Account, v: &VerifierConfig) {
         use sha2::Digest;
         if acc.app.is_some() {
@@ -1057,6 +1079,15 @@ impl<'a> Validator<'a> {
             let Some(value) = value else { continue };
             let key = (field, sha2::Sha256::digest(value.as_bytes()).into());
             match self.secrets_seen.get(&key) {
+                Some(&(APP_HOLDER, app)) => {
+                    let msg = format!(
+                        "account {:?} of motion {motion:?} has the same {field} as meta_app {app:?}: it accepts at its \
+                         own URL the batches signed for the app, which every tenant on the app receives; give it its \
+                         own secret, or put it on the app (app = {app:?})",
+                        acc.id
+                    );
+                    self.warn(raw.id.span(), msg);
+                }
                 Some(&(m, other)) if m != motion => {
                     let msg = format!(
                         "account {:?} of motion {motion:?} has the same {field} as account {other:?} of motion {m:?}: \
@@ -1245,6 +1276,10 @@ impl<'a> Validator<'a> {
         Ok(MetaApp { name, provider, verifier, verify_token })
     }
 }
+
+/// Stands for "a `[[meta_app]]`" where the loader notes which Motion holds a secret (no Motion is
+/// named "": names are path segments).
+const APP_HOLDER: &str = "";
 
 impl Config {
     /// Whether the user running this could keep the store at `[storage] path`: `check` runs it

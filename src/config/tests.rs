@@ -211,6 +211,24 @@ fn meta_app_accounts() {
 }
 
 #[test]
+fn an_account_off_the_app_with_the_apps_secret_is_warned_about() {
+    let other = |secret: &str| {
+        format!(
+            "{APP}\n[[motion]]\nname = \"b\"\nurl = \"http://127.0.0.1:9001\"\n  [[motion.account]]\n  id = \"2\"\n  \
+             provider = \"meta\"\n  app_secret = \"{secret}\"\n"
+        )
+    };
+    let c = parse_str(&other("s")).unwrap();
+    let w: Vec<_> = c.warnings.iter().filter(|w| w.contains("as meta_app \"main\"")).collect();
+    assert_eq!(w.len(), 1, "{:?}", c.warnings);
+    assert!(w[0].starts_with("relay.toml:20:8: account \"2\" of motion \"b\""), "{}", w[0]);
+    assert!(!w[0].contains("\"s\""), "the secret itself is never shown: {}", w[0]);
+    // Its own secret: nothing to say.
+    let c = parse_str(&other("own")).unwrap();
+    assert!(!c.warnings.iter().any(|w| w.contains("has the same")), "{:?}", c.warnings);
+}
+
+#[test]
 fn outbound_paths_and_sinch_keys_are_checked_at_load() {
     let e = err(&format!("{BASE}  outbound_paths = [\"/v1//messages\"]\n"));
     assert!(e.starts_with("relay.toml:10:8:") && e.contains("empty segment"), "{e}");
