@@ -94,7 +94,7 @@ impl InFlight {
 
     /// Waits until every append written is synced (or refused). Called holding `syncing`,
     /// so no new one starts meanwhile.
-    fn wait_none(&self) {
+    pub(super) fn wait_none(&self) {
         let n = self.count.lock().unwrap_or_else(PoisonError::into_inner);
         drop(self.none.wait_while(n, |n| *n > 0).unwrap_or_else(PoisonError::into_inner));
     }

@@ -713,6 +713,11 @@ impl QueueStore for EmbeddedStore {
 
     fn append_dead(&self, ev: &NewEvent, info: DeadInfo) -> Result<Appended, StoreError> {
         self.mark()?;
+        // A dedup key of an append not yet synced proves nothing: its sync may still fail. With
+        // `syncing` held no append starts, and once those in flight are settled every key the
+        // journals hold is durable. (Rare: events no account owns, stored as dead letters.)
+        let _syncing = self.syncing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.in_flight.wait_none();
         self.with_hot(|hot| {
             let unknown: Vec<_> = ev.dedup_key.filter(|_| !hot.duplicate(ev)).into_iter().collect();
             if hot.is_duplicate(ev, &self.dedup_in_file(&unknown)?, None) {
@@ -1467,6 +1472,24 @@ mod tests {
         assert_eq!(stored(&store.append(&[ev("b", "c", b"2")]).unwrap()), [2]);
         drop(store); // as a crash
         assert_eq!(seqs(&open(&dir)), [1, 2]);
+    }
+
+    #[test]
+    fn a_dead_letter_waits_for_the_append_whose_key_it_repeats_and_is_stored_if_that_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(open(&dir));
+        let e = deduped("a", 7, 1_000, u64::MAX);
+        let (first, pending) = store.append_unsynced(std::slice::from_ref(&e)).unwrap();
+        assert_eq!(stored(&first), [1]);
+        let dead = std::thread::spawn({
+            let (store, e) = (store.clone(), e.clone());
+            move || store.append_dead(&e, info(vec![]))
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!dead.is_finished(), "answered before the append it repeats was synced");
+        drop(pending); // never synced: refused
+        assert_eq!(dead.join().unwrap().unwrap(), Appended::Stored(2));
+        assert_eq!(store.dead_letter(2).unwrap().unwrap().ev.delivery_id, "a");
     }
 
     #[test]
