@@ -223,7 +223,7 @@ impl PgLeases {
             let epoch = held.epoch;
             drop(held);
             tracing::info!(partitions = mask.count_ones(), of = PARTITIONS, "conversation leases changed");
-            self.news.send_modify(|n| n.epoch = epoch);
+            self.announce(epoch);
         }
     }
 
@@ -233,7 +233,16 @@ impl PgLeases {
         held.epoch += 1;
         let epoch = held.epoch;
         drop(held);
-        self.news.send_modify(|n| n.epoch = epoch);
+        self.announce(epoch);
+    }
+
+    /// Tells the queue about epoch `epoch`, unless a later one was told already. `granted` and
+    /// `bump` run on different tasks and announce after releasing the lock, so they may
+    /// announce out of order: a late, lower epoch must not replace a higher one, or the queue
+    /// would look at the store in an epoch no grant belongs to and park every conversation
+    /// until the next lease change.
+    fn announce(&self, epoch: u64) {
+        self.news.send_modify(|n| n.epoch = n.epoch.max(epoch));
     }
 
     /// Past the validity of the last renewal: stop delivering (once), and say so.
@@ -356,5 +365,35 @@ pub async fn probe(pool: Pool, healthy: Arc<Mutex<Option<Instant>>>, leaving: Ar
             Ok(Some(_)) => *last = Some(Instant::now()),
             _ => *last = None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Leases over a pool that never connects: what is tested here makes no query.
+    fn leases() -> Arc<PgLeases> {
+        let manager = deadpool_postgres::Manager::from_config(
+            tokio_postgres::Config::new(),
+            tokio_postgres::NoTls,
+            deadpool_postgres::ManagerConfig::default(),
+        );
+        let pool = Pool::builder(manager).max_size(1).build().expect("a pool that connects lazily");
+        PgLeases::new(Duration::from_secs(15), pool, tokio::runtime::Handle::current())
+    }
+
+    /// `granted` (a renewal) and `bump` (LISTEN reconnected) raise the epoch under the lock and
+    /// announce it after, from different tasks: whichever announcement lands last, the queue
+    /// is told the epoch the grants belong to.
+    #[tokio::test]
+    async fn a_late_announcement_of_an_earlier_epoch_does_not_replace_a_later_one() {
+        let l = leases();
+        let news = l.news().expect("a shared store has news");
+        l.granted(0b1, Instant::now() + Duration::from_secs(10));
+        l.bump();
+        assert_eq!((l.held().epoch, news.borrow().epoch), (2, 2));
+        l.announce(1); // the renewal's announcement, landing after the reconnect's
+        assert_eq!(news.borrow().epoch, l.held().epoch);
     }
 }
