@@ -252,6 +252,13 @@ async fn auto_mode_passes_motions_answer_back_when_up_and_queues_when_down(backe
     // Up: Motion's own answer comes back.
     let acme = FakeMotion::start().await;
     let relay = RelayProcess::start(&backend.apply(&config(&acme.url(), "auto")));
+    // On a shared store a relay takes its conversations' leases a moment after it starts: an
+    // event stored before then is left to whoever holds it, and its `auto` request gets the
+    // acknowledgement. One event delivered first shows the conversation is held.
+    let reply = post_meta(&relay.url(META), SECRET, meta_message("1", "1650", "wamid.first", "-")).await;
+    assert_eq!(reply.status, 200);
+    acme.wait_for(1, Duration::from_secs(10)).await;
+    wait_nothing_waiting(&relay).await;
     let reply = post_meta(&relay.url(META), SECRET, meta_message("1", "1650", "wamid.up", "0")).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.headers["x-motion"], "yes");
