@@ -172,42 +172,31 @@ wait_port() {
     die "$3 is not listening on 127.0.0.1:$1 after 10 s"
 }
 
-# CPU time (clock ticks, utime+stime, all threads) of a process and all its descendants.
 CLK_TCK=$(getconf CLK_TCK)
-tree_ticks() {
-    local pid=$1 total=0 stat kid
-    if stat=$(cat "/proc/$pid/stat" 2>/dev/null); then
-        stat=${stat##*) }                      # fields after "(comm) ": state is $1, utime $12, stime $13
-        total=$(awk '{print $12 + $13}' <<<"$stat")
-    fi
-    for kid in $(cat /proc/"$pid"/task/*/children 2>/dev/null); do
-        total=$((total + $(tree_ticks "$kid")))
+
+# ticks PID: CPU time (clock ticks, utime+stime, all threads) of one process.
+ticks() {
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
+    stat=${stat##*) }                          # fields after "(comm) ": state is $1, utime $12, stime $13
+    awk '{print $12 + $13}' <<<"$stat"
+}
+
+# ctxsw PID: context switches (voluntary and not, all threads) of one process: how often its
+# threads hand work to each other or wait. Unlike req/s and CPU time, the count per request
+# barely moves with the machine's noise, so it shows what a change to the pipeline did.
+ctxsw() {
+    cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ { s += $2 } END { print s + 0 }'
+}
+
+# tree COUNT "PID [PID…]": COUNT (ticks or ctxsw) summed over the processes (two relays) and all
+# their descendants.
+tree() {
+    local count=$1 p kid t=0
+    for p in $2; do
+        t=$((t + $("$count" "$p")))
+        for kid in $(cat /proc/"$p"/task/*/children 2>/dev/null); do t=$((t + $(tree "$count" "$kid"))); done
     done
-    echo "$total"
-}
-
-# ticks_of "PID [PID…]": tree_ticks summed over several processes (two relays).
-ticks_of() {
-    local p t=0
-    for p in $1; do t=$((t + $(tree_ticks "$p"))); done
-    echo "$t"
-}
-
-# Context switches (voluntary and not, all threads) of a process and all its descendants: how
-# often its threads hand work to each other or wait. Unlike req/s and CPU time, the count per
-# request barely moves with the machine's noise, so it shows what a change to the pipeline did.
-tree_ctxsw() {
-    local pid=$1 total kid
-    total=$(cat /proc/"$pid"/task/*/status 2>/dev/null | awk '/ctxt_switches/ { s += $2 } END { print s + 0 }')
-    for kid in $(cat /proc/"$pid"/task/*/children 2>/dev/null); do
-        total=$((total + $(tree_ctxsw "$kid")))
-    done
-    echo "$total"
-}
-
-ctxsw_of() {
-    local p t=0
-    for p in $1; do t=$((t + $(tree_ctxsw "$p"))); done
     echo "$t"
 }
 
@@ -430,9 +419,9 @@ run_wrk() {
     RUN_NO=$((RUN_NO + 1))
     out="$TMP/wrk.$i.$tag.txt"
     c0=$(motion_count)
-    m0=$(tree_ticks "$MOTION_PID")
-    [[ -n $PG_PID ]] && d0=$(tree_ticks "$PG_PID")
-    [[ -n $ppid ]] && p0=$(ticks_of "$ppid") && s0=$(ctxsw_of "$ppid")
+    m0=$(tree ticks "$MOTION_PID")
+    [[ -n $PG_PID ]] && d0=$(tree ticks "$PG_PID")
+    [[ -n $ppid ]] && p0=$(tree ticks "$ppid") && s0=$(tree ctxsw "$ppid")
     RELAY_ADDRS="${T_ADDRS[$i]}" RUN_ID=$(( $(date +%s) % 1000000 * 1000 + RUN_NO )) wrk -t"$THREADS" -c"$CONNECTIONS" -d"${secs}s" --latency -s "${T_LUA[$i]}" \
         "${T_URL[$i]}" >"$out" 2>&1 &
     WRK_PID=$!
@@ -441,10 +430,10 @@ run_wrk() {
     conns=$(motion_conns "$ppid")
     wait "$WRK_PID" || true
     WRK_PID=""
-    [[ -n $ppid ]] && p1=$(ticks_of "$ppid") && s1=$(ctxsw_of "$ppid")
-    m1=$(tree_ticks "$MOTION_PID")
+    [[ -n $ppid ]] && p1=$(tree ticks "$ppid") && s1=$(tree ctxsw "$ppid")
+    m1=$(tree ticks "$MOTION_PID")
     # PostgreSQL's CPU during any run (its share of the others' is nil: it is idle then).
-    [[ -n $PG_PID ]] && d1=$(tree_ticks "$PG_PID")
+    [[ -n $PG_PID ]] && d1=$(tree ticks "$PG_PID")
     line=$(grep '^RESULT ' "$out" || true)
     [[ -n $line ]] || { cat "$out" >&2; die "wrk gave no result for ${T_NAME[$i]}"; }
     rps=$(sed 's/.* rps=\([0-9.]*\).*/\1/' <<<"$line")

@@ -1042,7 +1042,6 @@ impl<'a> Validator<'a> {
     /// an account outside the app that verifies with one of them accepts, at its own URL, every
     /// batch signed for the app, which any tenant on the app receives.
     fn app_secrets(&mut self, apps: &'a [schema::MetaApp]) {
-        use sha2::Digest;
         for a in apps {
             let Some((v, _)) = self.apps.get(a.name.get_ref().as_str()) else { continue };
             let secrets = [
@@ -1052,8 +1051,7 @@ impl<'a> Validator<'a> {
             ];
             for (field, value) in secrets {
                 let Some(value) = value else { continue };
-                let key = (field, sha2::Sha256::digest(value.as_bytes()).into());
-                self.secrets_seen.entry(key).or_insert((APP_HOLDER, a.name.get_ref()));
+                self.secrets_seen.entry(secret_key(field, &value)).or_insert((APP_HOLDER, a.name.get_ref()));
             }
         }
     }
@@ -1063,7 +1061,6 @@ impl<'a> Validator<'a> {
     /// replay its own into the other's Motion). App accounts share their app's on purpose; any
     /// other account with an app's secret is warned about too.
     fn shared_secrets(&mut self, motion: &'a str, raw: &'a schema::Account, acc: &Account, v: &VerifierConfig) {
-        use sha2::Digest;
         if acc.app.is_some() {
             return;
         }
@@ -1077,7 +1074,7 @@ impl<'a> Validator<'a> {
         ];
         for (field, value) in secrets {
             let Some(value) = value else { continue };
-            let key = (field, sha2::Sha256::digest(value.as_bytes()).into());
+            let key = secret_key(field, value);
             match self.secrets_seen.get(&key) {
                 Some(&(APP_HOLDER, app)) => {
                     let msg = format!(
@@ -1275,6 +1272,13 @@ impl<'a> Validator<'a> {
         }
         Ok(MetaApp { name, provider, verifier, verify_token })
     }
+}
+
+/// How [`Validator::shared_secrets`] knows a secret again without keeping it: the field and the
+/// value's SHA-256.
+fn secret_key(field: &'static str, value: &str) -> (&'static str, [u8; 32]) {
+    use sha2::Digest;
+    (field, sha2::Sha256::digest(value.as_bytes()).into())
 }
 
 /// Stands for "a `[[meta_app]]`" where the loader notes which Motion holds a secret (no Motion is

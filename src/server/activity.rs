@@ -30,7 +30,7 @@ pub(super) struct Activity {
     /// Milliseconds from `born` to the end of the last request.
     idle_since: AtomicU64,
     seen: AtomicBool,
-    /// Responses handed to hyper whose next move is the client's (see [`Waiting`]).
+    /// Responses handed to hyper whose next move is the client's (see [`InFlight::moved`]).
     client_turn: AtomicUsize,
     /// Milliseconds from `born` to the last move of a response body.
     moved: AtomicU64,
@@ -60,7 +60,7 @@ impl Activity {
         if !self.seen.swap(true, Ordering::AcqRel) {
             self.first.notify_one();
         }
-        InFlight(self.clone())
+        InFlight { activity: self.clone(), on_client: false }
     }
 
     /// Resolves once the first request has arrived.
@@ -105,12 +105,33 @@ impl Activity {
     }
 }
 
-/// One request in flight, from its arrival to the end (or drop) of its response body.
-pub(super) struct InFlight(Arc<Activity>);
+/// One request in flight, from its arrival to the end (or drop) of its response body, and
+/// whether its response's next move is the client's: from when it is handed to hyper until
+/// hyper asks for a frame it does not have yet (the relay's move: `Pending`), again from each
+/// frame it takes until it asks for the next, and no longer once it ended or is dropped.
+pub(super) struct InFlight {
+    activity: Arc<Activity>,
+    on_client: bool,
+}
+
+impl InFlight {
+    fn moved(&mut self, on_client: bool) {
+        let a = &self.activity;
+        a.moved.store(a.born.elapsed().as_millis() as u64, Ordering::Release);
+        if on_client != std::mem::replace(&mut self.on_client, on_client) {
+            if on_client {
+                a.client_turn.fetch_add(1, Ordering::AcqRel);
+            } else {
+                a.client_turn.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let a = &self.0;
+        self.moved(false);
+        let a = &self.activity;
         a.idle_since.store(a.born.elapsed().as_millis() as u64, Ordering::Release);
         if a.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             a.quiet.notify_one();
@@ -157,43 +178,11 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let resp = std::task::ready!(this.inner.poll(cx))?;
-        let guard = this.guard.take();
-        let waiting = Waiting::handed_over(guard.as_ref().map(|g| g.0.clone()));
-        Poll::Ready(Ok(resp.map(|inner| Counted { inner, _guard: guard, waiting })))
-    }
-}
-
-/// Whether a response body's next move is the client's: from when it is handed to hyper until
-/// hyper asks for a frame it does not have yet (the relay's move: `Pending`), again from each
-/// frame it takes until it asks for the next, and no longer once it ended or is dropped.
-pub(super) struct Waiting {
-    activity: Option<Arc<Activity>>,
-    on_client: bool,
-}
-
-impl Waiting {
-    fn handed_over(activity: Option<Arc<Activity>>) -> Waiting {
-        let mut w = Waiting { activity, on_client: false };
-        w.moved(true);
-        w
-    }
-
-    fn moved(&mut self, on_client: bool) {
-        let Some(a) = &self.activity else { return };
-        a.moved.store(a.born.elapsed().as_millis() as u64, Ordering::Release);
-        if on_client != std::mem::replace(&mut self.on_client, on_client) {
-            if on_client {
-                a.client_turn.fetch_add(1, Ordering::AcqRel);
-            } else {
-                a.client_turn.fetch_sub(1, Ordering::AcqRel);
-            }
+        let mut guard = this.guard.take();
+        if let Some(g) = &mut guard {
+            g.moved(true); // handed over
         }
-    }
-}
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        self.moved(false);
+        Poll::Ready(Ok(resp.map(|inner| Counted { inner, guard })))
     }
 }
 
@@ -202,8 +191,7 @@ pin_project_lite::pin_project! {
     pub(super) struct Counted<B> {
         #[pin]
         inner: B,
-        _guard: Option<InFlight>,
-        waiting: Waiting,
+        guard: Option<InFlight>,
     }
 }
 
@@ -214,7 +202,9 @@ impl<B: Body> Body for Counted<B> {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
-        this.waiting.moved(matches!(polled, Poll::Ready(Some(Ok(_)))));
+        if let Some(g) = this.guard {
+            g.moved(matches!(polled, Poll::Ready(Some(Ok(_)))));
+        }
         polled
     }
 
@@ -242,35 +232,30 @@ mod tests {
         assert_eq!(start.elapsed().as_secs(), 10);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_response_the_client_does_not_take_expires_after_idle() {
+    /// A connection with a request in flight, and its expiry running, both busy for two minutes.
+    async fn busy_for_two_minutes() -> (InFlight, tokio::task::JoinHandle<()>) {
         let a = Activity::new();
         let guard = a.begin();
-        let expiry = tokio::spawn({
-            let a = a.clone();
-            async move { a.expired(FIRST, IDLE).await }
-        });
+        let expiry = tokio::spawn(async move { a.expired(FIRST, IDLE).await });
         // Waiting on the relay (the answer is being made, or a stream has nothing to send).
         tokio::time::sleep(Duration::from_secs(120)).await;
-        assert!(!expiry.is_finished(), "the relay's turn: still open");
+        assert!(!expiry.is_finished(), "busy for two minutes, still open");
+        (guard, expiry)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_the_client_does_not_take_expires_after_idle() {
+        let (mut guard, expiry) = busy_for_two_minutes().await;
         // Handed over, and never asked for a frame.
         let started = tokio::time::Instant::now();
-        let waiting = Waiting::handed_over(Some(a.clone()));
+        guard.moved(true);
         expiry.await.unwrap();
         assert_eq!(started.elapsed().as_secs(), 60);
-        drop((waiting, guard));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_request_in_flight_holds_it_open_and_idle_counts_from_its_end() {
-        let a = Activity::new();
-        let guard = a.begin();
-        let expiry = tokio::spawn({
-            let a = a.clone();
-            async move { a.expired(FIRST, IDLE).await }
-        });
-        tokio::time::sleep(Duration::from_secs(120)).await;
-        assert!(!expiry.is_finished(), "busy for two minutes, still open");
+        let (guard, expiry) = busy_for_two_minutes().await;
         drop(guard);
         let ended = tokio::time::Instant::now();
         expiry.await.unwrap();

@@ -1422,8 +1422,7 @@ mod tests {
     #[test]
     fn a_group_written_before_a_failed_sync_is_refused_even_if_its_own_sync_works() {
         let dir = tempfile::tempdir().unwrap();
-        let disk = std::sync::Arc::new(super::super::fault::DiskFault::default());
-        let store = EmbeddedStore::open_on_faulty_disk(dir.path(), disk.clone()).unwrap();
+        let (store, disk) = on_faulty_disk(&dir);
         let (first, a) = store.append_unsynced(&[ev("a", "c", b"1")]).unwrap();
         let (second, b) = store.append_unsynced(&[ev("b", "c", b"2")]).unwrap();
         assert_eq!((stored(&first), stored(&second)), (vec![1], vec![2]));
@@ -1441,8 +1440,7 @@ mod tests {
     #[test]
     fn a_redelivery_answered_while_its_first_copy_syncs_is_refused_if_that_sync_fails() {
         let dir = tempfile::tempdir().unwrap();
-        let disk = std::sync::Arc::new(super::super::fault::DiskFault::default());
-        let store = EmbeddedStore::open_on_faulty_disk(dir.path(), disk.clone()).unwrap();
+        let (store, disk) = on_faulty_disk(&dir);
         let e = deduped("a", 7, 1_000, u64::MAX);
         let (first, a) = store.append_unsynced(std::slice::from_ref(&e)).unwrap();
         // The provider's retry, written while the first copy's sync is under way.
@@ -1462,8 +1460,7 @@ mod tests {
     #[test]
     fn after_a_checkpoint_that_failed_but_reached_the_file_appends_survive_a_crash() {
         let dir = tempfile::tempdir().unwrap();
-        let disk = std::sync::Arc::new(super::super::fault::DiskFault::default());
-        let store = EmbeddedStore::open_on_faulty_disk(dir.path(), disk.clone()).unwrap();
+        let (store, disk) = on_faulty_disk(&dir);
         assert_eq!(stored(&store.append(&[ev("a", "c", b"1")]).unwrap()), [1]);
         disk.set_syncs_fail(true);
         assert!(store.sync().is_err(), "the checkpoint's commit reports the failed sync");
@@ -1584,8 +1581,7 @@ mod tests {
     #[test]
     fn a_failed_journal_write_stores_nothing_and_the_next_one_works() {
         let dir = tempfile::tempdir().unwrap();
-        let disk = std::sync::Arc::new(super::super::fault::DiskFault::default());
-        let store = EmbeddedStore::open_on_faulty_disk(dir.path(), disk.clone()).unwrap();
+        let (store, disk) = on_faulty_disk(&dir);
         store.append(&[deduped("a", 1, 100, 9_000)]).unwrap();
         disk.set_full(true);
         assert!(store.append(&[deduped("b", 2, 100, 9_000), ev("c", "c", b"")]).is_err());
@@ -1607,6 +1603,12 @@ mod tests {
                 Appended::Duplicate => None,
             })
             .collect()
+    }
+
+    /// A store whose disk fails on demand.
+    fn on_faulty_disk(dir: &tempfile::TempDir) -> (EmbeddedStore, std::sync::Arc<super::super::DiskFault>) {
+        let disk = std::sync::Arc::new(super::super::DiskFault::default());
+        (EmbeddedStore::open_on_faulty_disk(dir.path(), disk.clone()).unwrap(), disk)
     }
 
     fn seqs(store: &EmbeddedStore) -> Vec<u64> {
@@ -1916,8 +1918,7 @@ mod tests {
     #[test]
     fn deliveries_noted_before_a_full_disk_stay_noted_after_it() {
         let dir = tempfile::tempdir().unwrap();
-        let disk = std::sync::Arc::new(super::super::DiskFault::default());
-        let store = EmbeddedStore::open_on_faulty_disk(dir.path(), disk.clone()).unwrap();
+        let (store, disk) = on_faulty_disk(&dir);
         store.append(&[ev("a", "c", b"1"), ev("b", "c", b"2"), ev("c", "c", b"3")]).unwrap();
         store.progress(&[1, 2], &[(3, 1)]).unwrap(); // noted in the journal, not synced
         assert_eq!(seqs(&store), [3]);

@@ -219,17 +219,18 @@ impl PgLeases {
         held.mask = mask;
         held.valid_until = Some(valid_until);
         if changed {
-            held.epoch += 1;
-            let epoch = held.epoch;
-            drop(held);
+            self.raise(held);
             tracing::info!(partitions = mask.count_ones(), of = PARTITIONS, "conversation leases changed");
-            self.announce(epoch);
         }
     }
 
     /// A new epoch: what this relay holds (or may know of it) changed.
     fn bump(&self) {
-        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        self.raise(self.held.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    /// Starts the next epoch and announces it, after letting `held` go.
+    fn raise(&self, mut held: std::sync::MutexGuard<'_, Held>) {
         held.epoch += 1;
         let epoch = held.epoch;
         drop(held);
